@@ -1,0 +1,25 @@
+"""lora-jax: LoRA for JAX/Flax as a pure parameter-tree transform.
+
+    config   LoraConfig
+    create   inject, kernel_layouts, KernelLayout
+    select   lora_params, split, combine, trainable_mask
+    train    optimizer, apply, LoraModel
+    finish   merge, summary
+"""
+from lora_jax.config import LoraConfig
+from lora_jax.errors import LoraError
+from lora_jax.forward import LoraModel, apply, lora_delta
+from lora_jax.inject import inject
+from lora_jax.layout import KernelLayout, kernel_layouts
+from lora_jax.merge import merge
+from lora_jax.optim import optimizer
+from lora_jax.partition import combine, lora_params, split, trainable_mask
+from lora_jax.summary import Summary, summary
+
+__all__ = [
+    "LoraConfig", "LoraError",
+    "inject", "kernel_layouts", "KernelLayout",
+    "lora_params", "split", "combine", "trainable_mask",
+    "optimizer", "apply", "lora_delta", "LoraModel",
+    "merge", "summary", "Summary",
+]

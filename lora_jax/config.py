@@ -1,0 +1,131 @@
+"""`LoraConfig`: the adapter hyper-parameters, with HF PEFT's field names and meanings."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Mapping, Sequence
+
+from lora_jax.errors import LoraError
+
+ALL_LINEAR = "all-linear"
+INIT_SCHEMES = (True, False, "gaussian")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """LoRA hyper-parameters, named and interpreted as in HF PEFT's `LoraConfig`.
+
+    Args:
+      r: default rank of every adapter.
+      lora_alpha: default alpha; an adapter's scale is `alpha / r` (`alpha / sqrt(r)` with rsLoRA).
+      lora_dropout: dropout on the adapter's input, active only when not deterministic.
+      target_modules: a list of module-name suffixes matched on dotted paths (`"q_proj"` matches
+        `model.layers.0.self_attn.q_proj`), a regex string matched with `re.fullmatch` against the
+        whole dotted path, or `"all-linear"` (every Dense kernel but the output head `lm_head`).
+      exclude_modules: same forms as `target_modules`; matches are removed from the targets.
+      use_rslora: rank-stabilised scale `alpha / sqrt(r)`.
+      rank_pattern / alpha_pattern: `{regex: value}` overrides per module; a key matches a
+        module whose dotted path ends with it (PEFT's rule: `(.*\\.)?key` fullmatch).
+      init_lora_weights: `True` (PEFT's kaiming-uniform A, zero B), `"gaussian"` (A ~ N(0, 1/r),
+        zero B) or `False` (random B too: for tests only, the model output changes at init).
+      adapter_dtype: dtype of the `lora_a`/`lora_b` leaves (float32 as PEFT keeps them).
+      output_head_names: module names that `"all-linear"` skips.
+
+    Example:
+      >>> cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+      >>> cfg.scale_for("model.layers.0.self_attn.q_proj")
+      2.0
+    """
+
+    r: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    target_modules: str | Sequence[str] | None = None
+    exclude_modules: str | Sequence[str] | None = None
+    use_rslora: bool = False
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    init_lora_weights: bool | str = True
+    adapter_dtype: str = "float32"
+    output_head_names: Sequence[str] = ("lm_head",)
+
+    def __post_init__(self):
+        for name in ("target_modules", "exclude_modules", "output_head_names"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
+        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
+        self._validate()
+
+    def _validate(self):
+        if self.target_modules is None or (not isinstance(self.target_modules, str)
+                                           and len(self.target_modules) == 0):
+            raise LoraError("LoraConfig.target_modules is empty: pass module-name suffixes such as "
+                            "['q_proj', 'v_proj'], a regex, or 'all-linear'.")
+        for where, rank in [("r", self.r), *((f"rank_pattern[{k!r}]", v)
+                                            for k, v in self.rank_pattern.items())]:
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+                raise LoraError(f"LoraConfig.{where} = {rank!r}: a LoRA rank must be a positive "
+                                "integer, e.g. r=8.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise LoraError(f"LoraConfig.lora_dropout = {self.lora_dropout}: use a probability "
+                            "in [0, 1).")
+        if self.init_lora_weights not in INIT_SCHEMES or (
+                self.init_lora_weights is not True and self.init_lora_weights is not False
+                and not isinstance(self.init_lora_weights, str)):
+            raise LoraError(f"LoraConfig.init_lora_weights = {self.init_lora_weights!r} is not "
+                            "supported: use True (kaiming-uniform A, zero B), 'gaussian' or False.")
+        for key in (*self.rank_pattern, *self.alpha_pattern):
+            try:
+                re.compile(key)
+            except re.error as err:
+                raise LoraError(f"rank/alpha_pattern key {key!r} is not a valid regex: {err}") from err
+
+    def rank_for(self, path: str) -> int:
+        """The rank of the adapter at dotted module `path` (rank_pattern, else `r`)."""
+        key = pattern_key(self.rank_pattern, path)
+        return self.r if key is None else self.rank_pattern[key]
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha of the adapter at dotted module `path` (alpha_pattern, else `lora_alpha`)."""
+        key = pattern_key(self.alpha_pattern, path)
+        return self.lora_alpha if key is None else self.alpha_pattern[key]
+
+    def scale_for(self, path: str) -> float:
+        """`alpha / r`, or `alpha / sqrt(r)` with rsLoRA, for the adapter at `path`."""
+        rank = self.rank_for(path)
+        denominator = math.sqrt(rank) if self.use_rslora else rank
+        return float(self.alpha_for(path)) / denominator
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict (lists for tuples) that `from_dict` turns back into this config."""
+        out = dataclasses.asdict(self)
+        for name in ("target_modules", "exclude_modules", "output_head_names"):
+            if isinstance(out[name], tuple):
+                out[name] = list(out[name])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "LoraConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def pattern_key(pattern: Mapping[str, object], path: str) -> str | None:
+    """The first key of a rank/alpha pattern that matches `path`, PEFT's way: the path ends with
+    the key as a whole dotted component sequence (regex allowed)."""
+    for key in pattern:
+        if re.fullmatch(rf"(?:.*\.)?(?:{key})", path):
+            return key
+    return None
+
+
+def matches_modules(spec: str | Sequence[str] | None, path: str) -> bool:
+    """PEFT's target rule: a string is a regex fullmatched on the path; a list matches by suffix."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == name or path.endswith("." + name) for name in spec)

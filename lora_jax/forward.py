@@ -1,0 +1,145 @@
+"""Running an unmodified Linen model with its adapters: `apply` and the `LoraModel` wrapper.
+
+Linen ignores parameters a module never reads, so a plain `model.apply` on an injected tree
+silently runs the *base* model. `apply` instead installs a `flax.linen.intercept_methods`
+interceptor: every `nn.Dense` / `nn.DenseGeneral` call whose parameter scope holds `lora_a` and
+`lora_b` returns `base(x) + scale * dropout(x) @ A @ B`. The model code is untouched, and inside
+`nn.scan` the interceptor sees one layer's slice of the stacked leaves.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.config import LoraConfig
+from lora_jax.errors import LoraError
+from lora_jax.inject import inject
+from lora_jax.layout import dense_input_axes
+from lora_jax.tree import LORA_A, LORA_B, LORA_SCALE, TRAINABLE_LEAVES, unwrap_variables
+
+
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array,
+               in_axes: tuple[int, ...], dtype: Any) -> jax.Array:
+    """`scale * (x @ A) @ B` contracting `x`'s `in_axes` with A's leading axes.
+
+    Shapes: x `[..., *in]` (in_axes anywhere), A `[*in, r]`, B `[r, *out]` -> `[..., *out]`,
+    in `dtype` (the layer's compute dtype): adapters stored in float32 are cast down like the
+    kernel is, so a bf16 model stays bf16.
+    """
+    a, b = a.astype(dtype), b.astype(dtype)
+    h = jnp.tensordot(x.astype(dtype), a, axes=(in_axes, tuple(range(len(in_axes)))))
+    y = jnp.tensordot(h, b, axes=((h.ndim - 1,), (0,)))
+    return y * jax.lax.stop_gradient(scale).astype(dtype)
+
+
+def _adapter_interceptor(dropout_rate: float, deterministic: bool):
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if (context.method_name != "__call__"
+                or not isinstance(module, (nn.Dense, nn.DenseGeneral))
+                or not module.has_variable("params", LORA_A)):
+            return next_fun(*args, **kwargs)
+        y = next_fun(*args, **kwargs)
+        x = args[0]
+        a = module.get_variable("params", LORA_A)
+        b = module.get_variable("params", LORA_B)
+        scale = module.get_variable("params", LORA_SCALE)
+        in_axes = dense_input_axes(module, x.ndim)
+        _check_fit(module, x, a, b, in_axes)
+        if dropout_rate > 0.0 and not deterministic:
+            keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout_rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - dropout_rate), jnp.zeros_like(x))
+        dtype = module.dtype or jnp.result_type(x, module.get_variable("params", "kernel"))
+        return y + lora_delta(x, a, b, scale, in_axes, dtype).astype(y.dtype)
+
+    return intercept
+
+
+def _check_fit(module, x, a, b, in_axes) -> None:
+    in_shape = tuple(x.shape[i] for i in in_axes)
+    if tuple(a.shape[:-1]) != in_shape or np.ndim(b) < 2 or b.shape[0] != a.shape[-1]:
+        path = ".".join(module.path)
+        raise LoraError(
+            f"adapter of {path!r} does not fit the layer: input features {in_shape}, lora_a "
+            f"{tuple(a.shape)}, lora_b {tuple(b.shape)}. If this is a DenseGeneral or nested "
+            "scan, inject with layouts=lora_jax.kernel_layouts(model, variables, *args).")
+
+
+def apply(model: nn.Module, variables: Mapping, *args, rngs: Any = None,
+          deterministic: bool = True, lora_dropout: float = 0.0, method: Any = None,
+          freeze_base: bool = True, **kwargs) -> Any:
+    """`model.apply(variables, *args, **kwargs)` with every adapter in `variables` honoured.
+
+    Args:
+      model: any Flax Linen module; its code is not changed.
+      variables: `{"params": injected_params, ...}`.
+      rngs: Linen rngs; LoRA dropout draws from `"dropout"`.
+      deterministic: no LoRA dropout when True. Also forwarded to the model if its `__call__`
+        takes a `deterministic` argument.
+      lora_dropout: the dropout rate on the adapters' input (a `LoraConfig.lora_dropout`).
+      freeze_base: treat every leaf but `lora_a`/`lora_b` as a constant (`stop_gradient`), so
+        even a gradient taken over the whole tree is zero off the adapters and XLA forms no
+        weight gradient for the frozen base.
+
+    Example:
+      >>> logits = apply(model, {"params": params}, tokens)
+    """
+    if "deterministic" in _call_parameters(model, method):
+        kwargs["deterministic"] = deterministic
+    if lora_dropout > 0.0 and not deterministic and (rngs is None or "dropout" not in rngs):
+        raise LoraError("lora_dropout > 0 with deterministic=False needs rngs={'dropout': key}.")
+    if freeze_base:
+        variables = freeze_non_adapters(variables)
+    with nn.intercept_methods(_adapter_interceptor(lora_dropout, deterministic)):
+        return model.apply(variables, *args, rngs=rngs, method=method, **kwargs)
+
+
+def freeze_non_adapters(variables: Mapping) -> dict:
+    """`stop_gradient` on every params leaf except `lora_a` / `lora_b`."""
+    params, rewrap = unwrap_variables(variables)
+
+    def walk(tree):
+        return {k: walk(v) if isinstance(v, Mapping)
+                else (v if k in TRAINABLE_LEAVES else jax.lax.stop_gradient(v))
+                for k, v in tree.items()}
+
+    return rewrap(walk(params))
+
+
+def _call_parameters(model: nn.Module, method: Any) -> Mapping[str, Any]:
+    fn = method if callable(method) else getattr(type(model), method or "__call__")
+    try:
+        return inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraModel:
+    """A Linen model paired with a `LoraConfig`, with `init`/`apply` that create and honour
+    adapters: drop it in where a Linen module's `init`/`apply` are called.
+
+    Example:
+      >>> lm = LoraModel(model, LoraConfig(r=8, target_modules="all-linear"))
+      >>> variables = lm.init(jax.random.key(0), tokens)       # base init + adapters
+      >>> logits = lm.apply(variables, tokens)                 # adapters honoured
+    """
+
+    model: nn.Module
+    config: LoraConfig
+
+    def init(self, rngs: Any, *args, **kwargs) -> dict:
+        key = rngs["params"] if isinstance(rngs, Mapping) else rngs
+        variables = self.model.init(rngs, *args, **kwargs)
+        return inject(variables, self.config, jax.random.fold_in(key, 1))
+
+    def apply(self, variables: Mapping, *args, rngs: Any = None, deterministic: bool = True,
+              **kwargs) -> Any:
+        return apply(self.model, variables, *args, rngs=rngs, deterministic=deterministic,
+                     lora_dropout=self.config.lora_dropout, **kwargs)

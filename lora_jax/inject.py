@@ -1,0 +1,107 @@
+"""`inject`: add `lora_a` / `lora_b` / `lora_scale` leaves beside every matched kernel."""
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax.config import ALL_LINEAR, LoraConfig, matches_modules, pattern_key
+from lora_jax.errors import LoraError
+from lora_jax.layout import KernelLayout, default_layout
+from lora_jax.tree import (LORA_A, LORA_B, LORA_SCALE, Params, has_adapter, iter_modules,
+                           map_modules, unwrap_variables)
+
+
+def inject(params: Mapping, config: LoraConfig, rng: jax.Array, *,
+           layouts: Mapping[str, KernelLayout] | None = None) -> Params:
+    """Return `params` with LoRA adapter leaves beside each kernel that `config` targets.
+
+    For a kernel `[*S, *in, *out]` (S: stacked layer axes of `nn.scan`) it adds
+    `lora_a [*S, *in, r]`, `lora_b [*S, r, *out]` and `lora_scale [*S]` (float32, not trainable).
+    B is zero (with the default init), so the model's output is unchanged. Each adapter's random
+    draw is keyed by `fold_in(rng, crc32(path))`: the same `rng` gives the same adapters on every
+    host and device and whatever other modules are targeted.
+
+    Args:
+      params: a Linen params tree, or variables `{"params": ...}` (returned in the same form).
+      config: the `LoraConfig`.
+      rng: a PRNG key.
+      layouts: optional `{path: KernelLayout}` from `kernel_layouts`; needed for DenseGeneral.
+
+    Example:
+      >>> params = inject(params, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), key)
+    """
+    tree, rewrap = unwrap_variables(params)
+    modules = dict(iter_modules(tree))
+    targets = select_targets(modules, config)
+    _check_patterns(config, targets)
+    layouts = dict(layouts or {})
+
+    def add(path: str, module: Params) -> Params:
+        if path not in targets:
+            return module
+        layout = layouts.get(path) or default_layout(path, tuple(module["kernel"].shape))
+        return {**module, **adapter_leaves(path, module["kernel"].shape, layout, config, rng)}
+
+    return rewrap(map_modules(tree, add))
+
+
+def select_targets(modules: Mapping[str, Mapping], config: LoraConfig) -> list[str]:
+    """Dotted paths of the kernels `config` targets; errors if none, or if one already has LoRA."""
+    paths = list(modules)
+    if config.target_modules == ALL_LINEAR:
+        heads = tuple(config.output_head_names)
+        chosen = [p for p in paths if p.rsplit(".", 1)[-1] not in heads]
+    else:
+        chosen = [p for p in paths if matches_modules(config.target_modules, p)]
+    chosen = [p for p in chosen if not matches_modules(config.exclude_modules, p)]
+    if not chosen:
+        listing = "\n  ".join(paths) or "(none: the tree holds no 'kernel' leaves)"
+        raise LoraError(f"target_modules={config.target_modules!r} matched no Dense kernel. "
+                        f"Module paths in this tree:\n  {listing}")
+    already = [p for p in chosen if has_adapter(modules[p])]
+    if already:
+        raise LoraError(f"these modules already carry LoRA adapters: {already[:5]}. Inject into "
+                        "the base tree (lora_jax.split(params)[0]) or merge(params) first.")
+    return chosen
+
+
+def _check_patterns(config: LoraConfig, targets: list[str]) -> None:
+    for name, pattern in (("rank_pattern", config.rank_pattern),
+                          ("alpha_pattern", config.alpha_pattern)):
+        for key in pattern:
+            if not any(pattern_key({key: 0}, p) for p in targets):
+                raise LoraError(f"{name} key {key!r} matches none of the targeted modules: "
+                                f"{targets[:8]}{' ...' if len(targets) > 8 else ''}")
+
+
+def adapter_leaves(path: str, kernel_shape: tuple[int, ...], layout: KernelLayout,
+                   config: LoraConfig, rng: jax.Array) -> Params:
+    """The three adapter leaves for one kernel."""
+    stack, ins, outs = layout.split(tuple(kernel_shape))
+    rank = config.rank_for(path)
+    fan_in, fan_out = math.prod(ins), math.prod(outs)
+    if rank > min(fan_in, fan_out):
+        raise LoraError(f"rank {rank} for {path!r} exceeds the kernel's smaller dimension "
+                        f"(in={fan_in}, out={fan_out}); choose r <= {min(fan_in, fan_out)} "
+                        "(rank_pattern can lower it for this module).")
+    dtype = jnp.dtype(config.adapter_dtype)
+    key_a, key_b = jax.random.split(jax.random.fold_in(rng, zlib.crc32(path.encode())))
+    a = init_a(config.init_lora_weights, key_a, (*stack, *ins, rank), fan_in, rank, dtype)
+    if config.init_lora_weights is False:  # test-only: a non-trivial B
+        b = jax.random.normal(key_b, (*stack, rank, *outs), dtype) / math.sqrt(rank)
+    else:
+        b = jnp.zeros((*stack, rank, *outs), dtype)
+    scale = jnp.full(stack, config.scale_for(path), jnp.float32)
+    return {LORA_A: a, LORA_B: b, LORA_SCALE: scale}
+
+
+def init_a(scheme, key, shape, fan_in: int, rank: int, dtype) -> jax.Array:
+    """PEFT's A init. Kaiming-uniform with a=sqrt(5) on a `[r, in]` weight is U(±1/sqrt(in))."""
+    if scheme == "gaussian":
+        return (jax.random.normal(key, shape, jnp.float32) / rank).astype(dtype)
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)

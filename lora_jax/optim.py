@@ -1,0 +1,31 @@
+"""`optimizer`: an optax transform that trains adapters only and keeps no state for the rest."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import optax
+
+from lora_jax.partition import trainable_mask
+
+TRAIN, FREEZE = "lora", "frozen"
+
+
+def optimizer(tx: optax.GradientTransformation, params: Mapping) -> optax.GradientTransformation:
+    """Wrap `tx` so only `lora_a` / `lora_b` leaves of `params` are updated.
+
+    Frozen leaves (the base, and each adapter's `lora_scale`) get exactly zero updates and no
+    optimizer state: `optax.multi_transform` routes them to `set_to_zero`, whose state is empty.
+    (`optax.masked` would pass their gradients through unchanged.) `params` may be the full
+    injected tree or the adapter tree from `split`; pass the same structure to `init`/`update`.
+
+    Example:
+      >>> tx = optimizer(optax.adamw(1e-4), adapters)
+      >>> opt_state = tx.init(adapters)
+    """
+    labels = _labels(trainable_mask(params))
+    return optax.multi_transform({TRAIN: tx, FREEZE: optax.set_to_zero()}, labels)
+
+
+def _labels(mask: Mapping) -> dict:
+    return {k: _labels(v) if isinstance(v, Mapping) else (TRAIN if v else FREEZE)
+            for k, v in mask.items()}

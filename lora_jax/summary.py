@@ -1,0 +1,51 @@
+"""`summary`: how many parameters train, in total and per target module name."""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Mapping
+
+from lora_jax.tree import LORA_A, LORA_B, LORA_SCALE, iter_modules
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    trainable: int
+    total: int
+    per_target: dict[str, int]
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        lines = [f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+                 f"trainable%: {self.percent:.4f}"]
+        lines += [f"  {name:<24} {n:>14,}" for name, n in sorted(self.per_target.items())]
+        return "\n".join(lines)
+
+
+def summary(params: Mapping) -> Summary:
+    """Trainable (adapter A and B) and total scalar counts, and adapter scalars per module name
+    (the last path component, e.g. `q_proj`). `lora_scale` leaves count in neither.
+
+    Example:
+      >>> print(summary(params))
+      trainable params: 1,024 || all params: 125,440 || trainable%: 0.8163
+    """
+    per_target: Counter[str] = Counter()
+    for path, module in iter_modules(params.get("params", params)):
+        if LORA_A in module:
+            per_target[path.rsplit(".", 1)[-1]] += module[LORA_A].size + module[LORA_B].size
+    total = _count(params.get("params", params), skip=(LORA_SCALE,))
+    return Summary(trainable=sum(per_target.values()), total=total, per_target=dict(per_target))
+
+
+def _count(tree: Mapping, skip: tuple[str, ...]) -> int:
+    n = 0
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            n += _count(value, skip)
+        elif key not in skip:
+            n += int(value.size)
+    return n
