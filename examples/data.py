@@ -1,0 +1,110 @@
+"""Training data for the example scripts: text or JSONL in, packed fixed-length batches out.
+
+* A `.txt` file is one document; a `.jsonl` file has one object per line, either `{"text": ...}`
+  or `{"prompt": ..., "completion": ...}` (the loss is then taken on the completion only).
+* Documents are tokenised, joined with an end-of-text id and packed into rows of `seq_len + 1`
+  tokens; each row gives `inputs = row[:-1]`, `targets = row[1:]` and a loss mask.
+* `Batches` is a deterministic, resumable iterator: its whole state is one integer (`position`),
+  saved in the training checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Callable, Sequence
+
+import numpy as np
+
+Encode = Callable[[str], Sequence[int]]
+
+
+class DataError(ValueError):
+    """A data file that is missing, empty or malformed; the message names the file and line."""
+
+
+def read_documents(path: str | pathlib.Path) -> list[tuple[str, str]]:
+    """`[(prompt, completion)]` pairs; plain text has an empty prompt (loss on every token)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist; pass --data a .txt or .jsonl "
+                        "file (default: the embedded examples/data/sonnets.txt).")
+    if path.suffix != ".jsonl":
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise DataError(f"data file {str(path)!r} is empty")
+        return [("", text)]
+    docs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            docs.append(_jsonl_record(path, n, line))
+    if not docs:
+        raise DataError(f"data file {str(path)!r} holds no records")
+    return docs
+
+
+def _jsonl_record(path, n: int, line: str) -> tuple[str, str]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{n}: not valid JSON ({err.msg})") from err
+    if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+        return "", obj["text"]
+    if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and \
+            isinstance(obj.get("completion"), str):
+        return obj["prompt"], obj["completion"]
+    raise DataError(f"{path}:{n}: each JSONL line needs a 'text' field, or 'prompt' and "
+                    "'completion' fields")
+
+
+def tokenize(docs: list[tuple[str, str]], encode: Encode, eos_id: int) -> tuple[np.ndarray,
+                                                                                np.ndarray]:
+    """One token stream and a same-length 0/1 array: 1 where the token is a loss target."""
+    ids, weights = [], []
+    for prompt, completion in docs:
+        p, c = list(encode(prompt)) if prompt else [], list(encode(completion))
+        ids += p + c + [eos_id]
+        weights += [0] * len(p) + [1] * (len(c) + 1)
+    return np.asarray(ids, np.int32), np.asarray(weights, np.float32)
+
+
+@dataclasses.dataclass
+class Batches:
+    """Packed `[batch, seq_len]` batches drawn in a fixed shuffled order, epoch after epoch.
+
+    `position` counts batches served; setting it (from a checkpoint) resumes exactly.
+    """
+
+    ids: np.ndarray
+    weights: np.ndarray
+    batch: int
+    seq_len: int
+    seed: int = 0
+    position: int = 0
+
+    def __post_init__(self):
+        n_rows = (len(self.ids) - 1) // self.seq_len
+        if n_rows < self.batch:
+            raise DataError(f"the data has {len(self.ids)} tokens: too few for one batch of "
+                            f"{self.batch} x {self.seq_len}; lower --batch-size/--seq-len or "
+                            "give more text.")
+        self.n_rows = n_rows
+        self.per_epoch = n_rows // self.batch
+
+    def _rows(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+
+    def batch_at(self, position: int) -> dict[str, np.ndarray]:
+        epoch, i = divmod(position, self.per_epoch)
+        rows = self._rows(epoch)[i * self.batch:(i + 1) * self.batch]
+        starts = rows[:, None] * self.seq_len + np.arange(self.seq_len + 1)[None]
+        tokens, w = self.ids[starts], self.weights[starts]
+        return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": w[:, 1:]}
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        out = self.batch_at(self.position)
+        self.position += 1
+        return out
+
+    def __iter__(self):
+        return self
