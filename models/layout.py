@@ -1,0 +1,114 @@
+"""Model families and how parameter paths map to Hugging Face tensor names.
+
+Unscanned trees: the dict keys joined with "." are the HF module name, and the leaf maps to the
+HF tensor suffix (`kernel`, `embedding`, `scale` -> `weight`; `bias` -> `bias`).
+Scanned trees: the layer stack sits at the HF container path (`model.layers`, `transformer.h`)
+without an index, every leaf under it with a leading layer axis [L, ...]; layer i's HF module
+name is `<container>.<i>.<rest>`.
+
+Example:
+  >>> layer_container(params)                      # "model.layers"
+  >>> layer_module_name("model.layers.self_attn.q_proj", 3, "model.layers")
+  'model.layers.3.self_attn.q_proj'
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from models.errors import CheckpointError
+from models.gpt2 import GPT2, GPT2Config
+from models.llama import Llama, LlamaConfig
+
+# Linen leaf name -> HF tensor suffix.
+HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What differs between model families when reading and writing HF checkpoints.
+
+    container: dotted path of the layer stack.
+    base_prefix: the trunk's name; checkpoints of the bare trunk (`GPT2Model`) omit it.
+    conv1d_prefix: kernels under it are HF `Conv1D` weights, stored [in, out] (no transpose).
+    benign_extras: regexes of tensors some checkpoints carry that are buffers, not parameters.
+    """
+
+    model_type: str
+    config_cls: type
+    model_cls: type
+    container: str
+    base_prefix: str
+    conv1d_prefix: str | None = None
+    benign_extras: tuple[str, ...] = ()
+
+
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family("gpt2", GPT2Config, GPT2, container="transformer.h",
+                   base_prefix="transformer", conv1d_prefix="transformer.h.",
+                   benign_extras=(r".*\.attn\.bias", r".*\.attn\.masked_bias")),
+    "llama": Family("llama", LlamaConfig, Llama, container="model.layers", base_prefix="model",
+                    benign_extras=(r".*\.rotary_emb\.inv_freq",)),
+}
+
+
+def family(obj: Any) -> Family:
+    """The family of a model_type string, a config, or a model."""
+    model_type = obj if isinstance(obj, str) else _config_of(obj).MODEL_TYPE
+    if model_type not in FAMILIES:
+        raise CheckpointError(f"model_type {model_type!r} is not supported; supported: "
+                              f"{sorted(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def _config_of(obj: Any) -> Any:
+    return getattr(obj, "config", obj)
+
+
+def layer_container(obj: Any) -> str:
+    """Dotted path of the layer stack ("model.layers" or "transformer.h").
+
+    Args:
+      obj: a model, a config, a model_type string, or a params tree (plain or `{"params": ...}`).
+    """
+    if isinstance(obj, Mapping):
+        tree = obj.get("params", obj)
+        for fam in FAMILIES.values():
+            node: Any = tree
+            for key in fam.container.split("."):
+                node = node.get(key) if isinstance(node, Mapping) else None
+            if isinstance(node, Mapping):
+                return fam.container
+        raise ValueError(f"no known layer container ({[f.container for f in FAMILIES.values()]})"
+                         f" in a tree with top-level keys {sorted(tree)}")
+    return family(obj).container
+
+
+def is_scanned(params: Mapping, container: str | None = None) -> bool:
+    """True if the layer stack is scanned (no per-layer index keys under the container)."""
+    tree = params.get("params", params)
+    container = container or layer_container(tree)
+    node = tree
+    for key in container.split("."):
+        node = node[key]
+    return not all(k.isdigit() for k in node)
+
+
+def layer_module_name(stacked_path: str, layer: int, container: str) -> str:
+    """HF name of layer `layer` of a stacked path: `<container>.<layer>.<rest>`."""
+    if stacked_path != container and not stacked_path.startswith(container + "."):
+        raise ValueError(f"{stacked_path!r} is not under the layer container {container!r}")
+    return f"{container}.{layer}{stacked_path[len(container):]}"
+
+
+def hf_tensor_name(path: tuple[str, ...]) -> str:
+    """("model", "layers", "0", "self_attn", "q_proj", "kernel") ->
+    "model.layers.0.self_attn.q_proj.weight"."""
+    return ".".join((*path[:-1], HF_LEAF[path[-1]]))
+
+
+def is_transposed(fam: Family, path: tuple[str, ...]) -> bool:
+    """Whether HF stores this leaf transposed relative to ours (torch Linear [out, in])."""
+    if path[-1] != "kernel":
+        return False
+    return not (fam.conv1d_prefix and ".".join(path).startswith(fam.conv1d_prefix))

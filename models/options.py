@@ -1,0 +1,64 @@
+"""Run-time options shared by every model config: dtypes, layer scanning, remat, attention.
+
+They are not part of a Hugging Face `config.json`; `from_hf_dict(..., **options)` takes them as
+overrides. Kept as a frozen base dataclass so every family validates them the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+# "none": no rematerialisation; "full": save nothing (recompute the whole block in backward);
+# anything else: a `jax.checkpoint_policies` attribute, e.g. "dots_saveable".
+REMAT_NONE, REMAT_FULL = "none", "full"
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RuntimeOptions:
+    """Fields every model config carries.
+
+    Attributes:
+      dtype: compute dtype of matmuls and activations (bf16 on GPU); softmax and norms always
+        run in float32.
+      param_dtype: dtype parameters are created and loaded in.
+      scan_layers: stack the layers with `nn.scan` (leading layer axis on every layer leaf);
+        compiles once per model instead of once per layer.
+      remat_policy: "none" | "full" | a `jax.checkpoint_policies` name ("dots_saveable", ...).
+      attention_impl: `implementation=` of `jax.nn.dot_product_attention`: None (JAX picks),
+        "xla" or "cudnn" (flash attention on GPU, bf16/fp16 only).
+    """
+
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = REMAT_NONE
+    attention_impl: str | None = None
+
+    def __post_init__(self):
+        # Canonical dtypes keep configs hashable and equal however the dtype was spelled.
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+        remat_policy_fn(self.remat_policy)
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}: use one of {ATTENTION_IMPLS}")
+
+
+def remat_policy_fn(name: str) -> Callable | None:
+    """The `jax.checkpoint` policy for a policy name (None for "full" and "none")."""
+    if name in (REMAT_NONE, REMAT_FULL):
+        return None
+    policy = getattr(jax.checkpoint_policies, name, None)
+    if policy is None or name.startswith("_"):
+        raise ValueError(f"remat_policy={name!r} is neither 'none', 'full' nor a "
+                         "jax.checkpoint_policies name (e.g. 'dots_saveable', "
+                         "'nothing_saveable', 'dots_with_no_batch_dims_saveable').")
+    # Some entries are factories (e.g. save_only_these_names), not policies.
+    return policy
+
+
+def runtime_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(RuntimeOptions))

@@ -1,0 +1,26 @@
+"""Every projection of every model is built here, through the `Parallelism` seam."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+
+from models.parallel import Parallelism, Role
+
+
+def projection(parallel: Parallelism, config: Any, features: int, *, role: Role, name: str,
+               use_bias: bool) -> nn.Module:
+    """A Dense-like layer [..., in] -> [..., features] with `kernel` [in, features] (and `bias`),
+    initialised like Hugging Face (normal(initializer_range), zero bias)."""
+    return parallel.dense(features, role=role, name=name, use_bias=use_bias, dtype=config.dtype,
+                          param_dtype=config.param_dtype,
+                          kernel_init=nn.initializers.normal(config.initializer_range),
+                          bias_init=nn.initializers.zeros)
+
+
+def embedding(config: Any, num: int, features: int) -> nn.Embed:
+    """An embedding table [num, features] (leaf `embedding`), looked up in the compute dtype.
+
+    Built in a parent's `setup`, where the attribute name gives the module its name."""
+    return nn.Embed(num, features, dtype=config.dtype, param_dtype=config.param_dtype,
+                    embedding_init=nn.initializers.normal(config.initializer_range))
