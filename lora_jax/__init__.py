@@ -5,7 +5,9 @@
     select   lora_params, split, combine, trainable_mask
     train    optimizer, apply, LoraModel
     finish   merge, summary
+    save     save_adapter, load_adapter, adapter_config, TrainCheckpointer, Restored
 """
+from lora_jax.checkpoint import adapter_config, load_adapter, save_adapter
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
 from lora_jax.forward import LoraModel, apply, lora_delta
@@ -15,6 +17,7 @@ from lora_jax.merge import merge
 from lora_jax.optim import optimizer
 from lora_jax.partition import combine, lora_params, split, trainable_mask
 from lora_jax.summary import Summary, summary
+from lora_jax.train_state import Restored, TrainCheckpointer
 
 __all__ = [
     "LoraConfig", "LoraError",
@@ -22,4 +25,5 @@ __all__ = [
     "lora_params", "split", "combine", "trainable_mask",
     "optimizer", "apply", "lora_delta", "LoraModel",
     "merge", "summary", "Summary",
+    "save_adapter", "load_adapter", "adapter_config", "TrainCheckpointer", "Restored",
 ]

@@ -1,0 +1,261 @@
+"""Adapter checkpoints: `save_adapter` / `load_adapter` (orbax, adapters only, self-describing).
+
+A checkpoint directory is an orbax composite with two items:
+
+    adapter/   the adapter sub-tree (`lora_a`, `lora_b`, `lora_scale` leaves), sharded arrays
+    lora/      JSON: format tag, the `LoraConfig`, the base-model name, each module's leaf shapes
+               and dtypes, and content checksums
+
+The scale is a leaf, so loading needs no rank or alpha. The shapes say which base kernels the
+adapter fits (`lora_a [*S, *in, r]` and `lora_b [*S, r, *out]` imply a kernel `[*S, *in, *out]`),
+so a wrong base model is caught by name before anything is read.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lora_jax import atomic, fingerprint
+from lora_jax.config import LoraConfig
+from lora_jax.errors import LoraError
+from lora_jax.partition import combine, lora_params
+from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, Params, filter_leaves
+from lora_jax.tree import unwrap_variables
+
+FORMAT = "lora_jax.adapter"
+VERSION = 1
+ADAPTER_ITEM, META_ITEM = "adapter", "lora"
+log = logging.getLogger(__name__)
+
+
+def save_adapter(path: str | Path, params: Mapping, config: LoraConfig, *,
+                 base_model: str | None = None, overwrite: bool = False) -> Path:
+    """Save the adapter sub-tree of `params` and its config as an orbax checkpoint, atomically.
+
+    Args:
+      path: destination directory (written as `<path>.saving`, then swapped in; an existing
+        adapter is kept until the new one is complete).
+      params: the injected params (or variables, or just `lora_params(params)`); may be sharded.
+      config: the `LoraConfig` the adapters were made with (stored for reference and resume).
+      base_model: a name for the base model (e.g. its HF path), stored and shown in errors.
+      overwrite: replace an existing checkpoint at `path`.
+
+    Returns:
+      The absolute checkpoint path.
+
+    Example:
+      >>> save_adapter("ckpt/adapter", params, config, base_model="meta-llama/Llama-3.2-1B")
+      >>> params = load_adapter("ckpt/adapter", base_params)
+    """
+    adapters = lora_params(unwrap_variables(params)[0])
+    if not adapters:
+        raise LoraError("save_adapter: the tree holds no lora_a/lora_b/lora_scale leaves; "
+                        "pass the injected params (lora_jax.inject).")
+    meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(),
+            "base_model": base_model, "modules": describe(adapters),
+            "checksums": fingerprint.checksums(adapters)}
+
+    def write(tmp: Path) -> None:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            ckptr.save(tmp, ocp.args.Composite(**{ADAPTER_ITEM: ocp.args.StandardSave(adapters),
+                                                  META_ITEM: ocp.args.JsonSave(meta)}))
+
+    return atomic.atomic_directory(path, write, overwrite=overwrite)
+
+
+def load_adapter(path: str | Path, params: Mapping) -> Params:
+    """Load a `save_adapter` checkpoint into `params` (a base tree, or one with adapters).
+
+    Every stored module must exist in `params` with the kernel shape the adapter implies, and if
+    `params` already carries adapters they must be the same modules and shapes; otherwise a
+    `LoraError` lists each mismatch and nothing is read. Arrays are restored straight into the
+    shardings of `params`' adapter leaves, or, where it has none, into shardings derived from
+    each kernel's (`lora_a` keeps the input-dim spec, `lora_b` the output-dim spec).
+
+    Args:
+      path: a directory written by `save_adapter`.
+      params: params or `{"params": ...}` variables; returned in the same form.
+
+    Returns:
+      `params` with the stored adapters (including their scales) in place.
+
+    Example:
+      >>> params = load_adapter("ckpt/adapter", base_params)
+      >>> logits = lora_jax.apply(model, {"params": params}, tokens)
+    """
+    path = resolve(path)
+    meta = read_meta(path)
+    tree, rewrap = unwrap_variables(params)
+    problems = fit_problems(meta["modules"], modules_of(tree))
+    if problems:
+        raise LoraError(f"the adapter at {path} (base model {meta.get('base_model')!r}) does not "
+                        "fit this model:\n  - " + "\n  - ".join(problems) +
+                        "\nLoad it into the base model it was trained on, or inject a new "
+                        "adapter for this one. Nothing was loaded.")
+    target = abstract_adapters(meta["modules"], modules_of(tree))
+    restored = _restore(path, target)
+    bad = fingerprint.mismatches(meta["checksums"], restored)
+    if bad:
+        raise LoraError(f"adapter checkpoint {path} is corrupt: contents of {bad[:5]} differ from "
+                        "the checksums written at save time. Restore it from a backup or save "
+                        "again.")
+    base = filter_leaves(tree, lambda key: key not in ADAPTER_LEAVES)
+    return rewrap(combine(base, _cast_like(restored, tree)))
+
+
+def adapter_config(path: str | Path) -> LoraConfig:
+    """The `LoraConfig` stored with a `save_adapter` checkpoint.
+
+    Example:
+      >>> lora_jax.apply(model, vars, x, lora_dropout=adapter_config("ckpt").lora_dropout)
+    """
+    return LoraConfig.from_dict(read_meta(resolve(path))["config"])
+
+
+def resolve(path: str | Path) -> Path:
+    """The checkpoint directory to read: `path`, or its `.previous` copy if a save died
+    mid-swap (logged)."""
+    path = Path(path).absolute()
+    previous = atomic.sibling(path, atomic.PREVIOUS)
+    if not path.exists() and previous.exists():
+        log.warning("%s is missing but a complete previous copy exists (a save was interrupted); "
+                    "loading %s", path, previous)
+        return previous
+    if not path.is_dir():
+        raise LoraError(f"no adapter checkpoint at {path}: the directory does not exist. Check "
+                        "the path (save_adapter writes a directory).")
+    return path
+
+
+def read_meta(path: Path) -> dict:
+    """The JSON item of an adapter checkpoint, validated; LoraError if missing or corrupt."""
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            meta = ckptr.restore(path, ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
+        meta = meta[META_ITEM]
+    except Exception as err:  # orbax raises many types for damaged files
+        raise LoraError(f"{path} is not a readable lora_jax adapter checkpoint ({type(err).__name__}:"
+                        f" {str(err)[:200]}). Was it written by save_adapter, and completely?") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise LoraError(f"{path} is not a lora_jax adapter checkpoint (format tag missing). For "
+                        "a PEFT directory use lora_jax.import_peft.")
+    if meta.get("version", 0) > VERSION:
+        raise LoraError(f"{path} was written by a newer lora_jax (format {meta['version']}); "
+                        "upgrade lora_jax to load it.")
+    return meta
+
+
+def describe(adapters: Mapping) -> dict[str, dict]:
+    """`{module_path: {leaf: {"shape": [...], "dtype": "float32"}}}` for the adapter leaves."""
+    return {path: {leaf: {"shape": list(np.shape(module[leaf])),
+                          "dtype": str(np.dtype(module[leaf].dtype))}
+                   for leaf in ADAPTER_LEAVES if leaf in module}
+            for path, module in modules_of(adapters).items()}
+
+
+def modules_of(tree: Mapping, prefix: str = "") -> dict[str, Mapping]:
+    """`{dotted_path: module_dict}` for dicts holding a `kernel` or an adapter leaf."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if any(k in value and not isinstance(value[k], Mapping)
+                   for k in ("kernel", *ADAPTER_LEAVES)):
+                out[path] = value
+            out.update(modules_of(value, path))
+    return out
+
+
+def implied_kernel_shape(record: Mapping) -> tuple[int, ...]:
+    """`[*S, *in, *out]` from `lora_a [*S, *in, r]`, `lora_b [*S, r, *out]`, `lora_scale [*S]`."""
+    n_stack = len(record[LORA_SCALE]["shape"])
+    a, b = record[LORA_A]["shape"], record[LORA_B]["shape"]
+    return tuple(a[:-1]) + tuple(b[n_stack + 1:])
+
+
+def fit_problems(stored: Mapping[str, Mapping], modules: Mapping[str, Mapping]) -> list[str]:
+    """One line per way the stored adapters do not fit the tree's modules."""
+    problems = []
+    for path, record in stored.items():
+        module = modules.get(path)
+        if module is None:
+            problems.append(f"{path}: no such module in the model")
+            continue
+        want = implied_kernel_shape(record)
+        if "kernel" in module and tuple(np.shape(module["kernel"])) != want:
+            problems.append(f"{path}: the adapter fits a kernel of shape {list(want)}, the model's "
+                            f"kernel is {list(np.shape(module['kernel']))}")
+        for leaf in ADAPTER_LEAVES:
+            if leaf in module and list(np.shape(module[leaf])) != record[leaf]["shape"]:
+                problems.append(f"{path}.{leaf}: checkpoint shape {record[leaf]['shape']}, model "
+                                f"shape {list(np.shape(module[leaf]))}")
+    extra = [p for p, m in modules.items() if LORA_A in m and p not in stored]
+    problems += [f"{p}: the model has an adapter here, the checkpoint has none" for p in extra]
+    return problems
+
+
+def abstract_adapters(stored: Mapping[str, Mapping], modules: Mapping[str, Mapping]) -> Params:
+    """The restore target: `ShapeDtypeStruct`s with the dtypes and shardings to restore into."""
+    out: Params = {}
+    for path, record in stored.items():
+        module = modules[path]
+        node = out
+        for key in path.split("."):
+            node = node.setdefault(key, {})
+        for leaf in ADAPTER_LEAVES:
+            # The stored dtype, so checksums can be verified; `load_adapter` casts afterwards.
+            shape, dtype = tuple(record[leaf]["shape"]), np.dtype(record[leaf]["dtype"])
+            node[leaf] = jax.ShapeDtypeStruct(shape, dtype, sharding=_sharding(module, leaf, record))
+    return out
+
+
+def _sharding(module: Mapping, leaf: str, record: Mapping) -> Any:
+    existing = getattr(module.get(leaf), "sharding", None)
+    if existing is not None:
+        return existing
+    kernel_sharding = getattr(module.get("kernel"), "sharding", None)
+    if isinstance(kernel_sharding, jax.sharding.NamedSharding):
+        spec = leaf_spec(kernel_sharding.spec, leaf, record)
+        return jax.sharding.NamedSharding(kernel_sharding.mesh, spec)
+    if kernel_sharding is not None and kernel_sharding.is_fully_replicated:
+        return kernel_sharding
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def leaf_spec(kernel_spec: jax.sharding.PartitionSpec, leaf: str,
+              record: Mapping) -> jax.sharding.PartitionSpec:
+    """An adapter leaf's spec from its kernel's: A keeps `[*S, *in]` specs, B `[*S]` and `*out`,
+    the rank axis is replicated (DESIGN §3)."""
+    n_stack = len(record[LORA_SCALE]["shape"])
+    n_in = len(record[LORA_A]["shape"]) - 1 - n_stack
+    n_kernel = n_in + len(record[LORA_B]["shape"]) - 1
+    spec = tuple(kernel_spec) + (None,) * (n_kernel - len(kernel_spec))
+    if leaf == LORA_A:
+        return jax.sharding.PartitionSpec(*spec[:n_stack + n_in], None)
+    if leaf == LORA_B:
+        return jax.sharding.PartitionSpec(*spec[:n_stack], None, *spec[n_stack + n_in:])
+    return jax.sharding.PartitionSpec(*spec[:n_stack])
+
+
+def _cast_like(restored: Params, tree: Mapping) -> Params:
+    """Cast restored leaves to the dtype of the adapter leaves `tree` already had, if any."""
+    return {k: _cast_like(v, tree.get(k, {})) if isinstance(v, Mapping)
+            else (v.astype(tree[k].dtype) if k in tree and v.dtype != tree[k].dtype else v)
+            for k, v in restored.items()}
+
+
+def _restore(path: Path, target: Params) -> Params:
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            out = ckptr.restore(path, ocp.args.Composite(
+                **{ADAPTER_ITEM: ocp.args.StandardRestore(target)}))
+        return out[ADAPTER_ITEM]
+    except Exception as err:  # truncated or damaged array files
+        raise LoraError(f"adapter checkpoint {path} could not be read ({type(err).__name__}: "
+                        f"{str(err)[:200]}); it is truncated or corrupt. Restore it from a backup "
+                        "or save again.") from err
