@@ -15,13 +15,13 @@ from benchmarks.shapes import SHAPES, TARGETS, flops_per_token
 PEAK_BF16 = 790e12  # measured bf16 matmul rate of one H200 (device/KINDS.md)
 
 
-def build(shape: str, compile_: bool, rank: int):
+def build(shape: str, compile_: bool, rank: int, device: str = "cuda"):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(**{k: v for k, v in SHAPES[shape].items() if k != "model_type"})
     cfg._attn_implementation = "sdpa"
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(cfg)
     torch.set_default_dtype(torch.float32)
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
@@ -41,11 +41,12 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--device", default="cuda", help="cpu: smoke test only")
     args = ap.parse_args()
     torch.manual_seed(0)
-    model, fwd, opt = build(args.shape, args.compile, args.rank)
+    model, fwd, opt = build(args.shape, args.compile, args.rank, args.device)
     vocab = SHAPES[args.shape]["vocab_size"]
-    ids = torch.randint(0, vocab, (args.batch, args.seq), device="cuda")
+    ids = torch.randint(0, vocab, (args.batch, args.seq), device=args.device)
 
     def step():
         loss = fwd(input_ids=ids, labels=ids).loss
@@ -56,13 +57,15 @@ def main():
 
     for _ in range(args.warmup):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    sync()
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         loss = step()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
     tokens = args.batch * args.seq
@@ -70,7 +73,7 @@ def main():
     print(json.dumps({
         "framework": "peft+compile" if args.compile else "peft-eager", "shape": args.shape,
         "batch": args.batch, "seq": args.seq, "step_s": dt, "tokens_per_s": tps,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_gib": (torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0),
         "mfu": tps * flops_per_token(SHAPES[args.shape], args.seq) / PEAK_BF16,
         "loss": float(loss), "torch": torch.__version__}))
 

@@ -19,8 +19,12 @@ LLAMA3_8B = {  # Llama-3.1-8B
                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
 }
 
-SHAPES = {"1b": LLAMA3_1B, "8b": LLAMA3_8B}
-DEFAULT_BATCH = {"1b": 8, "8b": 4}
+# A CPU smoke-test shape: the benchmark scripts run end to end on it in seconds.
+TINY = {**LLAMA3_1B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512}
+
+SHAPES = {"1b": LLAMA3_1B, "8b": LLAMA3_8B, "tiny": TINY}
+DEFAULT_BATCH = {"1b": 8, "8b": 4, "tiny": 2}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -1,0 +1,120 @@
+"""The lora-jax side of the benchmark: one configuration per process, one JSON line out.
+
+Random-weight Llama of the given shape in bf16 (scanned layers, cuDNN flash attention, remat
+policy, chunked cross-entropy), LoRA r=16 / alpha=32 on all seven projections via `lora_jax`,
+AdamW on the adapters only, one jitted step with donated adapter and optimizer state.
+
+Options (`--variant key=value`, repeatable): remat=<policy>|full|none, attn=cudnn|xla,
+adapter_dtype=bfloat16|float32, ce=chunked|full, chunk=<tokens>, scan=1|0.
+"""
+import argparse
+import functools
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import lora_jax as lj  # noqa: E402
+from benchmarks.shapes import SHAPES, TARGETS, flops_per_token  # noqa: E402
+from models.llama import Llama, LlamaConfig, head_kernel  # noqa: E402
+from models.loss import chunked_cross_entropy, cross_entropy  # noqa: E402
+
+PEAK_BF16 = 790e12
+DEFAULTS = {"remat": "dots_saveable", "attn": "cudnn", "adapter_dtype": "bfloat16",
+            "ce": "chunked", "chunk": "4096", "scan": "1"}
+
+
+def parse_variant(items: list[str]) -> dict:
+    opts = dict(DEFAULTS)
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in DEFAULTS:
+            raise SystemExit(f"unknown variant key {key!r}; known: {sorted(DEFAULTS)}")
+        opts[key] = value
+    return opts
+
+
+def build(shape: str, opts: dict, batch: int, seq: int, rank: int = 16):
+    cfg = LlamaConfig.from_hf_dict(SHAPES[shape], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                   scan_layers=opts["scan"] == "1", remat_policy=opts["remat"],
+                                   attention_impl=None if opts["attn"] == "auto" else opts["attn"])
+    model = Llama(cfg)
+    lora_cfg = lj.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
+                             adapter_dtype=opts["adapter_dtype"])
+
+    @jax.jit
+    def init(key):
+        params = model.init(key, jnp.zeros((1, 8), jnp.int32))["params"]
+        return lj.split(lj.inject(params, lora_cfg, jax.random.fold_in(key, 1)))
+
+    base, adapters = init(jax.random.key(0))
+    return cfg, model, base, adapters
+
+
+def make_step(cfg, model, tx, opts):
+    chunk = int(opts["chunk"])
+
+    def loss_fn(adapters, base, ids):
+        variables = {"params": lj.combine(base, adapters)}
+        if opts["ce"] == "full":
+            logits = lj.apply(model, variables, ids)
+            return cross_entropy(logits[:, :-1], ids[:, 1:])
+        hidden = lj.apply(model, variables, ids, return_hidden=True)
+        return chunked_cross_entropy(hidden[:, :-1], head_kernel(cfg, base), ids[:, 1:],
+                                     chunk_size=chunk)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(adapters, opt_state, base, ids):
+        loss, grads = jax.value_and_grad(loss_fn)(adapters, base, ids)
+        updates, opt_state = tx.update(grads, opt_state, adapters)
+        return optax.apply_updates(adapters, updates), opt_state, loss
+
+    return step
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="1b")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--variant", action="append", default=[])
+    args = ap.parse_args()
+    opts = parse_variant(args.variant)
+    cfg, model, base, adapters = build(args.shape, opts, args.batch, args.seq)
+    tx = lj.optimizer(optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0), adapters)
+    opt_state = tx.init(adapters)
+    step = make_step(cfg, model, tx, opts)
+    ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, cfg.vocab_size)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        adapters, opt_state, loss = step(adapters, opt_state, base, ids)
+    loss.block_until_ready()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        adapters, opt_state, loss = step(adapters, opt_state, base, ids)
+        loss.block_until_ready()
+        times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
+    tps = args.batch * args.seq / dt
+    stats = jax.devices()[0].memory_stats() or {}
+    variant = ",".join(f"{k}={v}" for k, v in opts.items() if DEFAULTS[k] != v)
+    print(json.dumps({
+        "framework": "lora-jax", "variant": variant, "shape": args.shape, "batch": args.batch,
+        "seq": args.seq, "step_s": dt, "tokens_per_s": tps,
+        "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+        "mfu": tps * flops_per_token(SHAPES[args.shape], args.seq) / PEAK_BF16,
+        "loss": float(loss), "warmup_s": compile_s, "jax": jax.__version__, "opts": opts}))
+
+
+if __name__ == "__main__":
+    main()
