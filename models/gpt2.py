@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from models.attention import AttentionContext, attend, begin_forward, finish_forward
 from models.cache import KVCache
 from models.norms import LayerNorm
-from models.options import RuntimeOptions, runtime_fields
+from models.options import RuntimeOptions, check_token_ids, runtime_fields
 from models.parallel import NoParallelism, Parallelism
 from models.projection import embedding, projection
 from models.stack import layer_stack, stacked_kv_or_none
@@ -74,6 +74,7 @@ class GPT2Config(RuntimeOptions):
         super().__post_init__()
         if self.n_inner is None:
             object.__setattr__(self, "n_inner", 4 * self.n_embd)
+        check_token_ids(self)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
         if self.activation_function not in ACTIVATIONS:

@@ -93,7 +93,7 @@ class TensorIndex:
             # The flax framework reads bfloat16 (numpy's cannot); pin it to the host CPU so a
             # tensor never lands on an accelerator before we have cast and placed it.
             with jax.default_device(jax.devices("cpu")[0]):
-                self._handles[file] = self._stack.enter_context(safe_open(file, "flax"))
+                self._handles[file] = self._stack.enter_context(_open(file))
         return self._handles[file]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -131,9 +131,17 @@ def _locate(directory: Path, fam: Family, stack) -> dict[str, tuple[Path, str]]:
                 f"{directory}: no {SINGLE_FILE}, {INDEX_FILE} or other *.safetensors file")
         pairs = []
         for file in files:
-            with safe_open(file, "flax") as f:
+            with _open(file) as f:
                 pairs += [(key, file) for key in f.keys()]
     return {_normalise(fam, key): (file, key) for key, file in pairs}
+
+
+def _open(file: Path):
+    try:
+        return safe_open(file, "flax")
+    except Exception as e:  # a truncated or corrupt file: name it
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); the download or "
+                              "copy may be incomplete") from e
 
 
 def _normalise(fam: Family, key: str) -> str:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from models.attention import AttentionContext, attend, begin_forward, finish_forward
 from models.cache import KVCache
 from models.norms import RMSNorm
-from models.options import RuntimeOptions, runtime_fields
+from models.options import RuntimeOptions, check_token_ids, runtime_fields
 from models.parallel import NoParallelism, Parallelism
 from models.projection import embedding, projection
 from models.rope import RopeScaling, apply_rope, inverse_frequencies, rope_angles
@@ -68,6 +68,7 @@ class LlamaConfig(RuntimeOptions):
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
+        check_token_ids(self)
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
 
