@@ -1,0 +1,302 @@
+"""Tensor- and sequence-parallel linear layers (Megatron), written with `shard_map`, LoRA-aware.
+
+Each layer has `nn.Dense`'s parameter tree (`kernel` [in, out], `bias` [out]) and adds the LoRA
+adapter it finds in its own scope (`lora_a` [in, r], `lora_b` [r, out], `lora_scale` []):
+    y = x @ kernel + bias + lora_scale * (dropout(x) @ lora_a) @ lora_b
+They are not `nn.Dense` subclasses on purpose: `lora_jax.apply` intercepts `nn.Dense` calls to add
+adapters, and these layers add theirs inside the shard_map, where the row-parallel partial
+product lives.
+
+Column-parallel (kernel split on out over tp): x is whole on every tp device, the output stays
+split on out. A is replicated, B split like the kernel: no collective in the forward pass.
+Row-parallel (kernel split on in over tp): x arrives split on in; each device forms
+`x_i @ K_i + s (x_i @ A_i) @ B`, and the one psum (or, with sequence parallelism, psum_scatter
+over the sequence) sums base and adapter together: LoRA costs no extra communication.
+Sequence parallelism: the layer input of a column layer arrives split on the sequence over tp
+and is all-gathered inside; a row layer's output leaves reduce-scattered on the sequence.
+FSDP: frozen kernels are stored split over fsdp on their other feature dim and all-gathered
+inside, one layer at a time; they get no gradient, so nothing is scattered back. Adapters are
+not split over fsdp (see `sharding.rules.derive_adapter_spec`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+from jax.sharding import Mesh, PartitionSpec as P
+
+from lora_jax.forward import lora_delta
+from lora_jax.tree import LORA_A, LORA_B, LORA_SCALE
+from sharding.compat import all_gather, shard_map, to_varying
+from sharding.mesh import BATCH_AXES, FSDP, TP, MeshError, axis_size, check_sequence_fits
+from sharding.rules import BIAS_SPECS, KERNEL_SPECS, derive_adapter_spec
+
+Lora = tuple[jax.Array, jax.Array, jax.Array]  # (lora_a [in, r], lora_b [r, out], scale [])
+
+
+def batch_axes(mesh: Mesh, batch: int) -> tuple[str, ...] | None:
+    """The batch's mesh axes: dp x fsdp, or none when the batch does not split (e.g. the batch of
+    one that `model.init` is often traced with), which is correct, only not parallel."""
+    return BATCH_AXES if batch % axis_size(mesh, BATCH_AXES) == 0 else None
+
+
+def activation_spec(mesh: Mesh, shape: tuple[int, ...], *, seq_split: bool = False,
+                    feature_split: bool = False) -> P:
+    """Spec of an activation `[batch, (seq,) ..., features]`: batch over dp x fsdp, the sequence
+    (axis 1) over tp when `seq_split`, the last axis over tp when `feature_split`."""
+    if seq_split:
+        check_sequence_shape(mesh, shape)
+    middle = [None] * (len(shape) - 2)
+    if seq_split:
+        middle[0] = TP
+    return P(batch_axes(mesh, shape[0]), *middle, TP if feature_split else None)
+
+
+def check_sequence_shape(mesh: Mesh, shape: tuple[int, ...]) -> None:
+    """Sequence parallelism needs `[batch, seq, features]` with seq divisible by tp."""
+    if len(shape) != 3:
+        raise MeshError(f"sequence parallelism needs [batch, seq, features] activations, got "
+                         f"shape {shape}")
+    check_sequence_fits(mesh, shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: global arrays in, global arrays out; shard_map inside.
+
+
+def column_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
+                    lora: Lora | None = None, *, mesh: Mesh, sequence_parallel: bool = False,
+                    lora_x: jax.Array | None = None, lora_dtype: Any = None) -> jax.Array:
+    """`x @ kernel + bias + s (lora_x @ A) @ B` with the kernel's output features split over tp.
+
+    Global shapes: x [B, S, in] (any [B, ..., in] without sequence parallelism), kernel
+    [in, out], bias [out], lora (A [in, r], B [r, out], s []); returns [B, S, out] split on out.
+    `lora_x` is the adapter's input (x after LoRA dropout); None means x.
+
+    Local shapes under shard_map (bd = dp*fsdp, with S/tp on input under sequence parallelism):
+      x [B/bd, S(/tp), in] -> all-gather over tp (SP) -> [B/bd, S, in]
+      kernel [in/fsdp, out/tp] -> all-gather over fsdp -> [in, out/tp];  bias [out/tp]
+      A [in, r];  B [r, out/tp];  s []
+      y [B/bd, S, out/tp]
+    """
+    x_spec = activation_spec(mesh, x.shape, seq_split=sequence_parallel)
+    out_spec = P(x_spec[0], *([None] * (x.ndim - 2)), TP)
+    body = functools.partial(_column_local, sequence_parallel=sequence_parallel,
+                             sizes=_sizes(mesh), lora_dtype=lora_dtype)
+    return _run(body, mesh, "column", x, kernel, bias, lora, lora_x, x_spec, out_spec)
+
+
+def row_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
+                 lora: Lora | None = None, *, mesh: Mesh, sequence_parallel: bool = False,
+                 lora_x: jax.Array | None = None, lora_dtype: Any = None) -> jax.Array:
+    """`x @ kernel + bias + s (lora_x @ A) @ B` with the kernel's input features split over tp.
+
+    Global shapes: x [B, S, in] split on in, kernel [in, out], bias [out], lora (A [in, r],
+    B [r, out], s []); returns [B, S, out], split on S over tp under sequence parallelism.
+
+    Local shapes under shard_map (bd = dp*fsdp):
+      x [B/bd, S, in/tp];  kernel [in/tp, out/fsdp] -> all-gather over fsdp -> [in/tp, out]
+      A [in/tp, r];  B [r, out];  s [];  bias [out]
+      partial = x @ K + s (x @ A) @ B        [B/bd, S, out], one term per tp device
+      y = psum(partial) + bias               [B/bd, S, out]
+        or psum_scatter over S (SP) + bias   [B/bd, S/tp, out]
+    """
+    x_spec = activation_spec(mesh, x.shape, feature_split=True)
+    middle = [None] * (x.ndim - 2)
+    if sequence_parallel:
+        check_sequence_shape(mesh, x.shape)
+        middle[0] = TP  # the output leaves reduce-scattered on the sequence
+    out_spec = P(x_spec[0], *middle, None)
+    body = functools.partial(_row_local, sequence_parallel=sequence_parallel,
+                             sizes=_sizes(mesh), lora_dtype=lora_dtype)
+    return _run(body, mesh, "row", x, kernel, bias, lora, lora_x, x_spec, out_spec)
+
+
+def _run(body, mesh, role, x, kernel, bias, lora, lora_x, x_spec, out_spec):
+    """shard_map `body` over the operands that are present, with the role's specs.
+
+    Axes of size 1 are left out of every spec: a value is then not "varying" over them, so the
+    backward pass does not psum over single devices (XLA keeps such no-op all-reduces on CPU).
+    """
+    ops, specs = {"x": x, "kernel": kernel}, {"x": x_spec, "kernel": KERNEL_SPECS[role]}
+    if bias is not None:
+        ops["bias"], specs["bias"] = bias, BIAS_SPECS[role]
+    if lora is not None:
+        ops["lora"] = tuple(lora)
+        specs["lora"] = (derive_adapter_spec(KERNEL_SPECS[role], LORA_A),
+                         derive_adapter_spec(KERNEL_SPECS[role], LORA_B), P())
+        if lora_x is not None:
+            ops["lora_x"], specs["lora_x"] = lora_x, x_spec
+    prune = functools.partial(_prune, sizes=_sizes(mesh))
+    specs = jax.tree.map(prune, specs, is_leaf=lambda s: isinstance(s, P))
+    fn = shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=prune(out_spec))
+    return fn(ops)
+
+
+def _column_local(ops, *, sequence_parallel, sizes, lora_dtype):
+    x, tp = ops["x"], sizes[TP] > 1
+    if sequence_parallel and tp:
+        x = all_gather(x, TP, axis=1)
+    elif tp:
+        # x is replicated over tp; cast it to varying once so that the base and the adapter
+        # share one psum of the input gradient in the backward pass.
+        x = to_varying(x, TP)
+    y = _matmul(x, _gather(ops["kernel"], 0, sizes))
+    if "bias" in ops:
+        y = y + ops["bias"]
+    if "lora" in ops:
+        a, b, scale = ops["lora"]
+        if "lora_x" in ops:  # dropout: gather the rank-r product, not a second activation
+            h = _lora_in(ops["lora_x"], a, lora_dtype)
+            if tp:
+                h = all_gather(h, TP, axis=1) if sequence_parallel else to_varying(h, TP)
+        else:
+            h = _lora_in(x, a, lora_dtype)
+        y = y + _lora_out(h, b, scale, lora_dtype).astype(y.dtype)
+    return y
+
+
+def _row_local(ops, *, sequence_parallel, sizes, lora_dtype):
+    x = ops["x"]
+    y = _matmul(x, _gather(ops["kernel"], 1, sizes))
+    if "lora" in ops:  # added to the partial product, before the one reduction below
+        a, b, scale = ops["lora"]
+        h = _lora_in(ops.get("lora_x", x), a, lora_dtype)
+        y = y + _lora_out(h, b, scale, lora_dtype).astype(y.dtype)
+    if sizes[TP] > 1:
+        y = (jax.lax.psum_scatter(y, TP, scatter_dimension=1, tiled=True) if sequence_parallel
+             else jax.lax.psum(y, TP))
+    if "bias" in ops:
+        y = y + ops["bias"]
+    return y
+
+
+def _sizes(mesh: Mesh) -> dict[str, int]:
+    return {a: axis_size(mesh, a) for a in mesh.axis_names}
+
+
+def _prune(spec: P, sizes: dict[str, int]) -> P:
+    """`spec` without the mesh axes of size 1."""
+    def keep(entry):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        kept = tuple(n for n in names if sizes[n] > 1)
+        return None if not kept else kept[0] if len(kept) == 1 else kept
+    return P(*(keep(e) for e in spec))
+
+
+def _gather(w: jax.Array, axis: int, sizes: dict[str, int]) -> jax.Array:
+    """FSDP: the whole (tp-local) frozen weight, just for this layer."""
+    return all_gather(w, FSDP, axis=axis) if sizes[FSDP] > 1 else w
+
+
+def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    # The same dot_general nn.Dense issues (default precision), so results match it.
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _lora_in(x: jax.Array, a: jax.Array, dtype: Any) -> jax.Array:
+    """First half of `lora_jax.lora_delta`: x [..., in] @ A [in, r] -> [..., r] in `dtype`."""
+    return jnp.tensordot(x.astype(dtype), a.astype(dtype), axes=((x.ndim - 1,), (0,)))
+
+
+def _lora_out(h: jax.Array, b: jax.Array, scale: jax.Array, dtype: Any) -> jax.Array:
+    """Second half: h [..., r] @ B [r, out] times the frozen scale."""
+    y = jnp.tensordot(h, b.astype(dtype), axes=((h.ndim - 1,), (0,)))
+    return y * jax.lax.stop_gradient(scale).astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linen modules: nn.Dense's parameters, the functions above.
+
+
+class _ParallelDense(nn.Module):
+    """Shared fields and parameter creation; subclasses choose the parallel matmul."""
+
+    features: int
+    mesh: Mesh | None = None
+    sequence_parallel: bool = False
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.linear.default_kernel_init
+    bias_init: Callable = nn.initializers.zeros_init()
+    lora_dropout: float = 0.0
+
+    def _operands(self, x: jax.Array):
+        """(x, kernel, bias) promoted like nn.Dense, the adapter or None, its input, its dtype."""
+        kernel = self.param("kernel", self.kernel_init, (jnp.shape(x)[-1], self.features),
+                            self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        lora_dtype = self.dtype or jnp.result_type(x, kernel)  # as lora_jax.apply chooses
+        lora = self._adapter(kernel.shape)
+        lora_x = self._dropout(x) if lora is not None else None
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return x, kernel, bias, lora, lora_x, lora_dtype
+
+    def _adapter(self, kernel_shape: tuple[int, int]) -> Lora | None:
+        if not self.has_variable("params", LORA_A):
+            return None
+        a, b = self.get_variable("params", LORA_A), self.get_variable("params", LORA_B)
+        scale = self.get_variable("params", LORA_SCALE)
+        if a.shape[0] != kernel_shape[0] or b.shape != (a.shape[-1], kernel_shape[1]):
+            raise ValueError(f"adapter of {'.'.join(self.path)} does not fit its kernel "
+                             f"{tuple(kernel_shape)}: lora_a {a.shape}, lora_b {b.shape}")
+        return a, b, scale
+
+    def _dropout(self, x: jax.Array) -> jax.Array | None:
+        """LoRA dropout on the adapter input, drawn exactly as `lora_jax.apply` draws it (one
+        `make_rng("dropout")` in this module's scope, a mask over the global x), so the sharded
+        model drops the same entries as the single-device one. Active when the rate is > 0 and a
+        "dropout" rng is given (these layers do not see the model's `deterministic` flag)."""
+        if self.lora_dropout <= 0.0 or not self.has_rng("dropout"):
+            return None
+        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.lora_dropout, x.shape)
+        return jnp.where(keep, x / (1.0 - self.lora_dropout), jnp.zeros_like(x))
+
+
+class ColumnParallelDense(_ParallelDense):
+    """Dense layer with its output features split over tp (q/k/v, gate/up, c_attn, c_fc).
+
+    Input [B, S, in] (split on S over tp under sequence parallelism), output [B, S, out/tp]
+    per device. See `column_parallel` for local shapes.
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, kernel, bias, lora, lora_x, lora_dtype = self._operands(x)
+        return column_parallel(x, kernel, bias, lora, mesh=self.mesh, lora_x=lora_x,
+                               sequence_parallel=self.sequence_parallel, lora_dtype=lora_dtype)
+
+
+class RowParallelDense(_ParallelDense):
+    """Dense layer with its input features split over tp (o, down, c_proj); one psum (or
+    psum_scatter on the sequence, under sequence parallelism) sums base and LoRA partials.
+    See `row_parallel` for local shapes."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, kernel, bias, lora, lora_x, lora_dtype = self._operands(x)
+        return row_parallel(x, kernel, bias, lora, mesh=self.mesh, lora_x=lora_x,
+                            sequence_parallel=self.sequence_parallel, lora_dtype=lora_dtype)
+
+
+class ReplicatedDense(_ParallelDense):
+    """Dense layer whose kernel is not split over tp; left to the compiler (GSPMD). It honours
+    its adapter like the parallel layers do, so every layer of a tensor-parallel model behaves
+    the same whether or not `lora_jax.apply` is used."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, kernel, bias, lora, lora_x, lora_dtype = self._operands(x)
+        y = _matmul(x, kernel)
+        if bias is not None:
+            y = y + bias
+        if lora is not None:
+            inp = x if lora_x is None else lora_x
+            y = y + lora_delta(inp, *lora, (x.ndim - 1,), lora_dtype).astype(y.dtype)
+        return y

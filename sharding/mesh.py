@@ -1,0 +1,151 @@
+"""The device mesh: its three axes, how to build it, and the checks that a model and a batch fit.
+
+Axes, outermost first:
+  dp    - data parallel: the batch is split, parameters are replicated
+  fsdp  - fully sharded data parallel: the batch is split *and* the frozen base is stored split
+          (gathered layer by layer when used)
+  tp    - tensor parallel (Megatron): projections split on their features; with sequence
+          parallelism the activations between blocks are split on the sequence axis too
+`tp` is innermost so that its devices are neighbours (one host, NVLink): it talks every layer.
+
+This module is the only place that spells the axis names; the rest of the package imports them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+DP, FSDP, TP = "dp", "fsdp", "tp"
+AXES = (DP, FSDP, TP)
+BATCH_AXES = (DP, FSDP)
+
+
+class MeshError(ValueError):
+    """A mesh that does not fit the devices, the model or the batch; the message names the fix."""
+
+
+def make_mesh(*, dp: int = 1, fsdp: int = 1, tp: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `(dp, fsdp, tp)` mesh over `devices` (default: every process's devices, `jax.devices()`).
+
+    One size may be -1: it takes the devices the others leave. The axes are `AxisType.Auto` on
+    purpose: the models are GSPMD code (sharding propagated by the compiler between our
+    `shard_map` layers); `Explicit` axes would make every gather and index ask for
+    `out_sharding`.
+
+    Args:
+      dp, fsdp, tp: axis sizes; their product must be the number of devices.
+      devices: the devices to use, in order (tp varies fastest).
+
+    Returns:
+      a `jax.sharding.Mesh` with axis names `("dp", "fsdp", "tp")`.
+
+    Example:
+      >>> mesh = make_mesh(dp=2, tp=4)          # 8 devices
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = _resolve_sizes({DP: dp, FSDP: fsdp, TP: tp}, len(devices))
+    shape = tuple(sizes[a] for a in AXES)
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def _resolve_sizes(sizes: dict[str, int], n_devices: int) -> dict[str, int]:
+    bad = {a: s for a, s in sizes.items() if not isinstance(s, int) or (s < 1 and s != -1)}
+    if bad:
+        raise MeshError(f"mesh sizes must be positive integers (or -1 for 'the rest'): {bad}")
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise MeshError(f"only one mesh size may be -1, got {free}")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if n_devices % known:
+            raise MeshError(f"cannot infer {free[0]}: {n_devices} devices are not a multiple of "
+                            f"the other sizes' product {known} ({_fmt(sizes)})")
+        sizes = {**sizes, free[0]: n_devices // known}
+    if math.prod(sizes.values()) != n_devices:
+        raise MeshError(f"mesh {_fmt(sizes)} has {math.prod(sizes.values())} devices but there "
+                        f"are {n_devices}: choose sizes whose product is {n_devices} "
+                        "(or set one of them to -1)")
+    return sizes
+
+
+def _fmt(sizes: dict[str, int]) -> str:
+    return " x ".join(f"{a}={s}" for a, s in sizes.items())
+
+
+def axis_size(mesh: Mesh, axis: str | Sequence[str]) -> int:
+    """Number of devices along one axis or the product over several (1 for an absent axis)."""
+    names = (axis,) if isinstance(axis, str) else tuple(axis)
+    return math.prod(dict(mesh.shape).get(a, 1) for a in names)
+
+
+def check_model_fits(mesh: Mesh, *, hidden: int, heads: int, kv_heads: int | None = None,
+                     intermediate: int | None = None, vocab: int | None = None) -> None:
+    """Raise `MeshError` unless the model's dimensions split evenly over the mesh.
+
+    Tensor parallelism splits attention heads, key/value heads, the MLP's intermediate features
+    and the vocabulary over `tp`; FSDP splits the hidden features of every stored kernel over
+    `fsdp`. A split inside a head would still compute the right numbers, but through resharding
+    on every layer, so it is refused.
+
+    Example:
+      >>> check_model_fits(mesh, hidden=4096, heads=32, kv_heads=8, intermediate=14336,
+      ...                  vocab=128256)
+    """
+    tp, fsdp = axis_size(mesh, TP), axis_size(mesh, FSDP)
+    wanted = [("attention heads", heads, tp, TP), ("key/value heads", kv_heads, tp, TP),
+              ("intermediate size", intermediate, tp, TP), ("vocab size", vocab, tp, TP),
+              ("hidden size", hidden, fsdp, FSDP)]
+    for what, size, parts, axis in wanted:
+        if size is not None and size % parts:
+            raise MeshError(f"{what} {size} is not divisible by {axis}={parts}: pick {axis} "
+                            f"among {_divisors(size, axis_size(mesh, AXES))}"
+                            + (" or pad the vocabulary to a multiple of it (e.g. "
+                               f"{_round_up(size, parts)})" if what == "vocab size" else ""))
+
+
+def check_config_fits(mesh: Mesh, config: Any) -> None:
+    """`check_model_fits` with the sizes read from a model config (Hugging Face field names of
+    Llama or GPT-2: `hidden_size`/`n_embd`, `num_attention_heads`/`n_head`, ...)."""
+    def first(*names):
+        return next((getattr(config, n) for n in names if getattr(config, n, None) is not None),
+                    None)
+
+    heads = first("num_attention_heads", "n_head")
+    check_model_fits(mesh, hidden=first("hidden_size", "n_embd"), heads=heads,
+                     kv_heads=first("num_key_value_heads") or heads,
+                     intermediate=first("intermediate_size", "n_inner"),
+                     vocab=first("vocab_size"))
+
+
+def check_batch_fits(mesh: Mesh, *, batch: int, seq: int | None = None,
+                     sequence_parallel: bool = False) -> None:
+    """Raise `MeshError` unless a `[batch, seq]` batch splits over the mesh: the batch over
+    `dp x fsdp`, and with sequence parallelism the sequence over `tp`."""
+    parts = axis_size(mesh, BATCH_AXES)
+    if batch % parts:
+        raise MeshError(f"batch {batch} is not divisible by dp x fsdp = {parts}: use a global "
+                        f"batch that is a multiple of {parts} (e.g. {_round_up(batch, parts)})")
+    if sequence_parallel and seq is not None:
+        check_sequence_fits(mesh, seq)
+
+
+def check_sequence_fits(mesh: Mesh, seq: int) -> None:
+    """Raise `MeshError` unless sequence parallelism can split `seq` tokens over `tp`."""
+    tp = axis_size(mesh, TP)
+    if seq % tp:
+        raise MeshError(f"sequence parallelism splits the sequence over tp={tp}, but the sequence "
+                        f"length {seq} is not divisible by it: pad the sequence to a multiple of "
+                        f"{tp} (e.g. {_round_up(seq, tp)}) or turn sequence_parallel off")
+
+
+def _divisors(n: int, limit: int) -> list[int]:
+    return [d for d in range(1, limit + 1) if n % d == 0 and limit % d == 0]
+
+
+def _round_up(n: int, k: int) -> int:
+    return int(np.ceil(n / k) * k)

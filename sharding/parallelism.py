@@ -1,0 +1,61 @@
+"""`TensorParallelism`: the sharding package's side of the `models/parallel.py` seam."""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sharding.layers import (ColumnParallelDense, ReplicatedDense, RowParallelDense,
+                             activation_spec)
+from sharding.mesh import TP, axis_size
+
+_LAYERS = {"column": ColumnParallelDense, "row": RowParallelDense, "replicated": ReplicatedDense}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TensorParallelism:
+    """Megatron tensor parallelism (optionally sequence-parallel) over a `make_mesh` mesh.
+
+    Pass it to a model in place of `NoParallelism`: projections become shard_map layers with
+    `nn.Dense`'s parameter tree, the residual stream and logits get sharding constraints.
+
+    Args:
+      mesh: a `(dp, fsdp, tp)` mesh from `sharding.make_mesh`.
+      sequence_parallel: split the residual stream on the sequence over tp between blocks
+        (all-gather before column layers, reduce-scatter after row layers); norms, dropout and
+        residual adds then touch 1/tp of the tokens per device. Needs seq % tp == 0.
+      lora_dropout: the adapters' dropout rate (the `LoraConfig.lora_dropout` of the injected
+        adapters); it acts when the model is applied with a "dropout" rng.
+
+    Example:
+      >>> mesh = make_mesh(dp=2, tp=4)
+      >>> model = Llama(config, parallel=TensorParallelism(mesh=mesh, sequence_parallel=True))
+    """
+
+    mesh: Mesh
+    sequence_parallel: bool = False
+    lora_dropout: float = 0.0
+
+    def dense(self, features, *, role, name, use_bias, dtype, param_dtype, kernel_init,
+              bias_init) -> nn.Module:
+        if role not in _LAYERS:
+            raise ValueError(f"unknown parallel role {role!r}: use one of {sorted(_LAYERS)}")
+        return _LAYERS[role](features, mesh=self.mesh, sequence_parallel=self.sequence_parallel,
+                             use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                             kernel_init=kernel_init, bias_init=bias_init,
+                             lora_dropout=self.lora_dropout, name=name)
+
+    def constrain(self, x: jax.Array, mark: str) -> jax.Array:
+        """Pin an activation's layout: "residual" [B, S, D] is split on batch (and on S under
+        sequence parallelism); "logits" [B, S, V] on batch and on V when tp divides it."""
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(x, mark)))
+
+    def spec(self, x: jax.Array, mark: str) -> P:
+        if mark == "residual":
+            return activation_spec(self.mesh, x.shape, seq_split=self.sequence_parallel)
+        if mark == "logits":
+            split = x.shape[-1] % axis_size(self.mesh, TP) == 0
+            return activation_spec(self.mesh, x.shape, feature_split=split)
+        raise ValueError(f"unknown activation mark {mark!r}: use 'residual' or 'logits'")

@@ -1,0 +1,42 @@
+"""Helpers shared by the tests/test_sharding_*.py files."""
+import jax
+import numpy as np
+
+from sharding import make_mesh
+
+# float32 parity tolerance, absolute and relative. Sharding only reorders sums (psum of partial
+# products, psum_scatter, batch splits), each of at most a few thousand terms; float32's epsilon
+# is 1.2e-7, so reordering moves results by ~1e-6 at the magnitudes of these tests (losses ~5,
+# gradients ~1e-2..1).
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+# These programs are tiny: compiling them dominates the test time, and LLVM's optimisation passes
+# dominate compiling. Level 0 compiles ~2.5x faster; XLA CPU does not use fast-math at any level,
+# so the numbers are the same IEEE float32 operations.
+FAST = {"xla_backend_optimization_level": 0}
+
+
+def run_fast(fn, *args, **jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)(*args)`, compiled at optimisation level 0."""
+    return compile_fast(fn, *args, **jit_kwargs)(*args)
+
+
+def compile_fast(fn, *args, **jit_kwargs):
+    return jax.jit(fn, **jit_kwargs).lower(*args).compile(compiler_options=FAST)
+
+
+def mesh_of(dp=1, fsdp=1, tp=1):
+    """A mesh over the first dp*fsdp*tp of the 8 simulated devices."""
+    return make_mesh(dp=dp, fsdp=fsdp, tp=tp, devices=jax.devices()[:dp * fsdp * tp])
+
+
+def assert_trees_close(actual, expected, **tol):
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    jax.tree.map(lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), **tol),
+                 actual, expected)
+
+
+def max_abs_diff(actual, expected) -> float:
+    diffs = jax.tree.map(lambda a, e: float(np.max(np.abs(np.asarray(a) - np.asarray(e)))),
+                         actual, expected)
+    return max(jax.tree.leaves(diffs))
