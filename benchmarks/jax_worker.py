@@ -5,7 +5,8 @@ policy, chunked cross-entropy), LoRA r=16 / alpha=32 on all seven projections vi
 AdamW on the adapters only, one jitted step with donated adapter and optimizer state.
 
 Options (`--variant key=value`, repeatable): remat=<policy>|full|none, attn=cudnn|xla,
-adapter_dtype=bfloat16|float32, ce=chunked|full, chunk=<tokens>, scan=1|0.
+adapter_dtype=bfloat16|float32, ce=fused|chunked|full, chunk=<tokens>, scan=1|0,
+triton_gemm=1|0 (XLA's Triton GEMM autotuning candidates).
 """
 import argparse
 import functools
@@ -15,6 +16,8 @@ import statistics
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+if "triton_gemm=0" in " ".join(os.sys.argv):  # XLA reads its flags once, at backend start
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -23,11 +26,12 @@ import optax  # noqa: E402
 import lora_jax as lj  # noqa: E402
 from benchmarks.shapes import SHAPES, TARGETS, flops_per_token  # noqa: E402
 from models.llama import Llama, LlamaConfig, head_kernel  # noqa: E402
+from models.fused_ce import frozen_head_cross_entropy  # noqa: E402
 from models.loss import chunked_cross_entropy, cross_entropy  # noqa: E402
 
 PEAK_BF16 = 790e12
 DEFAULTS = {"remat": "dots_saveable", "attn": "cudnn", "adapter_dtype": "bfloat16",
-            "ce": "chunked", "chunk": "4096", "scan": "1"}
+            "ce": "fused", "chunk": "4096", "scan": "1", "triton_gemm": "1"}
 
 
 def parse_variant(items: list[str]) -> dict:
@@ -66,6 +70,9 @@ def make_step(cfg, model, tx, opts):
             logits = lj.apply(model, variables, ids)
             return cross_entropy(logits[:, :-1], ids[:, 1:])
         hidden = lj.apply(model, variables, ids, return_hidden=True)
+        if opts["ce"] == "fused":
+            return frozen_head_cross_entropy(hidden[:, :-1], head_kernel(cfg, base), ids[:, 1:],
+                                             chunk_size=chunk)
         return chunked_cross_entropy(hidden[:, :-1], head_kernel(cfg, base), ids[:, 1:],
                                      chunk_size=chunk)
 

@@ -21,7 +21,8 @@ LLAMA3_8B = {  # Llama-3.1-8B
 
 # A CPU smoke-test shape: the benchmark scripts run end to end on it in seconds.
 TINY = {**LLAMA3_1B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512}
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512,
+        "bos_token_id": 256, "eos_token_id": 257}
 
 SHAPES = {"1b": LLAMA3_1B, "8b": LLAMA3_8B, "tiny": TINY}
 DEFAULT_BATCH = {"1b": 8, "8b": 4, "tiny": 2}

@@ -34,8 +34,9 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array,
     """
     a, b = a.astype(dtype), b.astype(dtype)
     h = jnp.tensordot(x.astype(dtype), a, axes=(in_axes, tuple(range(len(in_axes)))))
-    y = jnp.tensordot(h, b, axes=((h.ndim - 1,), (0,)))
-    return y * jax.lax.stop_gradient(scale).astype(dtype)
+    # Scale the rank-r intermediate, not the [..., out] result: r/out of the elementwise work.
+    h = h * jax.lax.stop_gradient(scale).astype(dtype)
+    return jnp.tensordot(h, b, axes=((h.ndim - 1,), (0,)))
 
 
 def _adapter_interceptor(dropout_rate: float, deterministic: bool):

@@ -1,0 +1,137 @@
+"""Loss parity on the GPU: lora-jax against PyTorch + PEFT, bf16, from identical weights.
+
+PyTorch builds a random-weight Llama of the chosen shape, wraps it with PEFT (r=16 on all seven
+projections) and saves both with `save_pretrained`; lora-jax loads the same files with
+`models.load_hf` and `lora_jax.import_peft`. Both then train the adapters for `--steps` AdamW
+steps on the same batches (a small pool, cycled, so the loss falls), and the per-step relative
+loss difference is reported against the seed's bf16 threshold of 1e-2.
+
+    python -m benchmarks.loss_parity --shape 1b --steps 100 --out parity.json
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+from benchmarks.shapes import SHAPES, TARGETS
+
+LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 0.0
+
+
+def batches(shape: str, batch: int, seq: int, pool: int = 4, seed: int = 0) -> np.ndarray:
+    vocab = SHAPES[shape]["vocab_size"]
+    return np.random.default_rng(seed).integers(0, vocab, (pool, batch, seq), dtype=np.int64)
+
+
+def torch_part(args, workdir: str) -> list[float]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{k: v for k, v in SHAPES[args.shape].items() if k != "model_type"})
+    cfg._attn_implementation = "sdpa"
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(args.device):
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    model.save_pretrained(os.path.join(workdir, "base"), safe_serialization=True)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
+                                             lora_dropout=0.0))
+    model.save_pretrained(os.path.join(workdir, "adapter"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR,
+                            betas=BETAS, eps=EPS, weight_decay=WD)
+    data = torch.from_numpy(batches(args.shape, args.batch, args.seq)).to(args.device)
+    losses = []
+    for step in range(args.steps):
+        ids = data[step % len(data)]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    return losses
+
+
+def jax_part(args, workdir: str) -> list[float]:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import lora_jax as lj
+    from models import head_kernel, load_hf
+    from models.fused_ce import frozen_head_cross_entropy
+
+    model, params = load_hf(os.path.join(workdir, "base"), dtype=jnp.bfloat16,
+                            param_dtype=jnp.bfloat16, scan_layers=True,
+                            remat_policy="dots_saveable")
+    params = lj.import_peft(os.path.join(workdir, "adapter"), params)
+    base, adapters = lj.split(params)
+    tx = lj.optimizer(optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD),
+                      adapters)
+    opt_state = tx.init(adapters)
+    cfg = model.config
+
+    def loss_fn(a, ids):
+        hidden = lj.apply(model, {"params": lj.combine(base, a)}, ids, return_hidden=True)
+        return frozen_head_cross_entropy(hidden, head_kernel(cfg, base), ids, shift=True)
+
+    @jax.jit
+    def step(a, s, ids):
+        loss, g = jax.value_and_grad(loss_fn)(a, ids)
+        updates, s = tx.update(g, s, a)
+        return optax.apply_updates(a, updates), s, loss
+
+    data = jnp.asarray(batches(args.shape, args.batch, args.seq), jnp.int32)
+    losses = []
+    for i in range(args.steps):
+        adapters, opt_state, loss = step(adapters, opt_state, data[i % len(data)])
+        losses.append(float(loss))
+    return losses
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shape", default="1b")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--part", choices=("both", "torch", "jax"), default="both")
+    ap.add_argument("--workdir", default="")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="lora_parity_")
+    if args.part != "both":
+        fn = torch_part if args.part == "torch" else jax_part
+        print(json.dumps(fn(args, workdir)))
+        return
+    # Each framework in its own process, so neither holds GPU memory the other needs.
+    common = [sys.executable, "-m", "benchmarks.loss_parity", "--shape", args.shape, "--batch",
+              str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--device",
+              args.device, "--workdir", workdir]
+    results = {}
+    for part in ("torch", "jax"):
+        out = subprocess.run(common + ["--part", part], capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"{part} part failed:\n{out.stderr[-3000:]}")
+        results[part] = json.loads(out.stdout.strip().splitlines()[-1])
+    t, j = np.array(results["torch"]), np.array(results["jax"])
+    rel = np.abs(j - t) / np.abs(t)
+    for i in list(range(0, args.steps, max(1, args.steps // 10))) + [args.steps - 1]:
+        print(f"step {i:4d}  peft {t[i]:.5f}  lora-jax {j[i]:.5f}  rel {rel[i]:.2e}")
+    summary = {"shape": args.shape, "batch": args.batch, "seq": args.seq, "steps": args.steps,
+               "max_rel_diff": float(rel.max()), "mean_rel_diff": float(rel.mean()),
+               "first_loss": [float(t[0]), float(j[0])], "last_loss": [float(t[-1]), float(j[-1])],
+               "pass_1e-2": bool(rel.max() < 1e-2), "peft": t.tolist(), "lora_jax": j.tolist()}
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("peft", "lora_jax")}))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f)
+
+
+if __name__ == "__main__":
+    main()
