@@ -6,15 +6,18 @@
     train    optimizer, apply, LoraModel
     finish   merge, summary
     save     save_adapter, load_adapter, adapter_config, TrainCheckpointer, Restored
+    export   export_peft, import_peft, peft_lora_config, export_merged, load_merged
 """
 from lora_jax.checkpoint import adapter_config, load_adapter, save_adapter
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
+from lora_jax.export import export_merged, load_merged
 from lora_jax.forward import LoraModel, apply, lora_delta
 from lora_jax.inject import inject
 from lora_jax.layout import KernelLayout, kernel_layouts
 from lora_jax.merge import merge
 from lora_jax.optim import optimizer
+from lora_jax.peft_io import export_peft, import_peft, peft_lora_config
 from lora_jax.partition import combine, lora_params, split, trainable_mask
 from lora_jax.summary import Summary, summary
 from lora_jax.train_state import Restored, TrainCheckpointer
@@ -26,4 +29,5 @@ __all__ = [
     "optimizer", "apply", "lora_delta", "LoraModel",
     "merge", "summary", "Summary",
     "save_adapter", "load_adapter", "adapter_config", "TrainCheckpointer", "Restored",
+    "export_peft", "import_peft", "peft_lora_config", "export_merged", "load_merged",
 ]

@@ -210,11 +210,15 @@ def abstract_adapters(stored: Mapping[str, Mapping], modules: Mapping[str, Mappi
         for leaf in ADAPTER_LEAVES:
             # The stored dtype, so checksums can be verified; `load_adapter` casts afterwards.
             shape, dtype = tuple(record[leaf]["shape"]), np.dtype(record[leaf]["dtype"])
-            node[leaf] = jax.ShapeDtypeStruct(shape, dtype, sharding=_sharding(module, leaf, record))
+            sharding = adapter_sharding(module, leaf, record)
+            node[leaf] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
     return out
 
 
-def _sharding(module: Mapping, leaf: str, record: Mapping) -> Any:
+def adapter_sharding(module: Mapping, leaf: str, record: Mapping) -> Any:
+    """Where to put adapter `leaf` of `module`: the leaf's own sharding if it exists, else one
+    derived from the kernel's (`leaf_spec`), else the first local device. `record` holds the
+    leaf shapes (`{leaf: {"shape": [...]}}`)."""
     existing = getattr(module.get(leaf), "sharding", None)
     if existing is not None:
         return existing
