@@ -373,8 +373,7 @@ def _place_names(pairs: Mapping, modules: Mapping[str, Mapping], container: str 
     for name in pairs:
         where = hf_names.split_layer_name(name, kernels)
         if where is None:
-            embedding = name in modules and "embedding" in modules[name]
-            missing.append(f"{name} (an embedding: not supported)" if embedding else name)
+            missing.append(name)
         elif container and where[1] is not None and not name.startswith(container + "."):
             missing.append(f"{name} (not under layer container {container!r})")
         else:

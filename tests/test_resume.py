@@ -154,3 +154,30 @@ def test_truncated_newest_checkpoint_falls_back(tmp_path, caplog):
         assert ckpt.all_steps() == [3, 6]
         with pytest.raises(lj.LoraError, match="step 4"):
             ckpt.restore(adapters=adapters, opt_state=opt_state, step=4)
+
+
+def test_restore_into_sharded_templates(tmp_path):
+    """Restore places every array in the template's sharding (here: `lora_a` and its Adam
+    moments split over 8 simulated devices on the input axis, the rest replicated)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    _, adapters, opt_state, rng, _ = setup()
+    with lj.TrainCheckpointer(tmp_path) as ckpt:
+        ckpt.save(1, adapters=adapters, opt_state=opt_state, rng=rng, data_position=[1, "a"])
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def place(x):
+        spec = P(None, "fsdp") if x.ndim == 3 and x.shape[1] % 8 == 0 else P()
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    templates = jax.tree.map(place, (adapters, opt_state))
+    with lj.TrainCheckpointer(tmp_path) as ckpt:
+        found = ckpt.restore(adapters=templates[0], opt_state=templates[1])
+    assert found.step == 1 and found.data_position == [1, "a"]
+    assert jax.random.key_impl(found.rng) == jax.random.key_impl(rng)
+    np.testing.assert_array_equal(jax.random.key_data(found.rng), jax.random.key_data(rng))
+    for got, want, template in zip(jax.tree.leaves((found.adapters, found.opt_state)),
+                                   jax.tree.leaves((adapters, opt_state)),
+                                   jax.tree.leaves(templates)):
+        assert got.sharding == template.sharding
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert any(t.sharding.spec == P(None, "fsdp") for t in jax.tree.leaves(templates))
