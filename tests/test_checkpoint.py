@@ -55,6 +55,16 @@ def test_round_trip_is_bit_exact(tmp_path, model):
     assert not list(tmp_path.glob("*.saving")) and not list(tmp_path.glob("*.previous"))
 
 
+def test_round_trip_bfloat16_adapters(tmp_path):
+    config = lj.LoraConfig(r=4, target_modules="all-linear", adapter_dtype="bfloat16",
+                           init_lora_weights=False)
+    base = _base(DenseNet())
+    params = _injected(base, config)
+    assert params["block"]["q_proj"]["lora_a"].dtype == jnp.bfloat16
+    lj.save_adapter(tmp_path / "a", params, config)
+    _assert_same_adapters(lj.load_adapter(tmp_path / "a", base), params)
+
+
 def _mesh():
     return jax.make_mesh((2, 4), ("fsdp", "tp"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)  # GSPMD-style

@@ -117,11 +117,12 @@ def test_export_loads_in_peft_with_equal_logits(checkpoints, tmp_path, family, s
     assert tensors[f"base_model.model.{layer0}.lora_A.weight"].shape == (4, 32)
     assert tensors[f"base_model.model.{layer0}.lora_B.weight"].shape == (
         (96, 4) if family == "gpt2" else (32, 4))
-    # ... and back: import gives the same adapters, bit for bit.
-    again = lj.import_peft(out, base)
-    for got, want in zip(jax.tree.leaves(lj.lora_params(again)),
-                         jax.tree.leaves(lj.lora_params(params))):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # ... and back, into the base or over other adapters: the same adapters, bit for bit.
+    other = lj.inject(base, config, jax.random.key(5))
+    for again in (lj.import_peft(out, base), lj.import_peft(out, other)):
+        for got, want in zip(jax.tree.leaves(lj.lora_params(again)),
+                             jax.tree.leaves(lj.lora_params(params))):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_uniform_scale_export_is_what_vllm_computes(checkpoints, tmp_path):
