@@ -66,7 +66,8 @@ def generate(model: nn.Module, params: Any, prompt_ids: jax.Array, *, max_new_to
     eos = (() if eos_token_id is None else (int(eos_token_id),) if isinstance(eos_token_id, int)
            else tuple(int(e) for e in eos_token_id))
     run = _generate_cached if use_cache else _generate_uncached
-    return run(model, apply_fn or model.apply, params, prompt_ids, mask,
+    # None (not the bound method, which compares by identity) lets equal models share a compile.
+    return run(model, apply_fn, params, prompt_ids, mask,
                jax.random.key(0) if rng is None else rng, max_new_tokens=max_new_tokens,
                temperature=float(temperature), top_p=float(top_p), eos=eos, pad=pad_token_id)
 
@@ -86,6 +87,7 @@ _STATIC = ("model", "apply_fn", "max_new_tokens", "temperature", "top_p", "eos",
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate_cached(model, apply_fn, params, prompt, mask, rng, *, max_new_tokens, temperature,
                      top_p, eos, pad):
+    apply_fn = apply_fn or model.apply
     batch, length = prompt.shape
     cache = init_cache(model.config, batch, length + max_new_tokens)
     positions = positions_from_mask(mask)
@@ -110,7 +112,7 @@ def _generate_cached(model, apply_fn, params, prompt, mask, rng, *, max_new_toke
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate_uncached(model, apply_fn, params, prompt, mask, rng, *, max_new_tokens,
                        temperature, top_p, eos, pad):
-    del model
+    apply_fn = apply_fn or model.apply
     batch, length = prompt.shape
     tokens = jnp.concatenate([prompt, jnp.full((batch, max_new_tokens), pad, jnp.int32)], 1)
     full_mask = jnp.concatenate([mask, jnp.ones((batch, max_new_tokens), jnp.int32)], 1)

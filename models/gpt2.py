@@ -175,7 +175,10 @@ class GPT2Block(nn.Module):
     @nn.compact
     def __call__(self, x, ctx: AttentionContext, layer_kv, deterministic: bool):
         c = self.config
-        norm = lambda name: LayerNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype, name=name)  # noqa: E731
+
+        def norm(name):
+            return LayerNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype, name=name)
+
         h, layer_kv = GPT2Attention(c, self.parallel, name="attn")(norm("ln_1")(x), ctx, layer_kv)
         x = x + _dropout(c.resid_pdrop, h, deterministic)
         h = GPT2MLP(c, self.parallel, name="mlp")(norm("ln_2")(x))

@@ -214,7 +214,10 @@ class LlamaDecoderLayer(nn.Module):
     def __call__(self, x, ctx: AttentionContext, layer_kv, deterministic: bool):
         del deterministic  # Llama checkpoints train without dropout
         c = self.config
-        norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)  # noqa: E731
+
+        def norm(name):
+            return RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)
+
         h, layer_kv = LlamaAttention(c, self.parallel, name="self_attn")(
             norm("input_layernorm")(x), ctx, layer_kv)
         x = x + h

@@ -44,7 +44,8 @@ class RuntimeOptions:
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
         remat_policy_fn(self.remat_policy)
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl={self.attention_impl!r}: use one of {ATTENTION_IMPLS}")
+            raise ValueError(f"attention_impl={self.attention_impl!r}: use one of "
+                             f"{ATTENTION_IMPLS}")
 
 
 def remat_policy_fn(name: str) -> Callable | None:

@@ -74,7 +74,7 @@ def rope_angles(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, 
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate x [B, T, heads, h] by cos/sin [B, T, h]; computed in float32, returned in x's dtype."""
+    """Rotate x [B, T, heads, h] by cos/sin [B, T, h], in float32; returns x's dtype."""
     x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)

@@ -101,9 +101,8 @@ def test_load_places_each_leaf_on_the_requested_sharding(tmp_path):
     q = params["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert q.shape == (2, 32, 32) and q.sharding.spec == P(None, None, "tp")
     assert q.addressable_shards[0].data.shape == (2, 32, 8)
-    ref, plain = models.load_hf(tmp_path, scan_layers=True)
-    ids = random_ids(2, 12)
-    assert_logits_close(model.apply({"params": params}, ids), ref.apply({"params": plain}, ids))
+    _, plain = models.load_hf(tmp_path, scan_layers=True)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, plain)
 
 
 def test_save_refuses_adapters_and_existing_files(tmp_path):
@@ -179,7 +178,8 @@ def test_shape_disagreeing_with_config(llama_dir):
     (llama_dir / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
     with pytest.raises(models.CheckpointError,
                        match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.down_proj"
-                             r"\.weight' has shape \(32, 64\), but config\.json implies \(32, 48\)"):
+                             r"\.weight' has shape \(32, 64\), but config\.json implies "
+                             r"\(32, 48\)"):
         models.load_hf(llama_dir)
 
 

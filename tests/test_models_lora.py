@@ -56,7 +56,7 @@ def test_inject_apply_merge_on_real_models(tmp_path, family, scan):
 
 def test_loss_gradient_reaches_only_adapters(tmp_path):
     hf_llama(tmp_path)
-    model, params = models.load_hf(tmp_path, scan_layers=True)
+    model, params = models.load_hf(tmp_path, scan_layers=True, remat_policy="full")
     ids = random_ids(2, 16)
     params = lj.inject(params, lj.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                              init_lora_weights=False), jax.random.key(0))
@@ -70,3 +70,18 @@ def test_loss_gradient_reaches_only_adapters(tmp_path):
     leaves = jax.tree_util.tree_leaves(grads)
     assert leaves and all(jnp.isfinite(g).all() for g in leaves)
     assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
+
+
+def test_generate_with_unmerged_adapters_equals_merged(tmp_path):
+    """`apply_fn=partial(lora_jax.apply, model)` decodes with live adapters like merged ones."""
+    import functools
+
+    hf_gpt2(tmp_path)
+    model, params = models.load_hf(tmp_path, scan_layers=True)
+    trained = lj.inject(params, lj.LoraConfig(r=4, lora_alpha=32, target_modules=["c_attn"],
+                                              init_lora_weights=False), jax.random.key(2))
+    ids = random_ids(2, 6)
+    live = models.generate(model, trained, ids, max_new_tokens=6,
+                           apply_fn=functools.partial(lj.apply, model))
+    merged = models.generate(model, lj.merge(trained), ids, max_new_tokens=6)
+    np.testing.assert_array_equal(live, merged)
