@@ -15,7 +15,8 @@ over the sequence) sums base and adapter together: LoRA costs no extra communica
 Sequence parallelism: the layer input of a column layer arrives split on the sequence over tp
 and is all-gathered inside; a row layer's output leaves reduce-scattered on the sequence.
 FSDP: frozen kernels are stored split over fsdp on their other feature dim and all-gathered
-inside, one layer at a time; they get no gradient, so nothing is scattered back. Adapters are
+inside, one layer at a time (again in the backward pass, rather than kept); they get no gradient,
+so nothing is scattered back. Adapters are
 not split over fsdp (see `sharding.rules.derive_adapter_spec`).
 """
 from __future__ import annotations
@@ -79,7 +80,8 @@ def column_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = No
 
     Local shapes under shard_map (bd = dp*fsdp, with S/tp on input under sequence parallelism):
       x [B/bd, S(/tp), in] -> all-gather over tp (SP) -> [B/bd, S, in]
-      kernel [in/fsdp, out/tp] -> all-gather over fsdp -> [in, out/tp];  bias [out/tp]
+      kernel [in/fsdp, out/tp] -> all-gather over fsdp -> [in, out/tp] (just for the matmul)
+      bias [out/tp]
       A [in, r];  B [r, out/tp];  s []
       y [B/bd, S, out/tp]
     """
@@ -145,7 +147,7 @@ def _column_local(ops, *, sequence_parallel, sizes, lora_dtype):
         # x is replicated over tp; cast it to varying once so that the base and the adapter
         # share one psum of the input gradient in the backward pass.
         x = to_varying(x, TP)
-    y = _matmul(x, _gather(ops["kernel"], 0, sizes))
+    y = _base_matmul(x, ops["kernel"], 0, sizes)
     if "bias" in ops:
         y = y + ops["bias"]
     if "lora" in ops:
@@ -162,7 +164,7 @@ def _column_local(ops, *, sequence_parallel, sizes, lora_dtype):
 
 def _row_local(ops, *, sequence_parallel, sizes, lora_dtype):
     x = ops["x"]
-    y = _matmul(x, _gather(ops["kernel"], 1, sizes))
+    y = _base_matmul(x, ops["kernel"], 1, sizes)
     if "lora" in ops:  # added to the partial product, before the one reduction below
         a, b, scale = ops["lora"]
         h = _lora_in(ops.get("lora_x", x), a, lora_dtype)
@@ -188,9 +190,18 @@ def _prune(spec: P, sizes: dict[str, int]) -> P:
     return P(*(keep(e) for e in spec))
 
 
-def _gather(w: jax.Array, axis: int, sizes: dict[str, int]) -> jax.Array:
-    """FSDP: the whole (tp-local) frozen weight, just for this layer."""
-    return all_gather(w, FSDP, axis=axis) if sizes[FSDP] > 1 else w
+def _base_matmul(x: jax.Array, kernel: jax.Array, fsdp_axis: int,
+                 sizes: dict[str, int]) -> jax.Array:
+    """x @ kernel, the kernel first all-gathered over fsdp (on `fsdp_axis`) when FSDP is on.
+
+    The gather sits inside `jax.checkpoint` so that the backward pass gathers again instead of
+    keeping the gathered kernel as a residual: kept, every layer's gathered kernel would stay
+    resident from its forward to its backward, which is the memory FSDP exists to free.
+    """
+    if sizes[FSDP] == 1:
+        return _matmul(x, kernel)
+    gathered = lambda x, k: _matmul(x, all_gather(k, FSDP, axis=fsdp_axis))  # noqa: E731
+    return jax.checkpoint(gathered, policy=jax.checkpoint_policies.nothing_saveable)(x, kernel)
 
 
 def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
