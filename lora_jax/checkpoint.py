@@ -139,8 +139,9 @@ def read_meta(path: Path) -> dict:
             meta = ckptr.restore(path, ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
         meta = meta[META_ITEM]
     except Exception as err:  # orbax raises many types for damaged files
-        raise LoraError(f"{path} is not a readable lora_jax adapter checkpoint ({type(err).__name__}:"
-                        f" {str(err)[:200]}). Was it written by save_adapter, and completely?") from err
+        raise LoraError(f"{path} is not a readable lora_jax adapter checkpoint "
+                        f"({type(err).__name__}: {str(err)[:200]}). Was it written by "
+                        "save_adapter, and completely?") from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise LoraError(f"{path} is not a lora_jax adapter checkpoint (format tag missing). For "
                         "a PEFT directory use lora_jax.import_peft.")

@@ -113,7 +113,8 @@ def test_export_loads_in_peft_with_equal_logits(checkpoints, tmp_path, family, s
     print(f"export {family} scan={scan} rslora={rslora}: rel err {rel_err(ours, theirs):.2e}")
     assert rel_err(ours, theirs) < RTOL
     assert rel_err(our_logits(model, base), theirs) > 1e-2  # the adapter matters
-    layer0 = "transformer.h.0.attn.c_attn" if family == "gpt2" else "model.layers.0.self_attn.q_proj"
+    layer0 = ("transformer.h.0.attn.c_attn" if family == "gpt2"
+              else "model.layers.0.self_attn.q_proj")
     assert tensors[f"base_model.model.{layer0}.lora_A.weight"].shape == (4, 32)
     assert tensors[f"base_model.model.{layer0}.lora_B.weight"].shape == (
         (96, 4) if family == "gpt2" else (32, 4))

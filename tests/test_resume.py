@@ -88,7 +88,8 @@ def run_to(directory, stop: int, save_at=(), async_save=False):
 CHILD = textwrap.dedent("""
     import json, os, signal, sys
     from tests import test_resume as t
-    directory, stop, save_at, kill_at = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+    directory, stop, kill_at = sys.argv[1], int(sys.argv[2]), sys.argv[4]
+    save_at = json.loads(sys.argv[3])
     if kill_at:
         # Die the moment orbax renames step `kill_at`'s finished temporary directory into place:
         # its files are all written, the commit is not.
