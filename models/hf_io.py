@@ -90,9 +90,7 @@ class TensorIndex:
 
     def _handle(self, file: Path):
         if file not in self._handles:
-            # The flax framework reads bfloat16 (numpy's cannot); pin it to the host CPU so a
-            # tensor never lands on an accelerator before we have cast and placed it.
-            with jax.default_device(jax.devices("cpu")[0]):
+            with _on_host():
                 self._handles[file] = self._stack.enter_context(_open(file))
         return self._handles[file]
 
@@ -102,7 +100,7 @@ class TensorIndex:
 
     def read(self, name: str) -> np.ndarray:
         file, key = self.locations[name]
-        with jax.default_device(jax.devices("cpu")[0]):
+        with _on_host():
             try:
                 return np.asarray(self._handle(file).get_tensor(key))
             except Exception as e:  # safetensors raises its own error types for corrupt data
@@ -134,6 +132,16 @@ def _locate(directory: Path, fam: Family, stack) -> dict[str, tuple[Path, str]]:
             with _open(file) as f:
                 pairs += [(key, file) for key in f.keys()]
     return {_normalise(fam, key): (file, key) for key, file in pairs}
+
+
+def _on_host():
+    """The flax framework of safetensors reads bfloat16 (the numpy one cannot); pin what it
+    returns to the host CPU so a tensor never lands on an accelerator before we cast and place
+    it. Without a CPU backend (JAX_PLATFORMS=cuda), the default device serves."""
+    try:
+        return jax.default_device(jax.devices("cpu")[0])
+    except RuntimeError:
+        return contextlib.nullcontext()
 
 
 def _open(file: Path):

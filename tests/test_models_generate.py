@@ -119,11 +119,13 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     np.testing.assert_array_equal(kept, [[True, True, True, False]])
 
 
-def test_sampling_needs_an_rng():
+def test_sampling_needs_an_rng_and_gpt2_has_a_length_limit():
     model = models.build(tiny_config("gpt2"))
     params = models.init_params(model, jax.random.key(0))
     with pytest.raises(ValueError, match="rng"):
         models.generate(model, params, random_ids(1, 4), max_new_tokens=2, temperature=1.0)
+    with pytest.raises(ValueError, match="n_positions=128"):
+        models.generate(model, params, random_ids(1, 100), max_new_tokens=29)
 
 
 # -- tokenizers --------------------------------------------------------------------------------
