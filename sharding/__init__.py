@@ -1,12 +1,13 @@
 """sharding: meshes, partition rules and tensor/sequence-parallel layers (the only package that
 knows mesh axis names).
 
-    mesh         make_mesh, check_model_fits, check_config_fits, check_batch_fits, MeshError, DP, FSDP, TP
+    mesh         make_mesh, replicated, check_model_fits, check_config_fits, check_batch_fits, MeshError, DP, FSDP, TP
     rules        DEFAULT_RULES, spec_for, param_specs, param_shardings, shard_params,
                  init_sharded
     layers       ColumnParallelDense, RowParallelDense, ReplicatedDense,
                  column_parallel, row_parallel
     models seam  TensorParallelism
+    loss         vocab_parallel_cross_entropy, shift_labels
     input        batch_sharding, shard_batch, from_process_local, process_rows
     processes    DistributedConfig, initialize
     inspection   collectives, collective_counts (compiled HLO text)
@@ -14,22 +15,24 @@ knows mesh axis names).
 from sharding.batch import batch_sharding, from_process_local, process_rows, shard_batch
 from sharding.distributed import DistributedConfig, initialize
 from sharding.hlo import collective_counts, collectives
+from sharding.loss import shift_labels, vocab_parallel_cross_entropy
 from sharding.layers import (ColumnParallelDense, ReplicatedDense, RowParallelDense,
                              column_parallel, row_parallel)
 from sharding.mesh import (AXES, BATCH_AXES, DP, FSDP, TP, MeshError, check_batch_fits,
-                           check_config_fits, check_model_fits, make_mesh)
+                           check_config_fits, check_model_fits, make_mesh, replicated)
 from sharding.parallelism import TensorParallelism
 from sharding.rules import (DEFAULT_RULES, init_sharded, param_shardings, param_specs,
                             shard_params, spec_for)
 
 __all__ = [
-    "make_mesh", "check_model_fits", "check_config_fits", "check_batch_fits", "MeshError",
+    "make_mesh", "replicated", "check_model_fits", "check_config_fits", "check_batch_fits", "MeshError",
     "DP", "FSDP", "TP", "AXES", "BATCH_AXES",
     "DEFAULT_RULES", "spec_for", "param_specs", "param_shardings", "shard_params",
     "init_sharded",
     "ColumnParallelDense", "RowParallelDense", "ReplicatedDense", "column_parallel",
     "row_parallel",
     "TensorParallelism",
+    "vocab_parallel_cross_entropy", "shift_labels",
     "batch_sharding", "shard_batch", "from_process_local", "process_rows",
     "DistributedConfig", "initialize",
     "collectives", "collective_counts",

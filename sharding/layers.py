@@ -33,7 +33,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from lora_jax.forward import lora_delta
 from lora_jax.tree import LORA_A, LORA_B, LORA_SCALE
 from sharding.compat import all_gather, shard_map, to_varying
-from sharding.mesh import BATCH_AXES, FSDP, TP, MeshError, axis_size, check_sequence_fits
+from sharding.mesh import (BATCH_AXES, FSDP, TP, MeshError, axis_size, axis_sizes,
+                           check_sequence_fits, drop_trivial_axes)
 from sharding.rules import BIAS_SPECS, KERNEL_SPECS, derive_adapter_spec
 
 Lora = tuple[jax.Array, jax.Array, jax.Array]  # (lora_a [in, r], lora_b [r, out], scale [])
@@ -88,7 +89,7 @@ def column_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = No
     x_spec = activation_spec(mesh, x.shape, seq_split=sequence_parallel)
     out_spec = P(x_spec[0], *([None] * (x.ndim - 2)), TP)
     body = functools.partial(_column_local, sequence_parallel=sequence_parallel,
-                             sizes=_sizes(mesh), lora_dtype=lora_dtype)
+                             sizes=axis_sizes(mesh), lora_dtype=lora_dtype)
     return _run(body, mesh, "column", x, kernel, bias, lora, lora_x, x_spec, out_spec)
 
 
@@ -114,16 +115,13 @@ def row_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
         middle[0] = TP  # the output leaves reduce-scattered on the sequence
     out_spec = P(x_spec[0], *middle, None)
     body = functools.partial(_row_local, sequence_parallel=sequence_parallel,
-                             sizes=_sizes(mesh), lora_dtype=lora_dtype)
+                             sizes=axis_sizes(mesh), lora_dtype=lora_dtype)
     return _run(body, mesh, "row", x, kernel, bias, lora, lora_x, x_spec, out_spec)
 
 
 def _run(body, mesh, role, x, kernel, bias, lora, lora_x, x_spec, out_spec):
-    """shard_map `body` over the operands that are present, with the role's specs.
-
-    Axes of size 1 are left out of every spec: a value is then not "varying" over them, so the
-    backward pass does not psum over single devices (XLA keeps such no-op all-reduces on CPU).
-    """
+    """shard_map `body` over the operands that are present, with the role's specs (axes of size
+    1 dropped: see `drop_trivial_axes`)."""
     ops, specs = {"x": x, "kernel": kernel}, {"x": x_spec, "kernel": KERNEL_SPECS[role]}
     if bias is not None:
         ops["bias"], specs["bias"] = bias, BIAS_SPECS[role]
@@ -133,7 +131,7 @@ def _run(body, mesh, role, x, kernel, bias, lora, lora_x, x_spec, out_spec):
                          derive_adapter_spec(KERNEL_SPECS[role], LORA_B), P())
         if lora_x is not None:
             ops["lora_x"], specs["lora_x"] = lora_x, x_spec
-    prune = functools.partial(_prune, sizes=_sizes(mesh))
+    prune = functools.partial(drop_trivial_axes, mesh=mesh)
     specs = jax.tree.map(prune, specs, is_leaf=lambda s: isinstance(s, P))
     fn = shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=prune(out_spec))
     return fn(ops)
@@ -175,19 +173,6 @@ def _row_local(ops, *, sequence_parallel, sizes, lora_dtype):
     if "bias" in ops:
         y = y + ops["bias"]
     return y
-
-
-def _sizes(mesh: Mesh) -> dict[str, int]:
-    return {a: axis_size(mesh, a) for a in mesh.axis_names}
-
-
-def _prune(spec: P, sizes: dict[str, int]) -> P:
-    """`spec` without the mesh axes of size 1."""
-    def keep(entry):
-        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        kept = tuple(n for n in names if sizes[n] > 1)
-        return None if not kept else kept[0] if len(kept) == 1 else kept
-    return P(*(keep(e) for e in spec))
 
 
 def _base_matmul(x: jax.Array, kernel: jax.Array, fsdp_axis: int,

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DP, FSDP, TP = "dp", "fsdp", "tp"
 AXES = (DP, FSDP, TP)
@@ -77,10 +77,31 @@ def _fmt(sizes: dict[str, int]) -> str:
     return " x ".join(f"{a}={s}" for a, s in sizes.items())
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Whole on every device: scalars, metrics, the step count."""
+    return NamedSharding(mesh, P())
+
+
 def axis_size(mesh: Mesh, axis: str | Sequence[str]) -> int:
     """Number of devices along one axis or the product over several (1 for an absent axis)."""
     names = (axis,) if isinstance(axis, str) else tuple(axis)
     return math.prod(dict(mesh.shape).get(a, 1) for a in names)
+
+
+def axis_sizes(mesh: Mesh) -> dict[str, int]:
+    """`{axis name: size}`."""
+    return {a: axis_size(mesh, a) for a in mesh.axis_names}
+
+
+def drop_trivial_axes(spec: P, mesh: Mesh) -> P:
+    """`spec` without the mesh axes of size 1. Inside shard_map a value is then not "varying"
+    over them, so its transpose does not psum over single devices (XLA keeps such no-op
+    all-reduces on CPU)."""
+    def keep(entry):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        kept = tuple(n for n in names if axis_size(mesh, n) > 1)
+        return None if not kept else kept[0] if len(kept) == 1 else kept
+    return P(*(keep(e) for e in spec))
 
 
 def check_model_fits(mesh: Mesh, *, hidden: int, heads: int, kv_heads: int | None = None,
