@@ -1,7 +1,8 @@
 """sharding: meshes, partition rules and tensor/sequence-parallel layers (the only package that
 knows mesh axis names).
 
-    mesh         make_mesh, replicated, check_model_fits, check_config_fits, check_batch_fits, MeshError, DP, FSDP, TP
+    mesh         make_mesh, replicated, axis_size(s), drop_trivial_axes, MeshError,
+                 check_model_fits, check_config_fits, check_batch_fits, DP, FSDP, TP
     rules        DEFAULT_RULES, spec_for, param_specs, param_shardings, shard_params,
                  init_sharded
     layers       ColumnParallelDense, RowParallelDense, ReplicatedDense,
@@ -18,14 +19,15 @@ from sharding.hlo import collective_counts, collectives
 from sharding.loss import shift_labels, vocab_parallel_cross_entropy
 from sharding.layers import (ColumnParallelDense, ReplicatedDense, RowParallelDense,
                              column_parallel, row_parallel)
-from sharding.mesh import (AXES, BATCH_AXES, DP, FSDP, TP, MeshError, check_batch_fits,
+from sharding.mesh import (AXES, BATCH_AXES, DP, FSDP, TP, MeshError, axis_size, axis_sizes,
+                           check_batch_fits, drop_trivial_axes,
                            check_config_fits, check_model_fits, make_mesh, replicated)
 from sharding.parallelism import TensorParallelism
 from sharding.rules import (DEFAULT_RULES, init_sharded, param_shardings, param_specs,
                             shard_params, spec_for)
 
 __all__ = [
-    "make_mesh", "replicated", "check_model_fits", "check_config_fits", "check_batch_fits", "MeshError",
+    "make_mesh", "replicated", "axis_size", "axis_sizes", "drop_trivial_axes", "check_model_fits", "check_config_fits", "check_batch_fits", "MeshError",
     "DP", "FSDP", "TP", "AXES", "BATCH_AXES",
     "DEFAULT_RULES", "spec_for", "param_specs", "param_shardings", "shard_params",
     "init_sharded",

@@ -19,9 +19,10 @@ import lora_jax as lj
 from models.gpt2 import GPT2, GPT2Config
 from models.llama import Llama, LlamaConfig
 from models.loss import cross_entropy
-from sharding import (BATCH_AXES, TensorParallelism, check_config_fits, init_sharded,
-                      param_shardings, shard_params)
-from tests.sharding_common import TOL, assert_trees_close, max_abs_diff, mesh_of, run_fast
+from sharding import (BATCH_AXES, TensorParallelism, check_config_fits, param_shardings,
+                      shard_params)
+from tests.sharding_common import (TOL, assert_trees_close, compile_fast, max_abs_diff, mesh_of,
+                                   run_fast)
 
 B, S, STEPS = 8, 16, 5
 # Adam's update lr * m / (sqrt(v) + eps) has slope up to lr / eps in the gradient (for entries
@@ -119,15 +120,21 @@ def assert_replicas_identical(tree):
 
 
 def test_adapters_initialised_sharded_are_identical_on_every_replica():
-    """The seed's C++ bug: replicas drew different adapters. Here `inject` runs under jit with
-    the rules' output shardings; every replica computes the same bits, equal to one device's;
-    and they stay identical through real (donated, explicitly sharded) training steps."""
+    """The seed's C++ bug: replicas drew different adapters. Here `inject` (and the optimizer
+    init) run under jit with the rules' output shardings, as `init_sharded` does: every replica
+    computes the same bits, equal to one device's; and they stay identical through real
+    (donated, explicitly sharded) training steps."""
     base_ref, adapters_ref, ids, tx, _ = reference("llama")
     cls, config = CONFIGS["llama"]
     mesh = mesh_of(dp=2, tp=4)
     base = shard_params(base_ref, mesh)
-    adapters = init_sharded(lambda p: lj.lora_params(lj.inject(p, LORA, jax.random.key(1))),
-                            base, mesh=mesh)
+
+    def init(base):
+        adapters = lj.lora_params(lj.inject(base, LORA, jax.random.key(1)))
+        return adapters, tx.init(adapters)
+
+    shardings = param_shardings(jax.eval_shape(init, base), mesh)
+    adapters, opt_state = compile_fast(init, base, out_shardings=shardings)(base)
     assert_replicas_identical(adapters)
     assert_trees_close(adapters, adapters_ref, **TOL)
     a_q = adapters["model"]["layers"]["self_attn"]["q_proj"]
@@ -135,12 +142,10 @@ def test_adapters_initialised_sharded_are_identical_on_every_replica():
     assert a_q["lora_b"].sharding.spec == P(None, None, "tp")       # [L, r, out]: out over tp
 
     model = cls(config, TensorParallelism(mesh=mesh, sequence_parallel=True))
-    opt_shardings = param_shardings(jax.eval_shape(tx.init, adapters), mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(adapters)
-    step = jax.jit(_step(model, tx), donate_argnums=(0, 1),
-                   out_shardings=(param_shardings(adapters, mesh), opt_shardings,
-                                  NamedSharding(mesh, P())))
     rows = NamedSharding(mesh, P(BATCH_AXES))
+    batch = jax.device_put(ids[0], rows)
+    step = compile_fast(_step(model, tx), adapters, opt_state, base, batch, donate_argnums=(0, 1),
+                        out_shardings=(*shardings, NamedSharding(mesh, P())))
     for i in range(3):
         adapters, opt_state, loss = step(adapters, opt_state, base, jax.device_put(ids[i], rows))
         assert_replicas_identical((adapters, opt_state, loss))
