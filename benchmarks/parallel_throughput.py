@@ -61,9 +61,13 @@ def layout_sizes(name: str, n: int, tp: int | None) -> dict:
         return {"dp": 1, "fsdp": 1, "tp": 1, "sp": 0, **sizes}
     tp_default = min(4, n) if name in ("dp_tp_sp", "fsdp_tp") else n
     t = tp or tp_default
-    return {"1gpu": dict(dp=1, fsdp=1, tp=1, sp=0), "dp": dict(dp=n, fsdp=1, tp=1, sp=0),
-            "tp_sp": dict(dp=1, fsdp=1, tp=t, sp=1), "dp_tp_sp": dict(dp=n // t, fsdp=1, tp=t, sp=1),
-            "fsdp_tp": dict(dp=1, fsdp=n // t, tp=t, sp=0)}[name]
+    presets = {"1gpu": dict(dp=1, fsdp=1, tp=1, sp=0), "dp": dict(dp=n, fsdp=1, tp=1, sp=0),
+               "tp_sp": dict(dp=1, fsdp=1, tp=t, sp=1),
+               "dp_tp_sp": dict(dp=n // t, fsdp=1, tp=t, sp=1),
+               "fsdp_tp": dict(dp=1, fsdp=n // t, tp=t, sp=0)}
+    if name not in presets:
+        raise SystemExit(f"unknown layout {name!r}: use {sorted(presets)} or dp=..,tp=..,sp=..")
+    return presets[name]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ from sharding.rules import (DEFAULT_RULES, init_sharded, param_shardings, param_
                             shard_params, spec_for)
 
 __all__ = [
-    "make_mesh", "replicated", "axis_size", "axis_sizes", "drop_trivial_axes", "check_model_fits", "check_config_fits", "check_batch_fits", "MeshError",
+    "make_mesh", "replicated", "axis_size", "axis_sizes", "drop_trivial_axes",
+    "check_model_fits", "check_config_fits", "check_batch_fits", "MeshError",
     "DP", "FSDP", "TP", "AXES", "BATCH_AXES",
     "DEFAULT_RULES", "spec_for", "param_specs", "param_shardings", "shard_params",
     "init_sharded",

@@ -16,8 +16,8 @@ Sequence parallelism: the layer input of a column layer arrives split on the seq
 and is all-gathered inside; a row layer's output leaves reduce-scattered on the sequence.
 FSDP: frozen kernels are stored split over fsdp on their other feature dim and all-gathered
 inside, one layer at a time (again in the backward pass, rather than kept); they get no gradient,
-so nothing is scattered back. Adapters are
-not split over fsdp (see `sharding.rules.derive_adapter_spec`).
+so nothing is scattered back. Adapters are not split over fsdp (see
+`sharding.rules.derive_adapter_spec`).
 """
 from __future__ import annotations
 
@@ -282,9 +282,10 @@ class RowParallelDense(_ParallelDense):
 
 
 class ReplicatedDense(_ParallelDense):
-    """Dense layer whose kernel is not split over tp; left to the compiler (GSPMD). It honours
-    its adapter like the parallel layers do, so every layer of a tensor-parallel model behaves
-    the same whether or not `lora_jax.apply` is used."""
+    """Dense layer of the "replicated" role: no shard_map, so the compiler (GSPMD) lays the
+    matmul out from the kernel's stored sharding, whatever the rules chose (Llama's untied
+    `lm_head` is split on the vocabulary by `DEFAULT_RULES`). It adds its adapter itself, like the
+    parallel layers, so every layer of a tensor-parallel model behaves the same."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -29,9 +29,15 @@ class TensorParallelism:
       lora_dropout: the adapters' dropout rate (the `LoraConfig.lora_dropout` of the injected
         adapters); it acts when the model is applied with a "dropout" rng.
 
+    The parameter tree is `NoParallelism`'s, so create parameters with the plain model (any
+    dummy batch) and the rules' shardings; tracing the parallel model needs a batch that splits
+    (and, with SP, a sequence divisible by tp).
+
     Example:
       >>> mesh = make_mesh(dp=2, tp=4)
-      >>> model = Llama(config, parallel=TensorParallelism(mesh=mesh, sequence_parallel=True))
+      >>> params = init_sharded(Llama(config).init, key, jnp.zeros((1, 8), jnp.int32), mesh=mesh)
+      >>> model = Llama(config, TensorParallelism(mesh=mesh, sequence_parallel=True))
+      >>> logits = lora_jax.apply(model, params, ids)      # ids split with shard_batch
     """
 
     mesh: Mesh

@@ -1,7 +1,6 @@
 """What the compiled programs do: LoRA adds no collective to the parallel layers' forward pass
 (its backward adds only the adapter-gradient reductions), and no device materialises a whole
 tensor-parallel kernel, nor keeps FSDP-gathered kernels of every layer alive for the backward."""
-import functools
 
 import jax
 import jax.numpy as jnp

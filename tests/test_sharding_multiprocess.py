@@ -25,7 +25,8 @@ def train_losses(mesh) -> list[float]:
     import lora_jax as lj
     from models.llama import Llama, LlamaConfig
     from models.loss import cross_entropy
-    from sharding import TensorParallelism, param_shardings, replicated, shard_batch
+    from sharding import (TensorParallelism, from_process_local, param_shardings, process_rows,
+                          replicated)
     from tests.sharding_common import FAST
 
     config = LlamaConfig.tiny(num_key_value_heads=4, scan_layers=True)
@@ -57,7 +58,9 @@ def train_losses(mesh) -> list[float]:
         return optax.apply_updates(adapters, updates), opt_state, loss
 
     out_shardings = (shardings[1], shardings[2], replicated(mesh))
-    batch = shard_batch(ids, mesh)   # one batch, seen STEPS times: the loss must fall
+    # The multi-host input path: each process reads only the rows its devices hold. One batch,
+    # seen STEPS times: the loss must fall.
+    batch = from_process_local(ids[process_rows(mesh, B)], mesh)
     compiled = jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings).lower(
         adapters, opt_state, base, batch).compile(compiler_options=FAST)
     losses = []
