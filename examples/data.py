@@ -108,3 +108,20 @@ class Batches:
 
     def __iter__(self):
         return self
+
+
+def fixed_batches(ids: np.ndarray, weights: np.ndarray, batch: int,
+                  seq_len: int) -> list[dict[str, np.ndarray]]:
+    """Every packed row exactly once, in order, `batch` rows at a time; the last batch is
+    padded with rows whose mask is 0. For evaluation: the mean loss over them does not depend
+    on the batch size (nor, so, on the mesh or the gradient accumulation)."""
+    n_rows = (len(ids) - 1) // seq_len
+    if n_rows < 1:
+        raise DataError(f"{len(ids)} held-out tokens make no row of {seq_len} + 1 tokens")
+    starts = np.arange(n_rows)[:, None] * seq_len + np.arange(seq_len + 1)[None]
+    tokens, w = ids[starts], weights[starts]
+    pad = -n_rows % batch
+    tokens = np.concatenate([tokens, np.zeros((pad, seq_len + 1), tokens.dtype)])
+    w = np.concatenate([w, np.zeros((pad, seq_len + 1), w.dtype)])
+    return [{"inputs": tokens[i:i + batch, :-1], "targets": tokens[i:i + batch, 1:],
+             "mask": w[i:i + batch, 1:]} for i in range(0, n_rows + pad, batch)]

@@ -19,6 +19,13 @@ class MetricsLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def truncate_after(self, step: int) -> None:
+        """Drop the records of steps after `step`: a resumed run rewrites the steps it redoes
+        (those after its checkpoint), a fresh run (`step=0`) starts an empty file."""
+        if self.path and self.path.exists():
+            kept = [r for r in self.read() if r.get("step", 0) <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
     def read(self) -> list[dict]:
         if not self.path or not self.path.exists():
             return []

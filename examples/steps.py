@@ -1,0 +1,103 @@
+"""The loss, the train step and the eval step of the example scripts (pure functions; jitted with
+explicit shardings in `examples/train.py`).
+
+Batches arrive as `{"inputs", "targets", "mask"}`, each `[accum, micro, T]`: the micro-batch
+axis first, so that every micro-batch is split over dp x fsdp by itself (no resharding).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import lora_jax as lj
+from models import cross_entropy, head_kernel
+from models.fused_ce import frozen_head_cross_entropy
+from sharding.loss import vocab_parallel_cross_entropy
+
+LossSums = Callable[..., tuple[jax.Array, jax.Array]]
+
+
+def make_loss(model: Any, *, mesh: Any, sequence_parallel: bool, lora_dropout: float,
+              head_adapted: bool) -> LossSums:
+    """`loss_sums(adapters, base, batch, rng) -> (sum of token NLLs, token count)` of one
+    `[B, T]` batch; `rng=None` is deterministic (no LoRA dropout).
+
+    The frozen head's cross-entropy never stores logits: fused with its input gradient on one
+    device (`frozen_head_cross_entropy`), split over the vocabulary on a mesh
+    (`vocab_parallel_cross_entropy`). An adapter on the head itself needs the logits.
+    """
+    config = model.config
+
+    def loss_sums(adapters, base, batch, rng):
+        variables = {"params": lj.combine(base, adapters)}
+        dropout = {} if rng is None or lora_dropout == 0.0 else dict(
+            rngs={"dropout": rng}, deterministic=False, lora_dropout=lora_dropout)
+        targets, mask = batch["targets"], batch["mask"]
+        if head_adapted:
+            logits = lj.apply(model, variables, batch["inputs"], **dropout)
+            mean = cross_entropy(logits, targets, mask)
+        else:
+            hidden = lj.apply(model, variables, batch["inputs"], return_hidden=True, **dropout)
+            head = head_kernel(config, base)
+            if mesh.size == 1:
+                mean = frozen_head_cross_entropy(hidden, head, targets, mask)
+            else:
+                mean = vocab_parallel_cross_entropy(
+                    hidden, head, targets, mask, mesh=mesh, sequence_parallel=sequence_parallel,
+                    chunk_size=vocab_chunk(head.shape[1], mesh.shape["tp"]))
+        count = jnp.sum(mask.astype(jnp.float32))
+        return mean * count, count
+
+    return loss_sums
+
+
+def vocab_chunk(vocab: int, tp: int, limit: int = 8192) -> int:
+    """The largest divisor of the per-device vocabulary up to `limit` columns."""
+    local = vocab // tp
+    return max(c for c in range(1, min(local, limit) + 1) if local % c == 0)
+
+
+def make_train_step(loss_sums: LossSums, tx: optax.GradientTransformation) -> Callable:
+    """`step(adapters, opt_state, base, batch, rng) -> (adapters, opt_state, metrics)`.
+
+    Gradients are taken for the adapters only (the base is an argument, not differentiated);
+    micro-batches are summed token-weighted, so `--grad-accum k` equals one k-times-larger
+    batch. metrics: loss (mean token NLL), tokens (counted), grad_norm.
+    """
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+    def step(adapters, opt_state, base, batch, rng):
+        def micro(carry, xs):
+            grads, nll, count = carry
+            mb, i = xs
+            (mb_nll, mb_count), mb_grads = grad_fn(adapters, base, mb, jax.random.fold_in(rng, i))
+            return (jax.tree.map(jnp.add, grads, mb_grads), nll + mb_nll, count + mb_count), None
+
+        accum = batch["inputs"].shape[0]
+        zero = (jax.tree.map(jnp.zeros_like, adapters), jnp.float32(0), jnp.float32(0))
+        (grads, nll, count), _ = jax.lax.scan(micro, zero, (batch, jnp.arange(accum)))
+        norm = 1.0 / jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g * norm.astype(g.dtype), grads)
+        updates, opt_state = tx.update(grads, opt_state, adapters)
+        metrics = {"loss": nll * norm, "tokens": count, "grad_norm": global_norm(grads)}
+        return optax.apply_updates(adapters, updates), opt_state, metrics
+
+    return step
+
+
+def global_norm(tree: Any) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def make_eval_step(loss_sums: LossSums) -> Callable:
+    """`eval_step(adapters, base, batch) -> (sum of NLLs, token count)`, deterministic."""
+    def eval_step(adapters, base, batch):
+        sums = [loss_sums(adapters, base, jax.tree.map(lambda x: x[i], batch), None)
+                for i in range(batch["inputs"].shape[0])]
+        return functools.reduce(lambda a, b: (a[0] + b[0], a[1] + b[1]), sums)
+
+    return eval_step
