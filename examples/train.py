@@ -176,8 +176,9 @@ def train(cfg: TrainConfig) -> Trained:
             record, _ = report(*pending, last, bar, tokens_per_step, flops, peak)
             record["eval_loss"] = evaluate(eval_step, adapters, base, eval_batches, place)
             log.write(**record)
-            bar.write(f"step {step:5d}  loss {record['loss']:.4f}  "
-                      f"eval_loss {record['eval_loss']:.4f}")
+            if jax.process_index() == 0:
+                bar.write(f"step {step:5d}  loss {record['loss']:.4f}  "
+                          f"eval_loss {record['eval_loss']:.4f}")
             pending, last = None, time.perf_counter()
         if ckpt is not None and (step == end or (cfg.save_every and
                                                        step % cfg.save_every == 0)):
