@@ -16,7 +16,7 @@ import optax
 import lora_jax as lj
 from models import cross_entropy, head_kernel
 from models.fused_ce import frozen_head_cross_entropy
-from sharding.loss import vocab_parallel_cross_entropy
+from sharding import vocab_parallel_cross_entropy
 
 LossSums = Callable[..., tuple[jax.Array, jax.Array]]
 

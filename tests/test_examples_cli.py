@@ -90,3 +90,15 @@ def test_one_line():
     assert one_line(message) == "the adapter does not fit: a: shape; b: shape; Load it elsewhere."
     long = "bad:\n" + "\n".join(f"  - m{i}" for i in range(50))
     assert "more" in one_line(long) and "\n" not in one_line(long)
+
+
+def test_every_documented_command_line_parses():
+    """The `python -m examples.train ...` lines of the README and the usage guide are valid."""
+    import re
+    import shlex
+    for doc in (ROOT / "README.md", ROOT / "docs" / "lora_usage.md"):
+        text = doc.read_text().replace("\\\n", " ")
+        commands = re.findall(r"^\s*python -m examples\.train(.*)$", text, re.M)
+        for command in commands:
+            parse_args(shlex.split(command.split("#")[0]))
+        assert doc.name == "README.md" or len(commands) >= 3
