@@ -18,6 +18,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16")
 REGEX_CHARS = set("*()[]|\\^$+?{}")
 EXIT_BAD_INPUT = 2
+# A random base has nothing to keep and far to go; a pretrained one wants LoRA's usual rates.
+EMBEDDED_LR, CHECKPOINT_LR = 1e-2, 2e-4
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,7 +70,7 @@ class TrainConfig:
     batch_size: int = 8
     seq_len: int = 128
     grad_accum: int = 1
-    lr: float = 3e-3
+    lr: float | None = None
     schedule: str = "cosine"
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -88,6 +90,13 @@ class TrainConfig:
     @property
     def multi_process(self) -> bool:
         return (self.num_processes or 1) > 1
+
+    @property
+    def learning_rate(self) -> float:
+        """`--lr`, else the default for the kind of base model."""
+        if self.lr is not None:
+            return self.lr
+        return EMBEDDED_LR if self.model_path is None else CHECKPOINT_LR
 
     @property
     def plot_path(self) -> str | None:
@@ -113,12 +122,23 @@ def parse_targets(text: str) -> str | tuple[str, ...]:
 
 
 def parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
     ap = argparse.ArgumentParser(
         prog="python -m examples.train",
         description="LoRA fine-tuning of GPT-2 / Llama-3 with lora_jax: data, tensor and "
                     "sequence parallelism, orbax checkpoints, resume, PEFT and merged export.")
-    g = ap.add_argument_group("model and data")
+    for title, add in (
+        ("model and data", _model_flags),
+        ("LoRA", _lora_flags),
+        ("adapters, checkpoints and exports", _output_dir_flags),
+        ("parallelism", _parallel_flags),
+        ("numerics", _numerics_flags),
+        ("optimisation", _optimisation_flags),
+        ("output", _output_flags)):
+        add(ap.add_argument_group(title), TrainConfig())
+    return ap
+
+
+def _model_flags(g, d: TrainConfig) -> None:
     g.add_argument("--model", choices=MODELS, default=d.model,
                    help="model family: gpt2 (default) or llama3; with --model-path it is read "
                         "from config.json (and must agree if given)")
@@ -131,7 +151,9 @@ def parser() -> argparse.ArgumentParser:
                    "the embedded sonnets")
     g.add_argument("--eval-fraction", type=float, default=d.eval_fraction,
                    help="tail of the token stream held out for evaluation")
-    g = ap.add_argument_group("LoRA")
+
+
+def _lora_flags(g, d: TrainConfig) -> None:
     g.add_argument("--rank", "-r", type=int, default=d.rank)
     g.add_argument("--alpha", type=float, default=d.alpha, help="scale = alpha / rank")
     g.add_argument("--dropout", type=float, default=d.dropout, help="LoRA dropout")
@@ -139,7 +161,9 @@ def parser() -> argparse.ArgumentParser:
                    help="'all-linear' (default; skips the output head), comma-separated module "
                         "names (q_proj,v_proj), or a regex on the full module path")
     g.add_argument("--rslora", action="store_true", help="scale = alpha / sqrt(rank)")
-    g = ap.add_argument_group("adapters, checkpoints and exports")
+
+
+def _output_dir_flags(g, d: TrainConfig) -> None:
     g.add_argument("--adapter-in", help="start from this save_adapter checkpoint (its rank, "
                    "alpha and targets replace the LoRA flags)")
     g.add_argument("--adapter-out", help="save the trained adapter here (orbax, save_adapter)")
@@ -155,7 +179,9 @@ def parser() -> argparse.ArgumentParser:
                    "<dir>/orbax")
     g.add_argument("--export-dtype", choices=DTYPES, help="dtype of the merged HF weights")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    g = ap.add_argument_group("parallelism")
+
+
+def _parallel_flags(g, d: TrainConfig) -> None:
     g.add_argument("--dp", type=int, default=d.dp, help="data parallel (-1: the devices left)")
     g.add_argument("--fsdp", type=int, default=d.fsdp, help="data parallel, frozen base split")
     g.add_argument("--tp", type=int, default=d.tp, help="tensor parallel")
@@ -163,7 +189,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--coordinator", help="host:port of process 0 (multi-process runs)")
     g.add_argument("--num-processes", type=int)
     g.add_argument("--process-id", type=int)
-    g = ap.add_argument_group("numerics")
+
+
+def _numerics_flags(g, d: TrainConfig) -> None:
     g.add_argument("--dtype", choices=DTYPES, default=d.dtype,
                    help="compute and frozen-base dtype (adapters stay float32)")
     g.add_argument("--scan-layers", action="store_true", help="nn.scan the layers (faster "
@@ -171,13 +199,17 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--remat", default=d.remat, help="'none', 'full' or a "
                    "jax.checkpoint_policies name, e.g. dots_saveable")
     g.add_argument("--attention", choices=("xla", "cudnn"), help="attention implementation")
-    g = ap.add_argument_group("optimisation")
+
+
+def _optimisation_flags(g, d: TrainConfig) -> None:
     g.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="sequences per optimizer step (global)")
     g.add_argument("--seq-len", type=int, default=d.seq_len)
     g.add_argument("--grad-accum", type=int, default=d.grad_accum,
                    help="split each step's batch into this many sequential micro-batches")
-    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate; default: "
+                   f"{EMBEDDED_LR:g} for the embedded random model, {CHECKPOINT_LR:g} with "
+                   "--model-path")
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -188,7 +220,9 @@ def parser() -> argparse.ArgumentParser:
                         "limit; --resume continues on the same schedule. 0: run to --steps")
     g.add_argument("--eval-interval", type=int, default=d.eval_interval, help="0: off")
     g.add_argument("--seed", type=int, default=d.seed)
-    g = ap.add_argument_group("output")
+
+
+def _output_flags(g, d: TrainConfig) -> None:
     g.add_argument("--metrics-file", help="JSONL, one line per step (step, loss, ...)")
     g.add_argument("--plot", help="loss-curve PNG (default: the metrics file's name, .png)")
     g.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
@@ -196,7 +230,6 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", dest="progress", action="store_false")
     g.add_argument("--sample-prompt", help="print a greedy continuation of this after training")
     g.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
-    return ap
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:

@@ -73,6 +73,11 @@ class Batches:
     """Packed `[batch, seq_len]` batches drawn in a fixed shuffled order, epoch after epoch.
 
     `position` counts batches served; setting it (from a checkpoint) resumes exactly.
+
+    With `shift_each_epoch` (default) each epoch after the first cuts its rows at a new random
+    offset into the stream: on small data run for many epochs, fixed cuts would show every
+    token at the same position in the same window each time, and a model with learned
+    positions then memorises (window, position) pairs instead of the text.
     """
 
     ids: np.ndarray
@@ -81,9 +86,11 @@ class Batches:
     seq_len: int
     seed: int = 0
     position: int = 0
+    shift_each_epoch: bool = True
 
     def __post_init__(self):
-        n_rows = (len(self.ids) - 1) // self.seq_len
+        room = self.seq_len - 1 if self.shift_each_epoch else 0   # for the largest offset
+        n_rows = max(len(self.ids) - 1 - room, 0) // self.seq_len
         if n_rows < self.batch:
             raise DataError(f"the data has {len(self.ids)} tokens: too few for one batch of "
                             f"{self.batch} x {self.seq_len}; lower --batch-size/--seq-len or "
@@ -91,13 +98,17 @@ class Batches:
         self.n_rows = n_rows
         self.per_epoch = n_rows // self.batch
 
-    def _rows(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+    def _rows(self, epoch: int) -> tuple[np.ndarray, int]:
+        """This epoch's row order and the offset its rows are cut at."""
+        rng = np.random.default_rng([self.seed, epoch])
+        offset = int(rng.integers(self.seq_len)) if self.shift_each_epoch and epoch else 0
+        return rng.permutation(self.n_rows), offset
 
     def batch_at(self, position: int) -> dict[str, np.ndarray]:
         epoch, i = divmod(position, self.per_epoch)
-        rows = self._rows(epoch)[i * self.batch:(i + 1) * self.batch]
-        starts = rows[:, None] * self.seq_len + np.arange(self.seq_len + 1)[None]
+        order, offset = self._rows(epoch)
+        rows = order[i * self.batch:(i + 1) * self.batch]
+        starts = offset + rows[:, None] * self.seq_len + np.arange(self.seq_len + 1)[None]
         tokens, w = self.ids[starts], self.weights[starts]
         return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": w[:, 1:]}
 

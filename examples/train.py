@@ -119,9 +119,9 @@ def train(cfg: TrainConfig) -> Trained:
     adapter_sh = param_shardings(adapters, mesh)
     adapters = jax.device_put(adapters, adapter_sh)
     say(lj.summary(lj.combine(base, adapters)))
-    tx = adapter_optimizer(adapters, lr=cfg.lr, schedule=cfg.schedule, steps=cfg.steps,
-                           warmup=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-                           grad_clip=cfg.grad_clip)
+    tx = adapter_optimizer(adapters, lr=cfg.learning_rate, schedule=cfg.schedule,
+                           steps=cfg.steps, warmup=cfg.warmup_steps,
+                           weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
     opt_sh = param_shardings(jax.eval_shape(tx.init, adapters), mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(adapters)
     start, ckpt = 0, None
@@ -299,10 +299,11 @@ def save_outputs(cfg: TrainConfig, params, lora_cfg: lj.LoraConfig, plain,
     return out
 
 
-def sample(model, params, tokenizer, prompt: str, tokens: int) -> str:
-    """A greedy continuation with the adapters applied (not merged)."""
+def sample(model, params, tokenizer, prompt: str, tokens: int, **kwargs) -> str:
+    """A continuation with the adapters applied (not merged): greedy, unless `kwargs` ask
+    `models.generate` for sampling (temperature=, top_p=, rng=)."""
     return models.generate_text(model, params, tokenizer, prompt, max_new_tokens=tokens,
-                                apply_fn=functools.partial(lj.apply, model))
+                                apply_fn=functools.partial(lj.apply, model), **kwargs)
 
 
 def main(argv=None) -> int:

@@ -43,3 +43,19 @@ def test_batches_shift_and_resume():
     resumed = Batches(ids, np.ones(1000, np.float32), batch=3, seq_len=16, seed=1, position=25)
     for i in range(25, 40):
         np.testing.assert_array_equal(next(resumed)["inputs"], first[i]["inputs"])
+
+
+def test_each_epoch_cuts_rows_at_a_new_offset():
+    """Epoch 0 cuts at 0; later epochs at a seeded random offset, so a token does not sit at the
+    same position of the same window every epoch; rows stay contiguous slices of the stream."""
+    ids = np.arange(1000, dtype=np.int32)
+    b = Batches(ids, np.ones(1000, np.float32), batch=4, seq_len=16, seed=3)
+    starts = {e: {int(row[0]) % 16 for i in range(b.per_epoch)
+                  for row in b.batch_at(e * b.per_epoch + i)["inputs"]} for e in range(4)}
+    assert starts[0] == {0} and all(len(s) == 1 for s in starts.values())
+    assert len(set.union(*starts.values())) > 1
+    for e in range(4):
+        rows = b.batch_at(e * b.per_epoch)["inputs"]
+        assert np.all(np.diff(rows, axis=1) == 1) and rows.max() < 1000
+    fixed = Batches(ids, np.ones(1000, np.float32), batch=4, seq_len=16, shift_each_epoch=False)
+    assert fixed.n_rows == 62 and b.n_rows == 61

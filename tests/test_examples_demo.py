@@ -11,7 +11,7 @@ def test_demo_runs_and_checks_itself(tmp_path, capsys):
     assert demo.main(argv) == 0
     text = capsys.readouterr().out
     for line in ("RANDOMLY initialised", "trainable params", "merged (lora_jax.merge) vs "
-                 "unmerged", "PEFT adapter (export_peft -> import_peft)", "greedy sample, base "
-                 "+ LoRA", "demo done"):
+                 "unmerged", "PEFT adapter (export_peft -> import_peft)", "base + LoRA, sampled",
+                 "demo done"):
         assert line in text, line
     assert (out / "metrics.png").is_file() and (out / "peft" / "adapter_config.json").is_file()
