@@ -80,7 +80,7 @@ def train(cfg: TrainConfig) -> Trained:
     batches = Batches(ids[:len(ids) - n_eval], weights[:len(ids) - n_eval], batch=cfg.batch_size,
                       seq_len=cfg.seq_len, seed=cfg.seed)
     eval_batches = held_out(ids[len(ids) - n_eval:], weights[len(ids) - n_eval:], cfg) \
-        if n_eval else None
+        if cfg.eval_interval else None
     say(f"data: {cfg.data}: {len(ids):,} tokens ({n_eval:,} held out), {batches.per_epoch} "
         f"batches of {cfg.batch_size} x {cfg.seq_len} per epoch")
 
