@@ -233,7 +233,12 @@ def _output_flags(g, d: TrainConfig) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    """Flags -> a checked `TrainConfig` (argparse exits with status 2 on unknown flags)."""
+    """Flags -> a checked `TrainConfig` (argparse exits with status 2 on unknown flags).
+
+    Example:
+      >>> parse_args(["--model", "llama3", "--tp", "2", "--sp"]).tp
+      2
+    """
     ns = vars(parser().parse_args(argv))
     cfg = TrainConfig(**ns)
     check(cfg)

@@ -23,12 +23,26 @@ LossSums = Callable[..., tuple[jax.Array, jax.Array]]
 
 def make_loss(model: Any, *, mesh: Any, sequence_parallel: bool, lora_dropout: float,
               head_adapted: bool) -> LossSums:
-    """`loss_sums(adapters, base, batch, rng) -> (sum of token NLLs, token count)` of one
-    `[B, T]` batch; `rng=None` is deterministic (no LoRA dropout).
+    """The loss of one `[B, T]` batch as a sum and a count, so micro-batches add up exactly.
 
     The frozen head's cross-entropy never stores logits: fused with its input gradient on one
     device (`frozen_head_cross_entropy`), split over the vocabulary on a mesh
     (`vocab_parallel_cross_entropy`). An adapter on the head itself needs the logits.
+
+    Args:
+      model: the GPT2 / Llama to train (with `TensorParallelism` on a mesh of several devices).
+      mesh: the mesh; one device selects the fused single-device loss.
+      sequence_parallel: whether the model's hidden states arrive split on the sequence.
+      lora_dropout: the adapters' dropout rate, applied when an rng is given.
+      head_adapted: an adapter sits on `lm_head` (the loss then goes through the logits).
+
+    Returns:
+      `loss_sums(adapters, base, batch, rng) -> (sum of token NLLs, token count)`; `batch`
+      holds "inputs", "targets" (aligned) and "mask" `[B, T]`; `rng=None`: deterministic.
+
+    Example:
+      >>> nll, n = make_loss(model, mesh=mesh, sequence_parallel=False, lora_dropout=0.0,
+      ...                    head_adapted=False)(adapters, base, batch, None)
     """
     config = model.config
 
@@ -62,11 +76,23 @@ def vocab_chunk(vocab: int, tp: int, limit: int = 8192) -> int:
 
 
 def make_train_step(loss_sums: LossSums, tx: optax.GradientTransformation) -> Callable:
-    """`step(adapters, opt_state, base, batch, rng) -> (adapters, opt_state, metrics)`.
+    """One optimizer step over `[accum, micro, T]` micro-batches, to be jitted.
 
     Gradients are taken for the adapters only (the base is an argument, not differentiated);
     micro-batches are summed token-weighted, so `--grad-accum k` equals one k-times-larger
-    batch. metrics: loss (mean token NLL), tokens (counted), grad_norm.
+    batch.
+
+    Args:
+      loss_sums: from `make_loss`.
+      tx: the adapter optimizer (`examples.schedule.adapter_optimizer`).
+
+    Returns:
+      `step(adapters, opt_state, base, batch, rng) -> (adapters, opt_state, metrics)`;
+      metrics: loss (mean token NLL), tokens (counted in it), grad_norm.
+
+    Example:
+      >>> step = jax.jit(make_train_step(loss_sums, tx), donate_argnums=(0, 1))
+      >>> adapters, opt_state, metrics = step(adapters, opt_state, base, batch, key)
     """
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 

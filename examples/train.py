@@ -61,7 +61,23 @@ class Trained:
 
 
 def train(cfg: TrainConfig) -> Trained:
-    """Run one fine-tune as configured; see the module docstring."""
+    """Run one fine-tune as configured (see the module docstring and `examples/cli.py`).
+
+    Args:
+      cfg: the run's flags, from `examples.cli.parse_args`.
+
+    Returns:
+      `Trained`: the plain model, the trained params (base + adapters), the LoRA config, the
+      tokenizer, the metrics records and the paths written.
+
+    Raises:
+      ValueError (LoraError, MeshError, DataError, CheckpointError) for bad flags or inputs,
+      before any training step; `main` turns them into one line on stderr.
+
+    Example:
+      >>> out = train(parse_args(["--dp", "1", "--steps", "10", "--adapter-out", "runs/a"]))
+      >>> out.records[-1]["loss"]
+    """
     # ---- processes and mesh --------------------------------------------------------------
     if cfg.coordinator is not None:
         initialize(DistributedConfig(coordinator_address=cfg.coordinator,
@@ -196,7 +212,7 @@ def train(cfg: TrainConfig) -> Trained:
     records = log.read()
     if cfg.plot_path and jax.process_index() == 0 and records and plot_loss(records,
                                                                             cfg.plot_path):
-        outputs["plot"] = Path(cfg.plot_path)
+        outputs["plot"] = Path(cfg.plot_path).absolute()
     for name, path in outputs.items():
         say(f"{name}: {path}")
     if cfg.sample_prompt is not None and jax.process_count() == 1:
@@ -307,6 +323,7 @@ def sample(model, params, tokenizer, prompt: str, tokens: int, **kwargs) -> str:
 
 
 def main(argv=None) -> int:
+    """The CLI: flags in, exit status out (0, or 2 after `error: ...` on stderr)."""
     return run_cli(train, argv)
 
 
