@@ -32,6 +32,15 @@ def build(shape: str, compile_: bool, rank: int, device: str = "cuda"):
     return model, fwd, opt
 
 
+def train_step(fwd, opt, ids):
+    """One AdamW step on the next-token loss of `ids` [B, T]; returns the loss (max_fit uses it)."""
+    loss = fwd(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1b")
@@ -49,11 +58,7 @@ def main():
     ids = torch.randint(0, vocab, (args.batch, args.seq), device=args.device)
 
     def step():
-        loss = fwd(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return train_step(fwd, opt, ids)
 
     for _ in range(args.warmup):
         step()
