@@ -6,7 +6,8 @@ AdamW on the adapters only, one jitted step with donated adapter and optimizer s
 
 Options (`--variant key=value`, repeatable): remat=<policy>|full|none, attn=cudnn|xla,
 adapter_dtype=bfloat16|float32, ce=fused|chunked|full, chunk=<tokens>, scan=1|0,
-triton_gemm=1|0 (XLA's Triton GEMM autotuning candidates).
+triton_gemm=1|0 (XLA's Triton GEMM autotuning candidates), fp8=1|0 (FP8 frozen base: the block
+projections multiply in FP8 with per-tensor scaling, `models.fp8`).
 """
 import argparse
 import functools
@@ -31,7 +32,7 @@ from models.loss import chunked_cross_entropy, cross_entropy  # noqa: E402
 
 PEAK_BF16 = 790e12
 DEFAULTS = {"remat": "dots_saveable", "attn": "cudnn", "adapter_dtype": "bfloat16",
-            "ce": "fused", "chunk": "4096", "scan": "1", "triton_gemm": "1"}
+            "ce": "fused", "chunk": "4096", "scan": "1", "triton_gemm": "1", "fp8": "0"}
 
 
 def parse_variant(items: list[str]) -> dict:
@@ -47,7 +48,8 @@ def parse_variant(items: list[str]) -> dict:
 def build(shape: str, opts: dict, batch: int, seq: int, rank: int = 16):
     cfg = LlamaConfig.from_hf_dict(SHAPES[shape], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                    scan_layers=opts["scan"] == "1", remat_policy=opts["remat"],
-                                   attention_impl=None if opts["attn"] == "auto" else opts["attn"])
+                                   attention_impl=None if opts["attn"] == "auto" else opts["attn"],
+                                   base_fp8=opts["fp8"] == "1")
     model = Llama(cfg)
     lora_cfg = lj.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
                              adapter_dtype=opts["adapter_dtype"])

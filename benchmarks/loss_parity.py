@@ -7,6 +7,11 @@ steps on the same batches (a small pool, cycled, so the loss falls), and the per
 loss difference is reported against the seed's bf16 threshold of 1e-2.
 
     python -m benchmarks.loss_parity --shape 1b --steps 100 --out parity.json
+
+`--compare fp8` instead trains lora-jax twice from one random init, bf16 base against the FP8
+frozen base (`base_fp8`), with the same batches (no PyTorch), against a 2e-2 threshold:
+
+    python -m benchmarks.loss_parity --compare fp8 --shape 8b --steps 100
 """
 import argparse
 import json
@@ -93,6 +98,35 @@ def jax_part(args, workdir: str) -> list[float]:
     return losses
 
 
+def jax_random_part(args, fp8: bool) -> list[float]:
+    """lora-jax from `benchmarks.jax_worker`'s random init (the same for both base dtypes)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import lora_jax as lj
+    from benchmarks import jax_worker
+    attn = "cudnn" if args.device == "cuda" else "xla"  # cuDNN flash attention is GPU-only
+    opts = jax_worker.parse_variant([f"fp8={int(fp8)}", f"attn={attn}"])
+    cfg, model, base, adapters = jax_worker.build(args.shape, opts, args.batch, args.seq)
+    tx = lj.optimizer(optax.adamw(args.lr, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD),
+                      adapters)
+    opt_state = tx.init(adapters)
+    step = jax_worker.make_step(cfg, model, tx, opts)
+    data = jnp.asarray(batches(args.shape, args.batch, args.seq), jnp.int32)
+    losses = []
+    for i in range(args.steps):
+        adapters, opt_state, loss = step(adapters, opt_state, base, data[i % len(data)])
+        losses.append(float(loss))
+    return losses
+
+
+PARTS = {"torch": torch_part, "jax": jax_part,
+         "jax-bf16": lambda args, _: jax_random_part(args, fp8=False),
+         "jax-fp8": lambda args, _: jax_random_part(args, fp8=True)}
+COMPARISONS = {"peft": (("torch", "jax"), 1e-2), "fp8": (("jax-bf16", "jax-fp8"), 2e-2)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shape", default="1b")
@@ -103,34 +137,38 @@ def main():
                     help="1e-3 memorises the pool: the loss falls to ~0.01, where a relative "
                          "difference measures bf16 noise, not the implementation")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--part", choices=("both", "torch", "jax"), default="both")
+    ap.add_argument("--compare", choices=sorted(COMPARISONS), default="peft",
+                    help="peft: lora-jax against PyTorch + PEFT (threshold 1e-2); fp8: lora-jax "
+                         "bf16 base against the FP8 frozen base (threshold 2e-2)")
+    ap.add_argument("--part", choices=("both", *PARTS), default="both")
     ap.add_argument("--workdir", default="")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="lora_parity_")
     if args.part != "both":
-        fn = torch_part if args.part == "torch" else jax_part
-        print(json.dumps(fn(args, workdir)))
+        print(json.dumps(PARTS[args.part](args, workdir)))
         return
+    (ref_part, test_part), threshold = COMPARISONS[args.compare]
     # Each framework in its own process, so neither holds GPU memory the other needs.
     common = [sys.executable, "-m", "benchmarks.loss_parity", "--shape", args.shape, "--batch",
-              str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--lr", str(args.lr), "--device",
-              args.device, "--workdir", workdir]
+              str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--lr",
+              str(args.lr), "--device", args.device, "--workdir", workdir]
     results = {}
-    for part in ("torch", "jax"):
+    for part in (ref_part, test_part):
         out = subprocess.run(common + ["--part", part], capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"{part} part failed:\n{out.stderr[-3000:]}")
         results[part] = json.loads(out.stdout.strip().splitlines()[-1])
-    t, j = np.array(results["torch"]), np.array(results["jax"])
+    t, j = np.array(results[ref_part]), np.array(results[test_part])
     rel = np.abs(j - t) / np.abs(t)
     for i in list(range(0, args.steps, max(1, args.steps // 10))) + [args.steps - 1]:
-        print(f"step {i:4d}  peft {t[i]:.5f}  lora-jax {j[i]:.5f}  rel {rel[i]:.2e}")
-    summary = {"shape": args.shape, "lr": args.lr, "batch": args.batch, "seq": args.seq, "steps": args.steps,
-               "max_rel_diff": float(rel.max()), "mean_rel_diff": float(rel.mean()),
-               "first_loss": [float(t[0]), float(j[0])], "last_loss": [float(t[-1]), float(j[-1])],
-               "pass_1e-2": bool(rel.max() < 1e-2), "peft": t.tolist(), "lora_jax": j.tolist()}
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("peft", "lora_jax")}))
+        print(f"step {i:4d}  {ref_part} {t[i]:.5f}  {test_part} {j[i]:.5f}  rel {rel[i]:.2e}")
+    summary = {"compare": args.compare, "shape": args.shape, "lr": args.lr, "batch": args.batch,
+               "seq": args.seq, "steps": args.steps, "max_rel_diff": float(rel.max()),
+               "mean_rel_diff": float(rel.mean()), "first_loss": [float(t[0]), float(j[0])],
+               "last_loss": [float(t[-1]), float(j[-1])], "threshold": threshold,
+               "pass": bool(rel.max() < threshold), ref_part: t.tolist(), test_part: j.tolist()}
+    print(json.dumps({k: v for k, v in summary.items() if k not in (ref_part, test_part)}))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f)

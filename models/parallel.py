@@ -28,7 +28,8 @@ Mark = Literal["residual", "logits"]
 
 class Parallelism(Protocol):
     def dense(self, features: int, *, role: Role, name: str, use_bias: bool, dtype: Any,
-              param_dtype: Any, kernel_init: Callable, bias_init: Callable) -> nn.Module: ...
+              param_dtype: Any, kernel_init: Callable, bias_init: Callable,
+              dot_general: Callable | None = None) -> nn.Module: ...
 
     def constrain(self, x: jax.Array, mark: Mark) -> jax.Array: ...
 
@@ -36,10 +37,12 @@ class Parallelism(Protocol):
 class NoParallelism:
     """Single-device default: plain `nn.Dense`, no sharding constraints."""
 
-    def dense(self, features, *, role, name, use_bias, dtype, param_dtype, kernel_init, bias_init):
+    def dense(self, features, *, role, name, use_bias, dtype, param_dtype, kernel_init, bias_init,
+              dot_general=None):
         del role
         return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                        kernel_init=kernel_init, bias_init=bias_init, name=name)
+                        kernel_init=kernel_init, bias_init=bias_init, name=name,
+                        dot_general=dot_general)
 
     def constrain(self, x, mark):
         del mark

@@ -5,17 +5,24 @@ from typing import Any
 
 import flax.linen as nn
 
+from models.fp8 import fp8_dot_general
 from models.parallel import Parallelism, Role
 
 
 def projection(parallel: Parallelism, config: Any, features: int, *, role: Role, name: str,
                use_bias: bool) -> nn.Module:
     """A Dense-like layer [..., in] -> [..., features] with `kernel` [in, features] (and `bias`),
-    initialised like Hugging Face (normal(initializer_range), zero bias)."""
+    initialised like Hugging Face (normal(initializer_range), zero bias).
+
+    With `config.base_fp8` the block projections multiply in FP8; the output head ("replicated")
+    stays in the compute dtype, as FP8 recipes keep it: logits over a large vocabulary are where
+    quantisation error hurts the loss most."""
+    fp8 = config.base_fp8 and role != "replicated"
     return parallel.dense(features, role=role, name=name, use_bias=use_bias, dtype=config.dtype,
                           param_dtype=config.param_dtype,
                           kernel_init=nn.initializers.normal(config.initializer_range),
-                          bias_init=nn.initializers.zeros)
+                          bias_init=nn.initializers.zeros,
+                          dot_general=fp8_dot_general if fp8 else None)
 
 
 def embedding(config: Any, num: int, features: int) -> nn.Embed:

@@ -15,18 +15,18 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from models.options import REMAT_NONE, remat_policy_fn
+from models.options import REMAT_NONE, remat_policy_for
 from models.parallel import Parallelism
 
 # Positional index of `deterministic` in a block's __call__, counting `self` (for remat).
 _DETERMINISTIC_ARGNUM = 4
 
 
-def _maybe_remat(block_cls: type, policy_name: str, scanned: bool) -> type:
-    if policy_name == REMAT_NONE:
+def _maybe_remat(block_cls: type, config: Any, scanned: bool) -> type:
+    if config.remat_policy == REMAT_NONE:
         return block_cls
     # prevent_cse only matters outside scan; inside it costs performance for nothing.
-    return nn.remat(block_cls, policy=remat_policy_fn(policy_name), prevent_cse=not scanned,
+    return nn.remat(block_cls, policy=remat_policy_for(config), prevent_cse=not scanned,
                     static_argnums=(_DETERMINISTIC_ARGNUM,))
 
 
@@ -40,7 +40,7 @@ class LayerLoop(nn.Module):
 
     @nn.compact
     def __call__(self, x, ctx, kv, deterministic):
-        block_cls = _maybe_remat(self.block_cls, self.config.remat_policy, scanned=False)
+        block_cls = _maybe_remat(self.block_cls, self.config, scanned=False)
         for i in range(self.num_layers):
             layer_kv = None if kv is None else (kv[0][i], kv[1][i])
             block = block_cls(config=self.config, parallel=self.parallel, name=str(i))
@@ -59,7 +59,7 @@ def layer_stack(block_cls: type, config: Any, parallel: Parallelism, num_layers:
         return LayerLoop(block_cls=block_cls, config=config, parallel=parallel,
                          num_layers=num_layers)
     scanned = nn.scan(
-        _maybe_remat(block_cls, config.remat_policy, scanned=True),
+        _maybe_remat(block_cls, config, scanned=True),
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, 0, nn.broadcast),

@@ -45,7 +45,11 @@ class TensorParallelism:
     lora_dropout: float = 0.0
 
     def dense(self, features, *, role, name, use_bias, dtype, param_dtype, kernel_init,
-              bias_init) -> nn.Module:
+              bias_init, dot_general=None) -> nn.Module:
+        if dot_general is not None:
+            raise NotImplementedError(
+                "base_fp8 (a custom dot_general) is not supported by the tensor-parallel layers; "
+                "use it with data parallelism / FSDP (tp=1), or set base_fp8=False")
         if role not in _LAYERS:
             raise ValueError(f"unknown parallel role {role!r}: use one of {sorted(_LAYERS)}")
         return _LAYERS[role](features, mesh=self.mesh, sequence_parallel=self.sequence_parallel,
