@@ -137,9 +137,10 @@ def _locate(directory: Path, fam: Family, stack) -> dict[str, tuple[Path, str]]:
 def _on_host():
     """The flax framework of safetensors reads bfloat16 (the numpy one cannot); pin what it
     returns to the host CPU so a tensor never lands on an accelerator before we cast and place
-    it. Without a CPU backend (JAX_PLATFORMS=cuda), the default device serves."""
+    it. Without a CPU backend (JAX_PLATFORMS=cuda), the default device serves. A *local* CPU
+    device: under jax.distributed, `jax.devices("cpu")[0]` belongs to process 0."""
     try:
-        return jax.default_device(jax.devices("cpu")[0])
+        return jax.default_device(jax.local_devices(backend="cpu")[0])
     except RuntimeError:
         return contextlib.nullcontext()
 
@@ -252,14 +253,16 @@ def check_tensors(sources: list[LeafSource], index: TensorIndex, model: nn.Modul
 
 def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None,
             scan_layers: bool = False, remat_policy: str = "none",
-            attention_impl: str | None = None, parallel: Parallelism = NoParallelism(),
+            attention_impl: str | None = None, base_fp8: bool = False,
+            parallel: Parallelism = NoParallelism(),
             shardings: Shardings = None) -> tuple[nn.Module, Params]:
     """Load a local HF checkpoint directory as a Linen model and its params.
 
     Args:
       path: directory with config.json and model.safetensors (or shards + index).
       dtype: compute dtype; param_dtype: dtype of the loaded params (default: `dtype`).
-      scan_layers, remat_policy, attention_impl: run-time options of the config.
+      scan_layers, remat_policy, attention_impl, base_fp8: run-time options of the config
+        (`models.options.RuntimeOptions`; base_fp8: FP8 matmuls for the frozen projections).
       parallel: the `Parallelism` the model builds its projections with.
       shardings: where each leaf goes: None (default device), one `jax.sharding.Sharding`
         for all, a tree of Shardings shaped like the params, or a function
@@ -274,7 +277,8 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: A
     config = config_from_dict(read_config(path), source=str(Path(path) / CONFIG_FILE),
                               dtype=dtype, param_dtype=dtype if param_dtype is None
                               else param_dtype, scan_layers=scan_layers,
-                              remat_policy=remat_policy, attention_impl=attention_impl)
+                              remat_policy=remat_policy, attention_impl=attention_impl,
+                              base_fp8=base_fp8)
     model = family(config).model_cls(config, parallel)
     sources = leaf_sources(model)
     with TensorIndex.open(path, family(config)) as index:
