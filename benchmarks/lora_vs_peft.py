@@ -41,6 +41,15 @@ def run_one(cmd: list[str], timeout: int) -> dict:
     return json.loads(lines[-1])
 
 
+def emit(row: dict, out: str) -> None:
+    """Print one result as a JSON line and, with `out`, append it there as soon as it exists (a
+    later configuration that crashes or times out cannot lose it)."""
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def table(rows: list[dict]) -> str:
     out = [f"{'framework':<28}{'shape':<6}{'batch':>6}{'tok/s':>10}{'step s':>9}"
            f"{'peak GiB':>10}{'MFU':>7}"]
@@ -70,11 +79,8 @@ def main():
     for shape in args.shapes:
         for framework in args.only:
             row = run_one(command(framework, shape, args), args.timeout)
-            print(json.dumps(row), flush=True)
+            emit(row, args.out)
             rows.append(row)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
     print(table(rows))
 
 

@@ -38,6 +38,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks.lora_vs_peft import emit
+
 FRAMEWORKS = ("jax", "peft-eager", "peft+compile")
 CONFIG_NAMES = FRAMEWORKS + ("peft-eager:ckpt", "peft+compile:ckpt")  # :ckpt, checkpointing on
 ATTEMPT, META = "ATTEMPT ", "META "  # the worker's stdout prefixes; libraries print other lines
@@ -300,11 +302,8 @@ def main(argv=None):
     records = []
     for conf in configs(args):
         record = run_config(conf, args)
-        print(json.dumps(record), flush=True)
+        emit(record, args.out)
         records.append(record)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(record) + "\n")
     print(table(records))
 
 
