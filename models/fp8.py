@@ -54,21 +54,28 @@ def _fp8_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _forward(x, kernel):
+    return _forward_with_scale(x, kernel)[0]
+
+
+def _forward_with_scale(x, kernel):
     x8, sx = quantize(x, FORWARD_DTYPE)
     wt8, sw = quantize(kernel.T, FORWARD_DTYPE)
-    return _rescale(_last_axis_dot(x8, wt8, x.dtype), sx * sw)
+    return _rescale(_last_axis_dot(x8, wt8, x.dtype), sx * sw), sw
 
 
 def _fwd(x, kernel):
-    # Residuals: the kernel (a parameter: no new memory) and x's dtype/shape only.
-    return _forward(x, kernel), (kernel, jnp.zeros((0,), x.dtype))
+    # Residuals: the kernel (a parameter: no new memory) and its scale (a scalar), so the
+    # backward does not reduce over the weight again. nn.Dense gives x, kernel and y one dtype,
+    # so dy's dtype is x's.
+    y, sw = _forward_with_scale(x, kernel)
+    return y, (kernel, sw)
 
 
 def _bwd(residuals, dy):
-    kernel, x_like = residuals
+    kernel, sw = residuals
     dy8, sdy = quantize(dy, GRADIENT_DTYPE)
-    w8, sw = quantize(kernel, FORWARD_DTYPE)
-    dx = _rescale(_last_axis_dot(dy8, w8, x_like.dtype), sdy * sw)
+    w8 = (kernel.astype(jnp.float32) / sw).astype(FORWARD_DTYPE)
+    dx = _rescale(_last_axis_dot(dy8, w8, dy.dtype), sdy * sw)
     return dx, jnp.zeros_like(kernel)
 
 
