@@ -6,7 +6,8 @@ AdamW on the adapters only, one jitted step with donated adapter and optimizer s
 
 Options (`--variant key=value`, repeatable): remat=<policy>|full|none, attn=cudnn|xla,
 adapter_dtype=bfloat16|float32, ce=fused|chunked|full, chunk=<tokens>, scan=1|0,
-triton_gemm=1|0 (XLA's Triton GEMM autotuning candidates), fp8=1|0 (FP8 frozen base: the block
+triton_gemm=1|0 (XLA's Triton GEMM autotuning candidates), cmdbuf=1|0 (CUDA-graph command
+buffers; off, a profile names every kernel's XLA op), fp8=1|0 (FP8 frozen base: the block
 projections multiply in FP8 with per-tensor scaling, `models.fp8`).
 """
 import argparse
@@ -14,11 +15,16 @@ import functools
 import json
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-if "triton_gemm=0" in " ".join(os.sys.argv):  # XLA reads its flags once, at backend start
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false"
+# XLA reads its flags once, at backend start: the variants that are XLA flags are set here.
+XLA_FLAG_VARIANTS = {"triton_gemm=0": "--xla_gpu_enable_triton_gemm=false",
+                     "cmdbuf=0": "--xla_gpu_enable_command_buffer="}
+for _variant, _flag in XLA_FLAG_VARIANTS.items():
+    if _variant in " ".join(os.sys.argv):
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + _flag
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -29,10 +35,12 @@ from benchmarks.shapes import SHAPES, TARGETS, flops_per_token  # noqa: E402
 from models.llama import Llama, LlamaConfig, head_kernel  # noqa: E402
 from models.fused_ce import frozen_head_cross_entropy  # noqa: E402
 from models.loss import chunked_cross_entropy, cross_entropy  # noqa: E402
+from benchmarks.trace_summary import render, summarize_dir  # noqa: E402
 
 PEAK_BF16 = 790e12
 DEFAULTS = {"remat": "dots_saveable", "attn": "cudnn", "adapter_dtype": "bfloat16",
-            "ce": "fused", "chunk": "4096", "scan": "1", "triton_gemm": "1", "fp8": "0"}
+            "ce": "fused", "chunk": "4096", "scan": "1", "triton_gemm": "1", "fp8": "0",
+            "cmdbuf": "1"}
 
 
 def parse_variant(items: list[str]) -> dict:
@@ -95,6 +103,10 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--variant", action="append", default=[])
+    ap.add_argument("--profile", default="",
+                    help="after timing, trace --profile-steps more steps into this directory "
+                         "and add a summary of the GPU time (benchmarks.trace_summary)")
+    ap.add_argument("--profile-steps", type=int, default=2)
     args = ap.parse_args()
     opts = parse_variant(args.variant)
     cfg, model, base, adapters = build(args.shape, opts, args.batch, args.seq)
@@ -114,6 +126,14 @@ def main():
         loss.block_until_ready()
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
+    profile = None
+    if args.profile:  # after timing, so tracing overhead never enters the figures
+        with jax.profiler.trace(args.profile):
+            for _ in range(args.profile_steps):
+                adapters, opt_state, loss = step(adapters, opt_state, base, ids)
+            loss.block_until_ready()
+        profile = summarize_dir(args.profile, args.profile_steps)
+        print(render(profile), file=sys.stderr)
     tps = args.batch * args.seq / dt
     stats = jax.devices()[0].memory_stats() or {}
     variant = ",".join(f"{k}={v}" for k, v in opts.items() if DEFAULTS[k] != v)
@@ -122,7 +142,8 @@ def main():
         "seq": args.seq, "step_s": dt, "tokens_per_s": tps,
         "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
         "mfu": tps * flops_per_token(SHAPES[args.shape], args.seq) / PEAK_BF16,
-        "loss": float(loss), "warmup_s": compile_s, "jax": jax.__version__, "opts": opts}))
+        "loss": float(loss), "warmup_s": compile_s, "jax": jax.__version__, "opts": opts,
+        **({"profile": profile} if profile else {})}))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     config   LoraConfig
     create   inject, kernel_layouts, KernelLayout
     select   lora_params, split, combine, trainable_mask
-    train    optimizer, apply, LoraModel
+    train    optimizer, apply, LoraModel, remat_policy
     finish   merge, summary
     save     save_adapter, load_adapter, adapter_config, TrainCheckpointer, Restored
     export   export_peft, import_peft, peft_lora_config, export_merged, load_merged
@@ -19,6 +19,7 @@ from lora_jax.merge import merge
 from lora_jax.optim import optimizer
 from lora_jax.peft_io import export_peft, import_peft, peft_lora_config
 from lora_jax.partition import combine, lora_params, split, trainable_mask
+from lora_jax.remat import remat_policy
 from lora_jax.summary import Summary, summary
 from lora_jax.train_state import Restored, TrainCheckpointer
 
@@ -26,7 +27,7 @@ __all__ = [
     "LoraConfig", "LoraError",
     "inject", "kernel_layouts", "KernelLayout",
     "lora_params", "split", "combine", "trainable_mask",
-    "optimizer", "apply", "lora_delta", "LoraModel",
+    "optimizer", "apply", "lora_delta", "LoraModel", "remat_policy",
     "merge", "summary", "Summary",
     "save_adapter", "load_adapter", "adapter_config", "TrainCheckpointer", "Restored",
     "export_peft", "import_peft", "peft_lora_config", "export_merged", "load_merged",

@@ -21,6 +21,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
 from lora_jax.inject import inject
 from lora_jax.layout import dense_input_axes
+from lora_jax.remat import name_hidden, name_output
 from lora_jax.tree import LORA_A, LORA_B, LORA_SCALE, TRAINABLE_LEAVES, unwrap_variables
 
 
@@ -35,7 +36,7 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array,
     a, b = a.astype(dtype), b.astype(dtype)
     h = jnp.tensordot(x.astype(dtype), a, axes=(in_axes, tuple(range(len(in_axes)))))
     # Scale the rank-r intermediate, not the [..., out] result: r/out of the elementwise work.
-    h = h * jax.lax.stop_gradient(scale).astype(dtype)
+    h = name_hidden(h * jax.lax.stop_gradient(scale).astype(dtype))
     return jnp.tensordot(h, b, axes=((h.ndim - 1,), (0,)))
 
 
@@ -57,7 +58,8 @@ def _adapter_interceptor(dropout_rate: float, deterministic: bool):
             keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout_rate, x.shape)
             x = jnp.where(keep, x / (1.0 - dropout_rate), jnp.zeros_like(x))
         dtype = module.dtype or jnp.result_type(x, module.get_variable("params", "kernel"))
-        return y + lora_delta(x, a, b, scale, in_axes, dtype).astype(y.dtype)
+        # Named so `lora_jax.remat_policy` saves the sum, not `x @ W` and `(x @ A) @ B` apart.
+        return name_output(y + lora_delta(x, a, b, scale, in_axes, dtype).astype(y.dtype))
 
     return intercept
 

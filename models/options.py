@@ -67,16 +67,26 @@ def remat_policy_fn(name: str) -> Callable | None:
 
 
 def remat_policy_for(config) -> Callable | None:
-    """`remat_policy_fn` of the config's policy, extended to the FP8 base matmuls when on.
+    """`remat_policy_fn` of the config's policy; a "dots" policy is extended to the values a
+    LoRA model's backward needs whole (`lora_jax.remat_policy`) and to the FP8 base matmuls.
 
-    A "dots" policy means "keep matmul outputs", but `jax.checkpoint` cannot see the matmul
-    inside the FP8 path's custom VJP; its output is named instead, and saved by name."""
+    A "dots" policy means "keep matmul outputs". An adapted projection is two matmuls and an add:
+    saved as dots, both full-width halves would be kept to recompute the add, where the backward
+    needs only the sum, which `lora_jax.apply` names. `jax.checkpoint` cannot see the matmul
+    inside the FP8 path's custom VJP either; its output is named too, and saved by name. cuDNN
+    flash attention's forward is kept as well (`models.attention.saves_flash_attention`)."""
     policy = remat_policy_fn(config.remat_policy)
-    if policy is not None and config.base_fp8 and "dots" in config.remat_policy:
-        from models.fp8 import FP8_OUTPUT_NAME  # options stays importable without the model code
-        policy = jax.checkpoint_policies.save_from_both_policies(
-            policy, jax.checkpoint_policies.save_only_these_names(FP8_OUTPUT_NAME))
-    return policy
+    if policy is None or "dots" not in config.remat_policy:
+        return policy
+    # Imported here: options stays importable without the LoRA and model code.
+    from lora_jax.remat import remat_policy
+    from models.attention import saves_flash_attention
+    extra = ()
+    if config.base_fp8:
+        from models.fp8 import FP8_OUTPUT_NAME
+        extra = (FP8_OUTPUT_NAME,)
+    return jax.checkpoint_policies.save_from_both_policies(remat_policy(policy, *extra),
+                                                           saves_flash_attention)
 
 
 def runtime_fields() -> tuple[str, ...]:

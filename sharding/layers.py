@@ -31,6 +31,7 @@ from flax.linen.dtypes import promote_dtype
 from jax.sharding import Mesh, PartitionSpec as P
 
 from lora_jax.forward import lora_delta
+from lora_jax.remat import name_hidden, name_output
 from lora_jax.tree import LORA_A, LORA_B, LORA_SCALE
 from sharding.compat import all_gather, shard_map, to_varying
 from sharding.mesh import (BATCH_AXES, FSDP, TP, MeshError, axis_size, axis_sizes,
@@ -156,7 +157,7 @@ def _column_local(ops, *, sequence_parallel, sizes, lora_dtype):
                 h = all_gather(h, TP, axis=1) if sequence_parallel else to_varying(h, TP)
         else:
             h = _lora_in(x, a, lora_dtype)
-        y = y + _lora_out(h, b, scale, lora_dtype).astype(y.dtype)
+        y = name_output(y + _lora_out(h, b, scale, lora_dtype).astype(y.dtype))
     return y
 
 
@@ -172,7 +173,8 @@ def _row_local(ops, *, sequence_parallel, sizes, lora_dtype):
              else jax.lax.psum(y, TP))
     if "bias" in ops:
         y = y + ops["bias"]
-    return y
+    # The reduced sum is what the backward needs: saved, the reduction is not run again there.
+    return name_output(y) if "lora" in ops else y
 
 
 def _base_matmul(x: jax.Array, kernel: jax.Array, fsdp_axis: int,
@@ -200,9 +202,10 @@ def _lora_in(x: jax.Array, a: jax.Array, dtype: Any) -> jax.Array:
 
 
 def _lora_out(h: jax.Array, b: jax.Array, scale: jax.Array, dtype: Any) -> jax.Array:
-    """Second half: h [..., r] @ B [r, out] times the frozen scale."""
-    y = jnp.tensordot(h, b.astype(dtype), axes=((h.ndim - 1,), (0,)))
-    return y * jax.lax.stop_gradient(scale).astype(dtype)
+    """Second half: (h [..., r] times the frozen scale) @ B [r, out], scaled at rank r like
+    `lora_jax.lora_delta`."""
+    h = name_hidden(h * jax.lax.stop_gradient(scale).astype(dtype))
+    return jnp.tensordot(h, b.astype(dtype), axes=((h.ndim - 1,), (0,)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,5 +298,5 @@ class ReplicatedDense(_ParallelDense):
             y = y + bias
         if lora is not None:
             inp = x if lora_x is None else lora_x
-            y = y + lora_delta(inp, *lora, (x.ndim - 1,), lora_dtype).astype(y.dtype)
+            y = name_output(y + lora_delta(inp, *lora, (x.ndim - 1,), lora_dtype).astype(y.dtype))
         return y

@@ -1,0 +1,63 @@
+"""`lora_jax.remat_policy`: a "dots" policy keeps one full-width value per adapted projection
+(the sum base + delta) instead of its two halves, with gradients unchanged."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax as lj
+from jax._src.ad_checkpoint import saved_residuals  # public print_saved_residuals prints only
+from models.llama import Llama, LlamaConfig
+
+SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+IDS = jnp.arange(32, dtype=jnp.int32).reshape(2, 16) % 128
+
+
+def _loss_and_adapters(remat_policy):
+    model = Llama(LlamaConfig.from_hf_dict(SHAPE, scan_layers=True, remat_policy=remat_policy))
+    params = lj.inject(model.init(jax.random.key(0), IDS)["params"],
+                       lj.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+                       jax.random.key(1))
+    base, adapters = lj.split(params)
+
+    def loss(a):
+        return jnp.mean(lj.apply(model, {"params": lj.combine(base, a)}, IDS) ** 2)
+
+    return loss, adapters
+
+
+def _mlp_width_residuals(loss, adapters) -> int:
+    """Saved values shaped like a stacked gate/up output [layers, batch, seq, intermediate]."""
+    shape = (SHAPE["num_hidden_layers"], *IDS.shape, SHAPE["intermediate_size"])
+    return sum(r[0].shape == shape for r in saved_residuals(loss, adapters))
+
+
+def test_models_dots_policy_saves_one_output_per_adapted_projection():
+    loss, adapters = _loss_and_adapters("dots_saveable")  # models extend it with remat_policy
+    assert _mlp_width_residuals(loss, adapters) == 2  # gate and up, each once
+
+
+def test_plain_dots_policy_saves_both_halves():
+    """What remat_policy fixes: under the plain policy the same model keeps x @ W and
+    (x @ A) @ B of gate and up apart (4 values), to recompute their sums."""
+    loss_none, adapters = _loss_and_adapters("none")
+    plain = jax.checkpoint(loss_none, policy=jax.checkpoint_policies.dots_saveable)
+    assert _mlp_width_residuals(plain, adapters) == 4
+    named = jax.checkpoint(loss_none, policy=lj.remat_policy("dots_saveable"))
+    assert _mlp_width_residuals(named, adapters) == 2
+
+
+@pytest.mark.parametrize("policy", ["dots_saveable", "dots_with_no_batch_dims_saveable"])
+def test_gradients_equal_the_unrematerialised_ones(policy):
+    loss, adapters = _loss_and_adapters(policy)
+    reference, _ = _loss_and_adapters("none")
+    got, want = jax.grad(loss)(adapters), jax.grad(reference)(adapters)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        # float32; recomputation may fuse differently, nothing else differs
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_unknown_policy_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="not a policy of jax.checkpoint_policies"):
+        lj.remat_policy("dots_savable")
