@@ -27,9 +27,36 @@ from benchmarks.shapes import SHAPES, TARGETS
 BETAS, EPS, WD = (0.9, 0.999), 1e-8, 0.0
 
 
-def batches(shape: str, batch: int, seq: int, pool: int = 4, seed: int = 0) -> np.ndarray:
+def batches(shape: str, batch: int, seq: int, pool: int = 4, seed: int = 0,
+            data: str = "pool", steps: int = 0) -> np.ndarray:
+    """[n, batch, seq] token ids; step i trains on batch i % n.
+
+    "pool": `pool` batches of uniform random tokens, cycled. The only thing to learn is the pool
+    itself, so the loss falls fast and then to ~0 (memorisation): a harsh test, where a small
+    phase shift between two runs is a large relative difference.
+    "markov": a fresh batch every step (n = steps) from a fixed random Markov chain over 1,024
+    tokens with 4 successors each: a language-like task that cannot be memorised, whose loss
+    falls towards the chain's entropy (~1 nat) the way a fine-tuning loss falls."""
     vocab = SHAPES[shape]["vocab_size"]
-    return np.random.default_rng(seed).integers(0, vocab, (pool, batch, seq), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    if data == "pool":
+        return rng.integers(0, vocab, (pool, batch, seq), dtype=np.int64)
+    states, fanout = min(1024, vocab), 4
+    tokens = rng.choice(vocab, states, replace=False)           # which ids the chain uses
+    successors = rng.integers(0, states, (states, fanout))
+    probs = rng.dirichlet(np.ones(fanout), states)
+    cumulative = probs.cumsum(axis=1)
+    out = np.empty((steps * batch, seq), dtype=np.int64)
+    state = rng.integers(0, states, steps * batch)
+    for t in range(seq):
+        out[:, t] = tokens[state]
+        pick = (rng.random(len(state))[:, None] > cumulative[state]).sum(axis=1)
+        state = successors[state, np.minimum(pick, fanout - 1)]
+    return out.reshape(steps, batch, seq)
+
+
+def data_for(args) -> np.ndarray:
+    return batches(args.shape, args.batch, args.seq, data=args.data, steps=args.steps)
 
 
 def torch_part(args, workdir: str) -> list[float]:
@@ -49,7 +76,7 @@ def torch_part(args, workdir: str) -> list[float]:
     model.save_pretrained(os.path.join(workdir, "adapter"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             betas=BETAS, eps=EPS, weight_decay=WD)
-    data = torch.from_numpy(batches(args.shape, args.batch, args.seq)).to(args.device)
+    data = torch.from_numpy(data_for(args)).to(args.device)
     losses = []
     for step in range(args.steps):
         ids = data[step % len(data)]
@@ -90,7 +117,7 @@ def jax_part(args, workdir: str) -> list[float]:
         updates, s = tx.update(g, s, a)
         return optax.apply_updates(a, updates), s, loss
 
-    data = jnp.asarray(batches(args.shape, args.batch, args.seq), jnp.int32)
+    data = jnp.asarray(data_for(args), jnp.int32)
     losses = []
     for i in range(args.steps):
         adapters, opt_state, loss = step(adapters, opt_state, data[i % len(data)])
@@ -113,7 +140,7 @@ def jax_random_part(args, fp8: bool) -> list[float]:
                       adapters)
     opt_state = tx.init(adapters)
     step = jax_worker.make_step(cfg, model, tx, opts)
-    data = jnp.asarray(batches(args.shape, args.batch, args.seq), jnp.int32)
+    data = jnp.asarray(data_for(args), jnp.int32)
     losses = []
     for i in range(args.steps):
         adapters, opt_state, loss = step(adapters, opt_state, base, data[i % len(data)])
@@ -137,6 +164,9 @@ def main():
                     help="1e-3 memorises the pool: the loss falls to ~0.01, where a relative "
                          "difference measures bf16 noise, not the implementation")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--data", choices=("pool", "markov"), default="pool",
+                    help="pool: 4 random batches cycled (memorised); markov: a fresh batch each "
+                         "step from a fixed Markov chain (see batches())")
     ap.add_argument("--compare", choices=sorted(COMPARISONS), default="peft",
                     help="peft: lora-jax against PyTorch + PEFT (threshold 1e-2); fp8: lora-jax "
                          "bf16 base against the FP8 frozen base (threshold 2e-2)")
@@ -152,7 +182,7 @@ def main():
     # Each framework in its own process, so neither holds GPU memory the other needs.
     common = [sys.executable, "-m", "benchmarks.loss_parity", "--shape", args.shape, "--batch",
               str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--lr",
-              str(args.lr), "--device", args.device, "--workdir", workdir]
+              str(args.lr), "--device", args.device, "--data", args.data, "--workdir", workdir]
     results = {}
     for part in (ref_part, test_part):
         out = subprocess.run(common + ["--part", part], capture_output=True, text=True)
@@ -163,7 +193,8 @@ def main():
     rel = np.abs(j - t) / np.abs(t)
     for i in list(range(0, args.steps, max(1, args.steps // 10))) + [args.steps - 1]:
         print(f"step {i:4d}  {ref_part} {t[i]:.5f}  {test_part} {j[i]:.5f}  rel {rel[i]:.2e}")
-    summary = {"compare": args.compare, "shape": args.shape, "lr": args.lr, "batch": args.batch,
+    summary = {"compare": args.compare, "data": args.data, "shape": args.shape, "lr": args.lr,
+               "batch": args.batch,
                "seq": args.seq, "steps": args.steps, "max_rel_diff": float(rel.max()),
                "mean_rel_diff": float(rel.mean()), "first_loss": [float(t[0]), float(j[0])],
                "last_loss": [float(t[-1]), float(j[-1])], "threshold": threshold,

@@ -42,7 +42,7 @@ def test_groups_stream_kernels_per_step(tmp_path):
     assert summary["by_category_ms"] == pytest.approx(
         {"gemm": 3.0, "attention": 0.5, "elementwise fusion": 0.25})
     top = summary["top_ops"][0]
-    assert (top["op"], top["calls"], top["ms"]) == ("dot.1", 1, pytest.approx(3.0))
+    assert (top["op"], top["kernels"], top["ms"]) == ("dot.1", 1, pytest.approx(3.0))
     assert "GPU kernel time per step: 3.8 ms" in render(summary)
 
 
@@ -51,8 +51,25 @@ def test_categories():
     assert category("triton_gemm_dot_3", "triton_gemm_dot.3") == "gemm"
     assert category("input_reduce_fusion", "reduce.9") == "reduction"
     assert category("some_kernel", "custom-call") == "other"
+    assert category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16", "") == "attention"
 
 
 def test_missing_trace_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="jax.profiler.trace"):
         summarize_dir(tmp_path, steps=1)
+
+
+def test_hlo_dump_annotates_ops_with_shape_and_source(tmp_path):
+    hlo = tmp_path / "module.txt"
+    hlo.write_text(
+        'ENTRY %main {\n'
+        '  %custom-call.8 = (bf16[8192,4096]{1,0}, s8[33554432]{0}) custom-call(%a, %b), '
+        'custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/mlp/gate_proj/'
+        'dot_general"}\n}\n')
+    events = [kernel("nvjet_sm90_tst_128x160", "custom-call.8", 2000),
+              kernel("Memset 3", "custom-call.8", 5)]  # cuBLAS's memset: not its category
+    summary = summarize_dir(write_trace(tmp_path, events), steps=1, hlo=str(hlo))
+    top = summary["top_ops"][0]
+    assert top["shape"].startswith("(bf16[8192,4096]") and top["category"] == "gemm"
+    assert top["source"].endswith("gate_proj/dot_general")
+    assert "gate_proj/dot_general" in render(summary)
