@@ -24,8 +24,13 @@ TINY = {**LLAMA3_1B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_la
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512,
         "bos_token_id": 256, "eos_token_id": 257}
 
-SHAPES = {"1b": LLAMA3_1B, "8b": LLAMA3_8B, "tiny": TINY}
-DEFAULT_BATCH = {"1b": 8, "8b": 4, "tiny": 2}
+# A CPU experiment shape: deep and wide enough for training dynamics, minutes on CPU.
+SMALL = {**LLAMA3_1B, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
+         "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 8192,
+         "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+
+SHAPES = {"1b": LLAMA3_1B, "8b": LLAMA3_8B, "tiny": TINY, "small": SMALL}
+DEFAULT_BATCH = {"1b": 8, "8b": 4, "tiny": 2, "small": 4}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
