@@ -2,6 +2,8 @@
 (its backward adds only the adapter-gradient reductions), and no device materialises a whole
 tensor-parallel kernel, nor keeps FSDP-gathered kernels of every layer alive for the backward."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,3 +131,30 @@ def test_no_device_holds_a_whole_sharded_kernel(layout):
             assert gathered not in shapes, (dotted(path), gathered)
         checked += 1
     assert checked >= 7  # q, k, v, o, gate, up, down (+ embedding, lm_head)
+
+
+def test_dots_remat_reruns_no_row_parallel_reduction():
+    """Under tp=4 with sp and a "dots" remat policy, the gradient program has as many
+    activation-sized reduce-scatters as without remat: the row-parallel outputs are saved by
+    name after their reduction (`lora_jax.remat_policy`), so the backward does not reduce them
+    again (it did before: one more per layer). The sequence all-gathers in front of the column
+    layers are still re-run (+2: q/k/v and gate/up inputs, needed for the adapters' A gradient);
+    keeping them would hold full-sequence activations, tp times the sharded ones."""
+    mesh = mesh_of(1, 1, 4)
+
+    def counts(remat_policy):
+        cfg = dataclasses.replace(LLAMA, remat_policy=remat_policy)
+        model = Llama(cfg, TensorParallelism(mesh=mesh, sequence_parallel=True))
+        base, adapters, _, ids = _abstract(Llama, cfg, mesh)
+
+        def loss(adapters, base, ids):
+            logits = lj.apply(model, {"params": lj.combine(base, adapters)}, ids)
+            return cross_entropy(logits, ids, shift=True)
+
+        text = compile_fast(jax.grad(loss), adapters, base, ids).as_text()
+        big = [op.kind for op in collectives(text) if op.elements >= B * S * 96 // 4]
+        return {kind: big.count(kind) for kind in ("reduce-scatter", "all-gather")}
+
+    plain, dots = counts("none"), counts("dots_saveable")
+    assert dots["reduce-scatter"] == plain["reduce-scatter"], (plain, dots)
+    assert dots["all-gather"] == plain["all-gather"] + 2, (plain, dots)
