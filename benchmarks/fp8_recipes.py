@@ -60,14 +60,25 @@ def recipe_dot_general(rowwise: bool, grad_dtype):
     return lambda lhs, rhs, *_, **__: matmul(lhs, jax.lax.stop_gradient(rhs))
 
 
+# name -> (description, (rowwise, gradient dtype or None for bf16); None: models.fp8 itself)
 RECIPES = {
-    "tensor, e5m2 gradient (models.fp8)": None,
-    "tensor, e4m3 gradient": (False, fp8.FORWARD_DTYPE),
-    "row, e5m2 gradient": (True, fp8.GRADIENT_DTYPE),
-    "row, e4m3 gradient": (True, fp8.FORWARD_DTYPE),
-    "tensor forward only, bf16 gradient": (False, None),
-    "row forward only, bf16 gradient": (True, None),
+    "tensor_e5m2": ("models.fp8 (per-tensor, e5m2 gradient)", None),
+    "tensor_e4m3": ("per-tensor, e4m3 gradient", (False, fp8.FORWARD_DTYPE)),
+    "row_e5m2": ("per-row, e5m2 gradient", (True, fp8.GRADIENT_DTYPE)),
+    "row_e4m3": ("per-row, e4m3 gradient", (True, fp8.FORWARD_DTYPE)),
+    "fwd_only": ("per-tensor forward only, bf16 gradient", (False, None)),
+    "row_fwd_only": ("per-row forward only, bf16 gradient", (True, None)),
 }
+
+
+def use_recipe(name: str) -> None:
+    """Make the models' FP8 base (`base_fp8=True`) multiply with recipe `name`, for models
+    built after this call (benchmarks only: `jax_worker --variant fp8_recipe=...`)."""
+    if name not in RECIPES:
+        raise SystemExit(f"unknown FP8 recipe {name!r}; known: {sorted(RECIPES)}")
+    spec = RECIPES[name][1]
+    models.projection.fp8_dot_general = (fp8.fp8_dot_general if spec is None
+                                         else recipe_dot_general(*spec))
 
 
 def relative_distance(g, ref) -> float:
@@ -109,14 +120,12 @@ def main():
 
     reference, float32 = grads(model()), grads(model(dtype=jnp.float32))
     rows = {"float32 compute (for scale)": relative_distance(float32, reference)}
-    original = models.projection.fp8_dot_general
     try:
-        for name, spec in RECIPES.items():
-            models.projection.fp8_dot_general = (original if spec is None
-                                                 else recipe_dot_general(*spec))
-            rows[name] = relative_distance(grads(model(base_fp8=True)), reference)
+        for name, (description, _) in RECIPES.items():
+            use_recipe(name)
+            rows[description] = relative_distance(grads(model(base_fp8=True)), reference)
     finally:
-        models.projection.fp8_dot_general = original
+        use_recipe("tensor_e5m2")
     print("relative distance of the adapter gradients from the bf16 run's:")
     for name, err in rows.items():
         print(f"  {name:<40} {err:.4f}")

@@ -7,7 +7,8 @@ AdamW on the adapters only, one jitted step with donated adapter and optimizer s
 Options (`--variant key=value`, repeatable): remat=<policy>|full|none, attn=cudnn|xla,
 adapter_dtype=bfloat16|float32, ce=fused|chunked|full, chunk=<tokens>, scan=1|0,
 triton_gemm=1|0 (XLA's Triton GEMM autotuning candidates), cmdbuf=1|0 (CUDA-graph command
-buffers; off, a profile names every kernel's XLA op), fp8=1|0 (FP8 frozen base: the block
+buffers; off, a profile names every kernel's XLA op), fp8_recipe=<name> (with fp8=1: another
+quantisation recipe from `benchmarks.fp8_recipes`, e.g. fwd_only), fp8=1|0 (FP8 frozen base: the block
 projections multiply in FP8 with per-tensor scaling, `models.fp8`).
 """
 import argparse
@@ -40,7 +41,7 @@ from benchmarks.trace_summary import render, summarize_dir  # noqa: E402
 PEAK_BF16 = 790e12
 DEFAULTS = {"remat": "dots_saveable", "attn": "cudnn", "adapter_dtype": "bfloat16",
             "ce": "fused", "chunk": "4096", "scan": "1", "triton_gemm": "1", "fp8": "0",
-            "cmdbuf": "1"}
+            "cmdbuf": "1", "fp8_recipe": "tensor_e5m2"}
 
 
 def parse_variant(items: list[str]) -> dict:
@@ -54,6 +55,9 @@ def parse_variant(items: list[str]) -> dict:
 
 
 def build(shape: str, opts: dict, batch: int, seq: int, rank: int = 16):
+    if opts["fp8"] == "1":
+        from benchmarks.fp8_recipes import use_recipe
+        use_recipe(opts["fp8_recipe"])
     cfg = LlamaConfig.from_hf_dict(SHAPES[shape], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                    scan_layers=opts["scan"] == "1", remat_policy=opts["remat"],
                                    attention_impl=None if opts["attn"] == "auto" else opts["attn"],

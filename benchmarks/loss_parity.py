@@ -134,7 +134,8 @@ def jax_random_part(args, fp8: bool) -> list[float]:
     import lora_jax as lj
     from benchmarks import jax_worker
     attn = "cudnn" if args.device == "cuda" else "xla"  # cuDNN flash attention is GPU-only
-    opts = jax_worker.parse_variant([f"fp8={int(fp8)}", f"attn={attn}"])
+    opts = jax_worker.parse_variant([f"fp8={int(fp8)}", f"attn={attn}",
+                                     f"fp8_recipe={args.fp8_recipe}"])
     cfg, model, base, adapters = jax_worker.build(args.shape, opts, args.batch, args.seq)
     tx = lj.optimizer(optax.adamw(args.lr, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD),
                       adapters)
@@ -170,6 +171,8 @@ def main():
     ap.add_argument("--compare", choices=sorted(COMPARISONS), default="peft",
                     help="peft: lora-jax against PyTorch + PEFT (threshold 1e-2); fp8: lora-jax "
                          "bf16 base against the FP8 frozen base (threshold 2e-2)")
+    ap.add_argument("--fp8-recipe", default="tensor_e5m2",
+                    help="with --compare fp8: the quantisation recipe (benchmarks.fp8_recipes)")
     ap.add_argument("--part", choices=("both", *PARTS), default="both")
     ap.add_argument("--workdir", default="")
     ap.add_argument("--out", default="")
@@ -182,7 +185,8 @@ def main():
     # Each framework in its own process, so neither holds GPU memory the other needs.
     common = [sys.executable, "-m", "benchmarks.loss_parity", "--shape", args.shape, "--batch",
               str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--lr",
-              str(args.lr), "--device", args.device, "--data", args.data, "--workdir", workdir]
+              str(args.lr), "--device", args.device, "--data", args.data, "--fp8-recipe",
+              args.fp8_recipe, "--workdir", workdir]
     results = {}
     for part in (ref_part, test_part):
         out = subprocess.run(common + ["--part", part], capture_output=True, text=True)
@@ -193,7 +197,8 @@ def main():
     rel = np.abs(j - t) / np.abs(t)
     for i in list(range(0, args.steps, max(1, args.steps // 10))) + [args.steps - 1]:
         print(f"step {i:4d}  {ref_part} {t[i]:.5f}  {test_part} {j[i]:.5f}  rel {rel[i]:.2e}")
-    summary = {"compare": args.compare, "data": args.data, "shape": args.shape, "lr": args.lr,
+    summary = {"compare": args.compare, "data": args.data, "fp8_recipe": args.fp8_recipe,
+               "shape": args.shape, "lr": args.lr,
                "batch": args.batch,
                "seq": args.seq, "steps": args.steps, "max_rel_diff": float(rel.max()),
                "mean_rel_diff": float(rel.mean()), "first_loss": [float(t[0]), float(j[0])],

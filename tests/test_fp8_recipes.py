@@ -4,8 +4,10 @@ gradient, or its comparisons would not be about `models.fp8`."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from benchmarks.fp8_recipes import recipe_dot_general
+import models.projection
+from benchmarks.fp8_recipes import recipe_dot_general, use_recipe
 from models import fp8
 
 DIMS = (((2,), (0,)), ((), ()))
@@ -32,3 +34,14 @@ def test_bf16_gradient_recipe_is_exact_in_the_backward():
     _, vjp = jax.vjp(lambda x: forward_only(x, w, DIMS), x)
     dy = jnp.ones((4, 16), jnp.float32)
     np.testing.assert_allclose(vjp(dy)[0], dy @ w.T, rtol=1e-6)
+
+
+def test_use_recipe_swaps_the_models_fp8_matmul_and_refuses_unknown_names():
+    try:
+        use_recipe("fwd_only")
+        assert models.projection.fp8_dot_general is not fp8.fp8_dot_general
+    finally:
+        use_recipe("tensor_e5m2")
+    assert models.projection.fp8_dot_general is fp8.fp8_dot_general
+    with pytest.raises(SystemExit, match="unknown FP8 recipe"):
+        use_recipe("e3m4")
