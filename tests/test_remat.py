@@ -7,7 +7,10 @@ import pytest
 
 import lora_jax as lj
 from jax._src.ad_checkpoint import saved_residuals  # public print_saved_residuals prints only
+from jax.extend.core import Primitive
+from models.attention import saves_flash_attention
 from models.llama import Llama, LlamaConfig
+from models.options import remat_policy_for
 
 SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -61,3 +64,12 @@ def test_gradients_equal_the_unrematerialised_ones(policy):
 def test_unknown_policy_name_is_a_clear_error():
     with pytest.raises(ValueError, match="not a policy of jax.checkpoint_policies"):
         lj.remat_policy("dots_savable")
+
+
+def test_models_policy_keeps_the_flash_attention_forward():
+    """cuDNN's attention is a fused kernel, not a dot: the models' dots policy names its forward
+    primitive explicitly (checked by name here; the GPU profile shows the recompute gone)."""
+    flash, other = Primitive("dot_product_attention_fwd_wrapper"), Primitive("exp")
+    assert saves_flash_attention(flash) and not saves_flash_attention(other)
+    policy = remat_policy_for(LlamaConfig.from_hf_dict(SHAPE, remat_policy="dots_saveable"))
+    assert policy(flash) and not policy(other)
