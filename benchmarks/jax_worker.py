@@ -7,9 +7,9 @@ AdamW on the adapters only, one jitted step with donated adapter and optimizer s
 Options (`--variant key=value`, repeatable): remat=<policy>|full|none, attn=cudnn|xla,
 adapter_dtype=bfloat16|float32, ce=fused|chunked|full, chunk=<tokens>, scan=1|0,
 triton_gemm=1|0 (XLA's Triton GEMM autotuning candidates), cmdbuf=1|0 (CUDA-graph command
-buffers; off, a profile names every kernel's XLA op), fp8_recipe=<name> (with fp8=1: another
-quantisation recipe from `benchmarks.fp8_recipes`, e.g. fwd_only), fp8=1|0 (FP8 frozen base: the block
-projections multiply in FP8 with per-tensor scaling, `models.fp8`).
+buffers; off, a profile names every kernel's XLA op), fp8=1|0 (FP8 frozen base: the block
+projections multiply in FP8 with per-tensor scaling, `models.fp8`), fp8_recipe=<name> (with
+fp8=1: another quantisation recipe from `benchmarks.fp8_recipes`, e.g. fwd_only).
 """
 import argparse
 import functools
@@ -24,7 +24,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 XLA_FLAG_VARIANTS = {"triton_gemm=0": "--xla_gpu_enable_triton_gemm=false",
                      "cmdbuf=0": "--xla_gpu_enable_command_buffer="}
 for _variant, _flag in XLA_FLAG_VARIANTS.items():
-    if _variant in " ".join(os.sys.argv):
+    if _variant in " ".join(sys.argv):
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + _flag
 
 import jax  # noqa: E402
