@@ -198,7 +198,8 @@ def main():
     for i in list(range(0, args.steps, max(1, args.steps // 10))) + [args.steps - 1]:
         print(f"step {i:4d}  {ref_part} {t[i]:.5f}  {test_part} {j[i]:.5f}  rel {rel[i]:.2e}")
     summary = {"compare": args.compare, "data": args.data, "fp8_recipe": args.fp8_recipe,
-               "shape": args.shape, "lr": args.lr, "batch": args.batch, "seq": args.seq, "steps": args.steps, "max_rel_diff": float(rel.max()),
+               "shape": args.shape, "lr": args.lr, "batch": args.batch, "seq": args.seq,
+               "steps": args.steps, "max_rel_diff": float(rel.max()),
                "mean_rel_diff": float(rel.mean()), "first_loss": [float(t[0]), float(j[0])],
                "last_loss": [float(t[-1]), float(j[-1])], "threshold": threshold,
                "pass": bool(rel.max() < threshold), ref_part: t.tolist(), test_part: j.tolist()}
