@@ -51,7 +51,8 @@ def test_categories():
     assert category("triton_gemm_dot_3", "triton_gemm_dot.3") == "gemm"
     assert category("input_reduce_fusion", "reduce.9") == "reduction"
     assert category("some_kernel", "custom-call") == "other"
-    assert category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16", "") == "attention"
+    flash_backward = "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16"
+    assert category(flash_backward, "") == "attention"  # not "gemm", for all its "wgmma"
 
 
 def test_missing_trace_is_a_clear_error(tmp_path):
