@@ -25,20 +25,12 @@ from models.llama import Llama, LlamaConfig
 from models.loss import cross_entropy
 
 
-def _quantize(x, dtype, rowwise: bool):
-    """x / scale in `dtype`, the scale per row (amax over the last axis) or per tensor."""
-    x = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True) if rowwise else jnp.max(jnp.abs(x))
-    scale = jnp.maximum(amax, 1e-12) / float(jnp.finfo(dtype).max)
-    return (x / scale).astype(dtype), scale
-
-
 def recipe_dot_general(rowwise: bool, grad_dtype):
     """A frozen-kernel `dot_general` for `nn.Dense` under one recipe (grad_dtype None: bf16)."""
 
     def scaled_dot(a, b, dtype):  # a [..., K] . b [N, K], both quantised along K
-        a8, sa = _quantize(a, fp8.FORWARD_DTYPE if dtype is None else dtype, rowwise)
-        b8, sb = _quantize(b, fp8.FORWARD_DTYPE, rowwise)
+        a8, sa = fp8.quantize(a, fp8.FORWARD_DTYPE if dtype is None else dtype, rowwise)
+        b8, sb = fp8.quantize(b, fp8.FORWARD_DTYPE, rowwise)
         y = fp8._last_axis_dot(a8, b8, jnp.float32)
         return y * sa * (sb.reshape(-1) if rowwise else sb)
 

@@ -30,9 +30,11 @@ FP8_OUTPUT_NAME = "fp8_base_dot"
 _TINY = 1e-12  # an all-zero tensor gets scale 1e-12 / max, not a division by zero
 
 
-def quantize(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """Per-tensor scaled cast: (x / scale) in `dtype` and the float32 scale, amax -> fp8 max."""
-    amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
+def quantize(x: jax.Array, dtype, rowwise: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Scaled cast: (x / scale) in `dtype` and the float32 scale, amax -> fp8 max. The scale is
+    per tensor, or with `rowwise` per row (amax over the last axis, shape [..., 1])."""
+    amax = (jnp.max(jnp.abs(x), axis=-1, keepdims=True) if rowwise
+            else jnp.max(jnp.abs(x))).astype(jnp.float32)
     scale = jnp.maximum(amax, _TINY) / float(jnp.finfo(dtype).max)
     return (x.astype(jnp.float32) / scale).astype(dtype), scale
 

@@ -116,3 +116,10 @@ def test_tensor_parallel_layers_refuse_the_fp8_base():
                                       dtype=jnp.float32, param_dtype=jnp.float32,
                                       kernel_init=None, bias_init=None,
                                       dot_general=fp8_dot_general)
+
+
+def test_rowwise_quantize_scales_each_row_to_the_format_maximum():
+    x = jnp.array([[1.0, -4.0], [0.5, 0.25]], jnp.float32)
+    q, scale = quantize(x, jnp.float8_e4m3fn, rowwise=True)
+    assert scale.shape == (2, 1)
+    np.testing.assert_allclose(jnp.max(jnp.abs(q.astype(jnp.float32)), axis=-1), [448.0, 448.0])
