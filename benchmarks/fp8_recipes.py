@@ -9,10 +9,14 @@ Recipes: scaling per tensor or per row (activations per token, the weight per ou
 the forward, per input channel in the backward); the gradient GEMM in e5m2, e4m3 or bf16.
 
     python -m benchmarks.fp8_recipes            # hidden 256, 4 layers, a few seconds on CPU
+    # on the GPU, a benchmark shape, PEFT's B = 0 init (the first training step's gradients),
+    # and the distance per projection and per layer
+    python -m benchmarks.fp8_recipes --shape 8b --batch 4 --seq 512 --zero-b --by-module
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 
 import jax
@@ -23,6 +27,7 @@ import models.projection
 from models import fp8
 from models.llama import Llama, LlamaConfig
 from models.loss import cross_entropy
+from benchmarks.shapes import SHAPES
 
 
 def recipe_dot_general(rowwise: bool, grad_dtype):
@@ -73,55 +78,106 @@ def use_recipe(name: str) -> None:
                                          else recipe_dot_general(*spec))
 
 
+def _factor_pairs(g, ref):
+    """(path, gradient, reference) of the trained factors lora_a / lora_b (not lora_scale)."""
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(ref)):
+        if path[-1].key in ("lora_a", "lora_b"):
+            yield path, a.astype(jnp.float32), b.astype(jnp.float32)
+
+
 def relative_distance(g, ref) -> float:
-    num = sum(jnp.sum((a.astype(jnp.float32) - b.astype(jnp.float32)) ** 2)
-              for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref)))
-    den = sum(jnp.sum(b.astype(jnp.float32) ** 2) for b in jax.tree.leaves(ref))
+    pairs = list(_factor_pairs(g, ref))
+    num = sum(jnp.sum((a - b) ** 2) for _, a, b in pairs)
+    den = sum(jnp.sum(b ** 2) for _, _, b in pairs)
     return float(jnp.sqrt(num / den))
+
+
+def distance_by_module(g, ref) -> dict[str, list[float]]:
+    """Relative distance per projection name (q_proj, ..., down_proj), one entry per layer of
+    the scanned stack ([L, ...] leaves)."""
+    num, den = collections.defaultdict(float), collections.defaultdict(float)
+    for path, a, b in _factor_pairs(g, ref):
+        name = next(k.key for k in path if getattr(k, "key", "").endswith("_proj"))
+        num[name] = num[name] + jnp.sum(jnp.square(a - b), axis=(1, 2))
+        den[name] = den[name] + jnp.sum(jnp.square(b), axis=(1, 2))
+    return {n: [round(float(v), 4) for v in jnp.sqrt(num[n] / den[n])] for n in num}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="a benchmark shape instead of --hidden/--layers (vocabulary kept)")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--zero-b", action="store_true",
+                    help="PEFT's init (B = 0), as at the first training step: only B has a "
+                         "gradient; default: random adapters, both A and B have one")
+    ap.add_argument("--recipes", nargs="+", choices=["float32", *RECIPES],
+                    default=["float32", *RECIPES],
+                    help="which rows to compute (float32: the bf16 model in float32 compute)")
+    ap.add_argument("--by-module", action="store_true",
+                    help="also print the distance per projection and layer")
     args = ap.parse_args()
     shape = dict(vocab_size=512, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
                  num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
                  max_position_embeddings=max(256, args.seq))
-    ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, 512)
+    if args.shape:
+        shape = {**SHAPES[args.shape], "max_position_embeddings": max(256, args.seq)}
+    ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, shape["vocab_size"])
 
     def model(dtype=jnp.bfloat16, base_fp8=False):
+        # Scanned: an unrolled init of a large shape compiles for minutes.
         return Llama(LlamaConfig.from_hf_dict(shape, dtype=dtype, param_dtype=jnp.bfloat16,
-                                              base_fp8=base_fp8))
+                                              base_fp8=base_fp8, scan_layers=True))
 
-    params = model().init(jax.random.key(0), ids)["params"]
+    params = jax.jit(model().init)(jax.random.key(0), ids)["params"]
     params = lj.inject(params, lj.LoraConfig(r=16, target_modules="all-linear",
                                              init_lora_weights="gaussian"), jax.random.key(2))
     base, adapters = lj.split(params)
-    # B = 0 would zero A's gradient; a trained-looking adapter has both non-zero.
-    adapters = jax.tree.map(lambda a: a + 0.02 * jax.random.normal(jax.random.key(3), a.shape,
-                                                                   a.dtype), adapters)
+    if not args.zero_b:  # B = 0 would zero A's gradient; a trained-looking adapter has both.
+        adapters = jax.tree.map(lambda a: a + 0.02 * jax.random.normal(
+            jax.random.key(3), a.shape, a.dtype), adapters)
+    else:
+        adapters = jax.tree_util.tree_map_with_path(
+            lambda p, a: jnp.zeros_like(a) if p[-1].key == "lora_b" else a,
+            adapters)
 
     def grads(m):
-        def loss(a):
-            logits = lj.apply(m, {"params": lj.combine(base, a)}, ids)
-            return cross_entropy(logits[:, :-1].astype(jnp.float32), ids[:, 1:])
-        return jax.grad(loss)(adapters)
+        @jax.jit
+        def grad_of(a):
+            def loss(a):
+                logits = lj.apply(m, {"params": lj.combine(base, a)}, ids)
+                return cross_entropy(logits[:, :-1].astype(jnp.float32), ids[:, 1:])
+            return jax.grad(loss)(a)
+        return grad_of(adapters)  # with --zero-b, A's gradient is 0 and adds 0 to distances
 
-    reference, float32 = grads(model()), grads(model(dtype=jnp.float32))
-    rows = {"float32 compute (for scale)": relative_distance(float32, reference)}
+    reference = grads(model())
+    rows, modules = {}, {}
+
+    def record(description, g):
+        rows[description] = relative_distance(g, reference)
+        modules[description] = distance_by_module(g, reference)
+
+    if "float32" in args.recipes:
+        record("float32 compute (for scale)", grads(model(dtype=jnp.float32)))
     try:
         for name, (description, _) in RECIPES.items():
-            use_recipe(name)
-            rows[description] = relative_distance(grads(model(base_fp8=True)), reference)
+            if name in args.recipes:
+                use_recipe(name)
+                record(description, grads(model(base_fp8=True)))
     finally:
         use_recipe("tensor_e5m2")
     print("relative distance of the adapter gradients from the bf16 run's:")
     for name, err in rows.items():
         print(f"  {name:<40} {err:.4f}")
-    print(json.dumps({"shape": shape, "batch": args.batch, "seq": args.seq, "distance": rows}))
+        if args.by_module:
+            for module, per_layer in modules[name].items():
+                print(f"      {module:<10} " + " ".join(f"{d:.3f}" for d in per_layer))
+    print(json.dumps({"shape": shape, "batch": args.batch, "seq": args.seq,
+                      "zero_b": args.zero_b, "distance": rows,
+                      **({"by_module": modules} if args.by_module else {})}))
 
 
 if __name__ == "__main__":

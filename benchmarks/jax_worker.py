@@ -12,6 +12,7 @@ projections multiply in FP8 with per-tensor scaling, `models.fp8`), fp8_recipe=<
 fp8=1: another quantisation recipe from `benchmarks.fp8_recipes`, e.g. fwd_only).
 """
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -35,6 +36,7 @@ import lora_jax as lj  # noqa: E402
 from benchmarks.shapes import SHAPES, TARGETS, flops_per_token  # noqa: E402
 from models.llama import Llama, LlamaConfig, head_kernel  # noqa: E402
 from models.fused_ce import frozen_head_cross_entropy  # noqa: E402
+from models.layout import unstack_layers  # noqa: E402
 from models.loss import chunked_cross_entropy, cross_entropy  # noqa: E402
 from benchmarks.trace_summary import render, summarize_dir  # noqa: E402
 
@@ -58,21 +60,26 @@ def build(shape: str, opts: dict, batch: int, seq: int, rank: int = 16):
     if opts["fp8"] == "1":
         from benchmarks.fp8_recipes import use_recipe
         use_recipe(opts["fp8_recipe"])
+    unrolled = opts["scan"] == "0"
     cfg = LlamaConfig.from_hf_dict(SHAPES[shape], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                   scan_layers=opts["scan"] == "1", remat_policy=opts["remat"],
+                                   scan_layers=True, remat_policy=opts["remat"],
                                    attention_impl=None if opts["attn"] == "auto" else opts["attn"],
                                    base_fp8=opts["fp8"] == "1")
-    model = Llama(cfg)
     lora_cfg = lj.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
                              adapter_dtype=opts["adapter_dtype"])
 
     @jax.jit
     def init(key):
-        params = model.init(key, jnp.zeros((1, 8), jnp.int32))["params"]
-        return lj.split(lj.inject(params, lora_cfg, jax.random.fold_in(key, 1)))
+        # Always initialised scanned: an unrolled 8B init takes minutes to compile, a scanned
+        # one seconds; `unstack_layers` then gives the unrolled model its layout.
+        params = Llama(cfg).init(key, jnp.zeros((1, 8), jnp.int32))["params"]
+        params = lj.inject(params, lora_cfg, jax.random.fold_in(key, 1))
+        return lj.split(unstack_layers(params) if unrolled else params)
 
     base, adapters = init(jax.random.key(0))
-    return cfg, model, base, adapters
+    if unrolled:
+        cfg = dataclasses.replace(cfg, scan_layers=False)
+    return cfg, Llama(cfg), base, adapters
 
 
 def make_step(cfg, model, tx, opts):
@@ -113,7 +120,10 @@ def main():
     ap.add_argument("--profile-steps", type=int, default=2)
     args = ap.parse_args()
     opts = parse_variant(args.variant)
+    t0 = time.perf_counter()
     cfg, model, base, adapters = build(args.shape, opts, args.batch, args.seq)
+    jax.block_until_ready((base, adapters))
+    init_s = time.perf_counter() - t0
     tx = lj.optimizer(optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0), adapters)
     opt_state = tx.init(adapters)
     step = make_step(cfg, model, tx, opts)
@@ -146,7 +156,7 @@ def main():
         "seq": args.seq, "step_s": dt, "tokens_per_s": tps,
         "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
         "mfu": tps * flops_per_token(SHAPES[args.shape], args.seq) / PEAK_BF16,
-        "loss": float(loss), "warmup_s": compile_s, "jax": jax.__version__, "opts": opts,
+        "loss": float(loss), "init_s": init_s, "warmup_s": compile_s, "jax": jax.__version__, "opts": opts,
         **({"profile": profile} if profile else {})}))
 
 

@@ -2,7 +2,8 @@
 
     models     GPT2, GPT2Config, Llama, LlamaConfig, RopeScaling, build, init_params
     weights    load_hf, save_hf, read_config, config_from_dict, CheckpointError
-    layout     layer_container, is_scanned, layer_module_name, hf_tensor_name, FAMILIES
+    layout     layer_container, is_scanned, stack_layers, unstack_layers, layer_module_name,
+               hf_tensor_name, FAMILIES
     decode     generate, generate_text, KVCache, init_cache
     text       load_tokenizer, HFTokenizer, ByteTokenizer
     loss       cross_entropy, chunked_cross_entropy, head_kernel
@@ -39,7 +40,7 @@ from models.generate import generate, generate_text
 from models.gpt2 import GPT2, GPT2Config
 from models.hf_io import config_from_dict, load_hf, read_config, save_hf
 from models.layout import (FAMILIES, family, hf_tensor_name, is_scanned, layer_container,
-                           layer_module_name)
+                           layer_module_name, stack_layers, unstack_layers)
 from models.llama import Llama, LlamaConfig
 from models.loss import chunked_cross_entropy, cross_entropy
 from models.parallel import NoParallelism, Parallelism
@@ -58,7 +59,7 @@ __all__ = [
     "GPT2", "GPT2Config", "Llama", "LlamaConfig", "RopeScaling", "build", "init_params",
     "load_hf", "save_hf", "read_config", "config_from_dict",
     "CheckpointError", "CheckpointFileNotFoundError",
-    "layer_container", "is_scanned", "layer_module_name", "hf_tensor_name", "family", "FAMILIES",
+    "layer_container", "is_scanned", "stack_layers", "unstack_layers", "layer_module_name", "hf_tensor_name", "family", "FAMILIES",
     "generate", "generate_text", "KVCache", "init_cache",
     "load_tokenizer", "HFTokenizer", "ByteTokenizer",
     "cross_entropy", "chunked_cross_entropy", "head_kernel",

@@ -16,6 +16,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
+
 from models.errors import CheckpointError
 from models.gpt2 import GPT2, GPT2Config
 from models.llama import Llama, LlamaConfig
@@ -87,11 +90,58 @@ def layer_container(obj: Any) -> str:
 def is_scanned(params: Mapping, container: str | None = None) -> bool:
     """True if the layer stack is scanned (no per-layer index keys under the container)."""
     tree = params.get("params", params)
-    container = container or layer_container(tree)
+    node = _container_node(tree, container or layer_container(tree))
+    return not all(k.isdigit() for k in node)
+
+
+def _container_node(tree: Mapping, container: str) -> Mapping:
     node = tree
     for key in container.split("."):
         node = node[key]
-    return not all(k.isdigit() for k in node)
+    return node
+
+
+def _with_container(tree: Mapping, container: str, value: Any) -> dict:
+    """A copy of `tree` whose node at `container` is `value` (the rest shared, not copied)."""
+    head, *rest = container.split(".")
+    return {**tree, head: value if not rest else _with_container(tree[head], ".".join(rest),
+                                                                 value)}
+
+
+def unstack_layers(params: Mapping, container: str | None = None) -> dict:
+    """A scanned tree (every leaf under the container [L, ...]) -> the unscanned layout
+    (children "0" .. "L-1"), for a model built with `scan_layers=False`.
+
+    Why: an unrolled stack has no per-layer weight slicing inside a loop, which XLA on GPU
+    materialises as a copy before every matmul (docs/PERFORMANCE.md); and a model initialised
+    scanned compiles its init in seconds where an unrolled init takes minutes at 8B size.
+    Works on a params tree, an adapter tree or any tree with the same container, plain or
+    wrapped as `{"params": ...}`."""
+    if "params" in params:
+        return {**params, "params": unstack_layers(params["params"], container)}
+    container = container or layer_container(params)
+    if not is_scanned(params, container):
+        raise ValueError(f"{container!r} is already unscanned (its keys are layer indices)")
+    layers = _container_node(params, container)
+    sizes = {leaf.shape[0] for leaf in jax.tree_util.tree_leaves(layers)}
+    if len(sizes) != 1:
+        raise ValueError(f"leaves under {container!r} disagree on the layer count: {sizes}")
+    split = {str(i): jax.tree_util.tree_map(lambda x, i=i: x[i], layers)
+             for i in range(sizes.pop())}
+    return _with_container(params, container, split)
+
+
+def stack_layers(params: Mapping, container: str | None = None) -> dict:
+    """The inverse of `unstack_layers`: children "0" .. "L-1" -> one scanned subtree [L, ...]."""
+    if "params" in params:
+        return {**params, "params": stack_layers(params["params"], container)}
+    container = container or layer_container(params)
+    if is_scanned(params, container):
+        raise ValueError(f"{container!r} is already scanned (no layer-index keys under it)")
+    layers = _container_node(params, container)
+    ordered = [layers[str(i)] for i in range(len(layers))]
+    return _with_container(params, container,
+                           jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *ordered))
 
 
 def layer_module_name(stacked_path: str, layer: int, container: str) -> str:

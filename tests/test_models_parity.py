@@ -116,26 +116,11 @@ def test_remat_policies_keep_gradients():
         def loss(p, model=model):
             return models.cross_entropy(model.apply({"params": p}, ids), ids, shift=True)
 
-        g = jax.jit(jax.grad(loss))(stack_layers(params) if scan else params)
-        grads.append(unstack_layers(g) if scan else g)
+        g = jax.jit(jax.grad(loss))(models.stack_layers(params) if scan else params)
+        grads.append(models.unstack_layers(g) if scan else g)
     for g in grads[1:]:  # same arithmetic, recomputed: equal up to float32 reassociation
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                                        atol=1e-7), g, grads[0])
-
-
-def stack_layers(params):
-    """Unscanned Llama params -> scanned layout (leading layer axis under model.layers)."""
-    layers = params["model"]["layers"]
-    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
-                                     *[layers[str(i)] for i in range(len(layers))])
-    return {**params, "model": {**params["model"], "layers": stacked}}
-
-
-def unstack_layers(params):
-    layers = params["model"]["layers"]
-    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
-    split = {str(i): jax.tree_util.tree_map(lambda x: x[i], layers) for i in range(n)}
-    return {**params, "model": {**params["model"], "layers": split}}
 
 
 def test_report_measured_errors():
