@@ -9,7 +9,10 @@ adapter_dtype=bfloat16|float32, ce=fused|chunked|full, chunk=<tokens>, scan=1|0,
 triton_gemm=1|0 (XLA's Triton GEMM autotuning candidates), cmdbuf=1|0 (CUDA-graph command
 buffers; off, a profile names every kernel's XLA op), fp8=1|0 (FP8 frozen base: the block
 projections multiply in FP8 with per-tensor scaling, `models.fp8`), fp8_recipe=<name> (with
-fp8=1: another quantisation recipe from `benchmarks.fp8_recipes`, e.g. fwd_only).
+fp8=1: another quantisation recipe from `benchmarks.fp8_recipes`, e.g. fwd_only),
+init=hf|scaled (hf: every kernel normal(0.02), as transformers initialises Llama; scaled: the
+residual-branch outputs o_proj and down_proj divided by sqrt(2 L), Megatron's "scaled init",
+a random model whose forward does not amplify rounding noise; see `benchmarks.fp8_drift`).
 """
 import argparse
 import dataclasses
@@ -43,7 +46,21 @@ from benchmarks.trace_summary import render, summarize_dir  # noqa: E402
 PEAK_BF16 = 790e12
 DEFAULTS = {"remat": "dots_saveable", "attn": "cudnn", "adapter_dtype": "bfloat16",
             "ce": "fused", "chunk": "4096", "scan": "1", "triton_gemm": "1", "fp8": "0",
-            "cmdbuf": "1", "fp8_recipe": "tensor_e5m2"}
+            "cmdbuf": "1", "fp8_recipe": "tensor_e5m2", "init": "hf"}
+RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
+
+
+def depth_scaled(params, num_layers: int):
+    """Megatron's scaled init: the kernels that write into the residual stream (o_proj,
+    down_proj) divided by sqrt(2 * num_layers), so the stream grows like the depth's square
+    root at most and a random deep model is not chaotic (rounding noise is not amplified)."""
+    factor = (2 * num_layers) ** -0.5
+
+    def scale(path, leaf):
+        names = {getattr(k, "key", None) for k in path}
+        return leaf * factor if names & set(RESIDUAL_OUTPUTS) and path[-1].key == "kernel" \
+            else leaf
+    return jax.tree_util.tree_map_with_path(scale, params)
 
 
 def parse_variant(items: list[str]) -> dict:
@@ -73,6 +90,10 @@ def build(shape: str, opts: dict, batch: int, seq: int, rank: int = 16):
         # Always initialised scanned: an unrolled 8B init takes minutes to compile, a scanned
         # one seconds; `unstack_layers` then gives the unrolled model its layout.
         params = Llama(cfg).init(key, jnp.zeros((1, 8), jnp.int32))["params"]
+        if opts["init"] == "scaled":
+            params = depth_scaled(params, cfg.num_hidden_layers)
+        elif opts["init"] != "hf":
+            raise SystemExit(f"init={opts['init']!r}: use hf or scaled")
         params = lj.inject(params, lora_cfg, jax.random.fold_in(key, 1))
         return lj.split(unstack_layers(params) if unrolled else params)
 
