@@ -11,6 +11,8 @@ A model that amplifies rounding noise shows it in the float32 column too.
 
     python -m benchmarks.fp8_drift --shape 8b            # GPU, about a minute
     python -m benchmarks.fp8_drift --shape small         # CPU
+    # which projections carry the drift: rows with some kept in bf16
+    python -m benchmarks.fp8_drift --shape 8b --inits hf --fp8-skips '' q_proj+k_proj
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def relative_distance(a: jax.Array, b: jax.Array) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def drift(shape: dict, init: str, ids: jax.Array) -> dict[str, float]:
+def drift(shape: dict, init: str, ids: jax.Array, skips: list[str]) -> dict[str, float]:
     def model(**options):
         return Llama(LlamaConfig.from_hf_dict(shape, param_dtype=jnp.bfloat16, scan_layers=True,
                                               **options))
@@ -43,9 +45,12 @@ def drift(shape: dict, init: str, ids: jax.Array) -> dict[str, float]:
         return jax.jit(lambda p, ids: m.apply({"params": p}, ids, return_hidden=True))(params, ids)
 
     reference = hidden(model(dtype=jnp.bfloat16))
-    return {"float32": relative_distance(hidden(model(dtype=jnp.float32)), reference),
-            "fp8": relative_distance(hidden(model(dtype=jnp.bfloat16, base_fp8=True)),
-                                     reference)}
+    row = {"float32": relative_distance(hidden(model(dtype=jnp.float32)), reference)}
+    for skip in skips:  # "" = every block projection in FP8
+        fp8 = model(dtype=jnp.bfloat16, base_fp8=True,
+                    base_fp8_skip=tuple(filter(None, skip.split("+"))))
+        row[f"fp8 skip={skip}" if skip else "fp8"] = relative_distance(hidden(fp8), reference)
+    return row
 
 
 def main():
@@ -54,13 +59,16 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--inits", nargs="+", choices=("hf", "scaled"), default=["hf", "scaled"])
+    ap.add_argument("--fp8-skips", nargs="+", default=[""],
+                    help="FP8 rows: projections kept in bf16 per row, joined by '+' ('' = none), "
+                         "e.g. --fp8-skips '' q_proj+k_proj")
     args = ap.parse_args()
     shape = {**SHAPES[args.shape], "max_position_embeddings": max(256, args.seq)}
     ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, shape["vocab_size"])
-    rows = {init: drift(shape, init, ids) for init in args.inits}
+    rows = {init: drift(shape, init, ids, args.fp8_skips) for init in args.inits}
     print(f"final hidden states, relative distance from the bf16 forward ({args.shape}):")
     for init, row in rows.items():
-        print(f"  init {init:<7} float32 {row['float32']:.4f}   fp8 {row['fp8']:.4f}")
+        print(f"  init {init:<7} " + "   ".join(f"{k} {v:.4f}" for k, v in row.items()))
     print(json.dumps({"shape": args.shape, "batch": args.batch, "seq": args.seq,
                       "distance": rows}))
 

@@ -10,6 +10,7 @@ triton_gemm=1|0 (XLA's Triton GEMM autotuning candidates), cmdbuf=1|0 (CUDA-grap
 buffers; off, a profile names every kernel's XLA op), fp8=1|0 (FP8 frozen base: the block
 projections multiply in FP8 with per-tensor scaling, `models.fp8`), fp8_recipe=<name> (with
 fp8=1: another quantisation recipe from `benchmarks.fp8_recipes`, e.g. fwd_only),
+fp8_skip=q_proj+k_proj (with fp8=1: projections kept in bf16, `base_fp8_skip`),
 init=hf|scaled (hf: every kernel normal(0.02), as transformers initialises Llama; scaled: the
 residual-branch outputs o_proj and down_proj divided by sqrt(2 L), Megatron's "scaled init",
 a random model whose forward does not amplify rounding noise; see `benchmarks.fp8_drift`).
@@ -46,7 +47,7 @@ from benchmarks.trace_summary import render, summarize_dir  # noqa: E402
 PEAK_BF16 = 790e12
 DEFAULTS = {"remat": "dots_saveable", "attn": "cudnn", "adapter_dtype": "bfloat16",
             "ce": "fused", "chunk": "4096", "scan": "1", "triton_gemm": "1", "fp8": "0",
-            "cmdbuf": "1", "fp8_recipe": "tensor_e5m2", "init": "hf"}
+            "cmdbuf": "1", "fp8_recipe": "tensor_e5m2", "init": "hf", "fp8_skip": ""}
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 
 
@@ -81,7 +82,8 @@ def build(shape: str, opts: dict, batch: int, seq: int, rank: int = 16):
     cfg = LlamaConfig.from_hf_dict(SHAPES[shape], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                    scan_layers=True, remat_policy=opts["remat"],
                                    attention_impl=None if opts["attn"] == "auto" else opts["attn"],
-                                   base_fp8=opts["fp8"] == "1")
+                                   base_fp8=opts["fp8"] == "1",
+                                   base_fp8_skip=tuple(filter(None, opts["fp8_skip"].split("+"))))
     lora_cfg = lj.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
                              adapter_dtype=opts["adapter_dtype"])
 

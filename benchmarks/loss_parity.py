@@ -135,7 +135,8 @@ def jax_random_part(args, fp8: bool) -> list[float]:
     from benchmarks import jax_worker
     attn = "cudnn" if args.device == "cuda" else "xla"  # cuDNN flash attention is GPU-only
     opts = jax_worker.parse_variant([f"fp8={int(fp8)}", f"attn={attn}",
-                                     f"fp8_recipe={args.fp8_recipe}", f"init={args.init}"])
+                                     f"fp8_recipe={args.fp8_recipe}", f"init={args.init}",
+                                     f"fp8_skip={args.fp8_skip}"])
     cfg, model, base, adapters = jax_worker.build(args.shape, opts, args.batch, args.seq)
     tx = lj.optimizer(optax.adamw(args.lr, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD),
                       adapters)
@@ -177,6 +178,9 @@ def main():
                     help="with --compare fp8: the random init (benchmarks.jax_worker's init=): hf "
                          "is transformers' normal(0.02); scaled divides o_proj/down_proj by "
                          "sqrt(2 L), a random model that does not amplify rounding noise")
+    ap.add_argument("--fp8-skip", default="",
+                    help="with --compare fp8: projections kept in bf16, joined by '+' "
+                         "(e.g. q_proj+k_proj; the model option base_fp8_skip)")
     ap.add_argument("--part", choices=("both", *PARTS), default="both")
     ap.add_argument("--workdir", default="")
     ap.add_argument("--out", default="")
@@ -190,7 +194,7 @@ def main():
     common = [sys.executable, "-m", "benchmarks.loss_parity", "--shape", args.shape, "--batch",
               str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--lr",
               str(args.lr), "--device", args.device, "--data", args.data, "--fp8-recipe",
-              args.fp8_recipe, "--init", args.init, "--workdir", workdir]
+              args.fp8_recipe, "--init", args.init, "--fp8-skip", args.fp8_skip, "--workdir", workdir]
     results = {}
     for part in (ref_part, test_part):
         out = subprocess.run(common + ["--part", part], capture_output=True, text=True)
@@ -202,7 +206,7 @@ def main():
     for i in list(range(0, args.steps, max(1, args.steps // 10))) + [args.steps - 1]:
         print(f"step {i:4d}  {ref_part} {t[i]:.5f}  {test_part} {j[i]:.5f}  rel {rel[i]:.2e}")
     summary = {"compare": args.compare, "data": args.data, "fp8_recipe": args.fp8_recipe,
-               "init": args.init,
+               "init": args.init, "fp8_skip": args.fp8_skip,
                "shape": args.shape, "lr": args.lr, "batch": args.batch, "seq": args.seq,
                "steps": args.steps, "max_rel_diff": float(rel.max()),
                "mean_rel_diff": float(rel.mean()), "first_loss": [float(t[0]), float(j[0])],

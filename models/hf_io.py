@@ -254,15 +254,16 @@ def check_tensors(sources: list[LeafSource], index: TensorIndex, model: nn.Modul
 def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None,
             scan_layers: bool = False, remat_policy: str = "none",
             attention_impl: str | None = None, base_fp8: bool = False,
-            parallel: Parallelism = NoParallelism(),
+            base_fp8_skip: tuple[str, ...] = (), parallel: Parallelism = NoParallelism(),
             shardings: Shardings = None) -> tuple[nn.Module, Params]:
     """Load a local HF checkpoint directory as a Linen model and its params.
 
     Args:
       path: directory with config.json and model.safetensors (or shards + index).
       dtype: compute dtype; param_dtype: dtype of the loaded params (default: `dtype`).
-      scan_layers, remat_policy, attention_impl, base_fp8: run-time options of the config
-        (`models.options.RuntimeOptions`; base_fp8: FP8 matmuls for the frozen projections).
+      scan_layers, remat_policy, attention_impl, base_fp8, base_fp8_skip: run-time options of
+        the config (`models.options.RuntimeOptions`; base_fp8: FP8 matmuls for the frozen
+        projections, except those named in base_fp8_skip).
       parallel: the `Parallelism` the model builds its projections with.
       shardings: where each leaf goes: None (default device), one `jax.sharding.Sharding`
         for all, a tree of Shardings shaped like the params, or a function
@@ -278,7 +279,7 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: A
                               dtype=dtype, param_dtype=dtype if param_dtype is None
                               else param_dtype, scan_layers=scan_layers,
                               remat_policy=remat_policy, attention_impl=attention_impl,
-                              base_fp8=base_fp8)
+                              base_fp8=base_fp8, base_fp8_skip=base_fp8_skip)
     model = family(config).model_cls(config, parallel)
     sources = leaf_sources(model)
     with TensorIndex.open(path, family(config)) as index:

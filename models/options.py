@@ -34,6 +34,9 @@ class RuntimeOptions:
         scaling (`models.fp8`): about twice bf16's matmul rate on Hopper, for LoRA training of
         a frozen base. Parameters stay in `param_dtype`; adapters are untouched. The kernels get
         no gradient, so never use it to train base weights.
+      base_fp8_skip: projection names (e.g. ("q_proj", "k_proj")) that stay in the compute
+        dtype under `base_fp8`. q and k feed the attention softmax, which turns their FP8
+        rounding into the largest error of the step on a large model (docs/PERFORMANCE.md).
     """
 
     dtype: Any = jnp.float32
@@ -42,12 +45,18 @@ class RuntimeOptions:
     remat_policy: str = REMAT_NONE
     attention_impl: str | None = None
     base_fp8: bool = False
+    base_fp8_skip: tuple[str, ...] = ()
 
     def __post_init__(self):
         # Canonical dtypes keep configs hashable and equal however the dtype was spelled.
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
         remat_policy_fn(self.remat_policy)
+        if isinstance(self.base_fp8_skip, str) or not all(
+                isinstance(n, str) for n in self.base_fp8_skip):
+            raise ValueError(f"base_fp8_skip={self.base_fp8_skip!r}: give a tuple of projection "
+                             "names, e.g. ('q_proj', 'k_proj')")
+        object.__setattr__(self, "base_fp8_skip", tuple(self.base_fp8_skip))
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}: use one of "
                              f"{ATTENTION_IMPLS}")

@@ -16,8 +16,9 @@ def projection(parallel: Parallelism, config: Any, features: int, *, role: Role,
 
     With `config.base_fp8` the block projections multiply in FP8; the output head ("replicated")
     stays in the compute dtype, as FP8 recipes keep it: logits over a large vocabulary are where
-    quantisation error hurts the loss most."""
-    fp8 = config.base_fp8 and role != "replicated"
+    quantisation error hurts the loss most. Projections named in `config.base_fp8_skip` stay in
+    the compute dtype too."""
+    fp8 = config.base_fp8 and role != "replicated" and name not in config.base_fp8_skip
     return parallel.dense(features, role=role, name=name, use_bias=use_bias, dtype=config.dtype,
                           param_dtype=config.param_dtype,
                           kernel_init=nn.initializers.normal(config.initializer_range),
