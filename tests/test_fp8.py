@@ -91,6 +91,26 @@ def test_llama_with_lora_runs_on_the_fp8_base_close_to_float32():
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
+def test_base_fp8_skip_keeps_the_named_projections_out_of_fp8():
+    ids = jax.random.randint(jax.random.key(1), (2, 16), 0, TINY["vocab_size"])
+    params = lora_llama(False).init(jax.random.key(0), ids)["params"]
+    every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    ref = lora_llama(False).apply({"params": params}, ids)
+    all_skipped = lora_llama(True, base_fp8_skip=every).apply({"params": params}, ids)
+    np.testing.assert_array_equal(np.asarray(all_skipped), np.asarray(ref))
+
+    def fp8_casts(skip):
+        model = lora_llama(True, base_fp8_skip=skip)
+        return str(jax.make_jaxpr(lambda p: model.apply({"params": p}, ids))(params)).count(
+            "f8_e4m3fn[")
+
+    # Every FP8 projection casts alike: keeping six of seven in bf16 leaves a seventh of them.
+    only_down = fp8_casts(every[:-1])
+    assert only_down > 0 and fp8_casts(()) == 7 * only_down
+    with pytest.raises(ValueError, match="tuple of projection names"):
+        lora_llama(True, base_fp8_skip="q_proj")
+
+
 def test_dots_remat_policy_saves_the_fp8_outputs_like_bf16_dots():
     """`jax.checkpoint`'s dots policies cannot see inside the custom VJP; without the named
     policy the FP8 outputs would be recomputed (fewer residuals, an extra forward)."""

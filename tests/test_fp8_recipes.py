@@ -45,3 +45,28 @@ def test_use_recipe_swaps_the_models_fp8_matmul_and_refuses_unknown_names():
     assert models.projection.fp8_dot_general is fp8.fp8_dot_general
     with pytest.raises(SystemExit, match="unknown FP8 recipe"):
         use_recipe("e3m4")
+
+
+def test_depth_scaled_divides_only_the_residual_output_kernels():
+    from benchmarks.jax_worker import depth_scaled
+    params = {"model": {"layers": {"self_attn": {"o_proj": {"kernel": jnp.ones((2, 3))},
+                                                  "q_proj": {"kernel": jnp.ones((2, 3))}},
+                                   "mlp": {"down_proj": {"kernel": jnp.ones((2, 3)),
+                                                         "bias": jnp.ones(3)}}}}}
+    out = depth_scaled(params, num_layers=8)["model"]["layers"]
+    np.testing.assert_allclose(out["self_attn"]["o_proj"]["kernel"], 0.25)  # 1 / sqrt(16)
+    np.testing.assert_allclose(out["mlp"]["down_proj"]["kernel"], 0.25)
+    np.testing.assert_allclose(out["self_attn"]["q_proj"]["kernel"], 1.0)
+    np.testing.assert_allclose(out["mlp"]["down_proj"]["bias"], 1.0)
+
+
+def test_fp8_drift_measures_float32_below_fp8_on_the_tiny_shape():
+    from benchmarks.fp8_drift import drift
+    from benchmarks.shapes import SHAPES
+    ids = jax.random.randint(jax.random.key(1), (2, 32), 0, SHAPES["tiny"]["vocab_size"])
+    row = drift(SHAPES["tiny"], "hf", ids, ["", "q_proj+k_proj+v_proj+o_proj+gate_proj+up_proj"
+                                              "+down_proj"])
+    # float32 vs bf16 is bf16 rounding (~1e-2); FP8 adds e4m3's (~1e-1); skipping every
+    # projection leaves a bf16 model, so its distance is exactly 0.
+    assert row["float32"] < 3e-2 < row["fp8"] < 0.5
+    assert row["fp8 skip=q_proj+k_proj+v_proj+o_proj+gate_proj+up_proj+down_proj"] == 0.0
