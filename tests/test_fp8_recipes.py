@@ -61,12 +61,25 @@ def test_depth_scaled_divides_only_the_residual_output_kernels():
 
 
 def test_fp8_drift_measures_float32_below_fp8_on_the_tiny_shape():
-    from benchmarks.fp8_drift import drift
+    from benchmarks.fp8_drift import drift, random_model
     from benchmarks.shapes import SHAPES
     ids = jax.random.randint(jax.random.key(1), (2, 32), 0, SHAPES["tiny"]["vocab_size"])
-    row = drift(SHAPES["tiny"], "hf", ids, ["", "q_proj+k_proj+v_proj+o_proj+gate_proj+up_proj"
-                                              "+down_proj"])
+    row = drift(*random_model(SHAPES["tiny"], "hf", ids), ids,
+                ["", "q_proj+k_proj+v_proj+o_proj+gate_proj+up_proj+down_proj"])
     # float32 vs bf16 is bf16 rounding (~1e-2); FP8 adds e4m3's (~1e-1); skipping every
     # projection leaves a bf16 model, so its distance is exactly 0.
     assert row["float32"] < 3e-2 < row["fp8"] < 0.5
     assert row["fp8 skip=q_proj+k_proj+v_proj+o_proj+gate_proj+up_proj+down_proj"] == 0.0
+
+
+def test_fp8_drift_reads_a_hugging_face_checkpoint(tmp_path):
+    import models
+    from benchmarks.fp8_drift import checkpoint_model, drift
+    from models.llama import Llama, LlamaConfig
+    config = LlamaConfig.tiny()
+    params = Llama(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    models.save_hf(tmp_path, Llama(config), params)
+    model_for, loaded = checkpoint_model(str(tmp_path))
+    assert model_for().config.scan_layers and model_for(base_fp8=True).config.base_fp8
+    row = drift(model_for, loaded, jnp.arange(32, dtype=jnp.int32).reshape(2, 16), [""])
+    assert row["float32"] < 3e-2 < row["fp8"] < 0.5
