@@ -177,7 +177,7 @@ def main():
     ap.add_argument("--init", choices=("hf", "scaled"), default="hf",
                     help="with --compare fp8: the random init (benchmarks.jax_worker's init=): hf "
                          "is transformers' normal(0.02); scaled divides o_proj/down_proj by "
-                         "sqrt(2 L), a random model that does not amplify rounding noise")
+                         "sqrt(2 L) (Megatron's scaled init)")
     ap.add_argument("--fp8-skip", default="",
                     help="with --compare fp8: projections kept in bf16, joined by '+' "
                          "(e.g. q_proj+k_proj; the model option base_fp8_skip)")
@@ -194,7 +194,8 @@ def main():
     common = [sys.executable, "-m", "benchmarks.loss_parity", "--shape", args.shape, "--batch",
               str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--lr",
               str(args.lr), "--device", args.device, "--data", args.data, "--fp8-recipe",
-              args.fp8_recipe, "--init", args.init, "--fp8-skip", args.fp8_skip, "--workdir", workdir]
+              args.fp8_recipe, "--init", args.init, "--fp8-skip", args.fp8_skip,
+              "--workdir", workdir]
     results = {}
     for part in (ref_part, test_part):
         out = subprocess.run(common + ["--part", part], capture_output=True, text=True)

@@ -35,8 +35,9 @@ class RuntimeOptions:
         a frozen base. Parameters stay in `param_dtype`; adapters are untouched. The kernels get
         no gradient, so never use it to train base weights.
       base_fp8_skip: projection names (e.g. ("q_proj", "k_proj")) that stay in the compute
-        dtype under `base_fp8`. q and k feed the attention softmax, which turns their FP8
-        rounding into the largest error of the step on a large model (docs/PERFORMANCE.md).
+        dtype under `base_fp8`: to trade FP8 speed for accuracy where a model is sensitive, and
+        to find where it is (`benchmarks.fp8_drift --fp8-skips`; on the random-weight 8B shape
+        no subset removed the drift, docs/PERFORMANCE.md).
     """
 
     dtype: Any = jnp.float32
