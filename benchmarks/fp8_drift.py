@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 import models
-from benchmarks.jax_worker import depth_scaled
+from benchmarks.jax_worker import depth_scaled, projection_names
 from benchmarks.shapes import SHAPES
 from models.llama import Llama, LlamaConfig
 
@@ -45,7 +45,7 @@ def drift(model_for, params, ids: jax.Array, skips: list[str]) -> dict[str, floa
     row = {"float32": relative_distance(hidden(model_for(dtype=jnp.float32)), reference)}
     for skip in skips:  # "" = every block projection in FP8
         fp8 = model_for(dtype=jnp.bfloat16, base_fp8=True,
-                        base_fp8_skip=tuple(filter(None, skip.split("+"))))
+                        base_fp8_skip=projection_names(skip))
         row[f"fp8 skip={skip}" if skip else "fp8"] = relative_distance(hidden(fp8), reference)
     return row
 

@@ -65,6 +65,12 @@ def depth_scaled(params, num_layers: int):
     return jax.tree_util.tree_map_with_path(scale, params)
 
 
+def projection_names(joined: str) -> tuple[str, ...]:
+    """Projection names joined by "+" (how fp8_skip= and --fp8-skip spell them) as a tuple:
+    "q_proj+k_proj" -> ("q_proj", "k_proj"), "" -> ()."""
+    return tuple(filter(None, joined.split("+")))
+
+
 def parse_variant(items: list[str]) -> dict:
     opts = dict(DEFAULTS)
     for item in items:
@@ -79,12 +85,14 @@ def build(shape: str, opts: dict, batch: int, seq: int, rank: int = 16):
     if opts["fp8"] == "1":
         from benchmarks.fp8_recipes import use_recipe
         use_recipe(opts["fp8_recipe"])
+    if opts["init"] not in ("hf", "scaled"):
+        raise SystemExit(f"init={opts['init']!r}: use hf or scaled")
     unrolled = opts["scan"] == "0"
     cfg = LlamaConfig.from_hf_dict(SHAPES[shape], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                    scan_layers=True, remat_policy=opts["remat"],
                                    attention_impl=None if opts["attn"] == "auto" else opts["attn"],
                                    base_fp8=opts["fp8"] == "1",
-                                   base_fp8_skip=tuple(filter(None, opts["fp8_skip"].split("+"))))
+                                   base_fp8_skip=projection_names(opts["fp8_skip"]))
     lora_cfg = lj.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
                              adapter_dtype=opts["adapter_dtype"])
 
@@ -95,8 +103,6 @@ def build(shape: str, opts: dict, batch: int, seq: int, rank: int = 16):
         params = Llama(cfg).init(key, jnp.zeros((1, 8), jnp.int32))["params"]
         if opts["init"] == "scaled":
             params = depth_scaled(params, cfg.num_hidden_layers)
-        elif opts["init"] != "hf":
-            raise SystemExit(f"init={opts['init']!r}: use hf or scaled")
         params = lj.inject(params, lora_cfg, jax.random.fold_in(key, 1))
         return lj.split(unstack_layers(params) if unrolled else params)
 
