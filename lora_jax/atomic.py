@@ -17,7 +17,7 @@ from typing import Callable
 
 import jax
 
-from lora_jax.errors import LoraError
+from lora_jax.outputs import check_destination
 
 SAVING, PREVIOUS = ".saving", ".previous"
 
@@ -50,26 +50,27 @@ def recover_previous(path: Path) -> bool:
     return True
 
 
-def atomic_directory(path: str | Path, write: Callable[[Path], None], *,
-                     overwrite: bool) -> Path:
+def atomic_directory(path: str | Path, write: Callable[[Path], None], *, overwrite: bool,
+                     kind: str) -> Path:
     """Create directory `path` by calling `write(tmp)` and swapping `tmp` in.
 
     Args:
       path: the destination directory.
       write: fills a directory that does not exist yet (it creates it).
-      overwrite: replace an existing `path`; otherwise an existing `path` is an error.
+      overwrite: replace an earlier output of the same `kind` at `path`; an existing non-empty
+        `path` is otherwise an error, and anything but such an output always is
+        (`lora_jax.outputs.check_destination`).
+      kind: what is written (`lora_jax.outputs.ADAPTER`, `PEFT`, `MERGED`).
 
     Returns:
       The absolute destination path.
 
     Example:
-      >>> atomic_directory("out/adapter", lambda tmp: save_files(tmp), overwrite=True)
+      >>> atomic_directory("out/adapter", save_files, overwrite=True, kind=outputs.ADAPTER)
     """
     path = Path(path).absolute()
     recover_previous(path)
-    if path.exists() and not overwrite:
-        raise LoraError(f"{path} already exists; pass overwrite=True to replace it (the old copy "
-                        "is kept until the new one is complete).")
+    check_destination(path, kind, overwrite=overwrite)
     tmp, previous = sibling(path, SAVING), sibling(path, PREVIOUS)
     if is_primary():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lora_jax import atomic, fingerprint
+from lora_jax import atomic, fingerprint, outputs
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
+from lora_jax.finite import check_finite
 from lora_jax.partition import combine, lora_params
 from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, Params, filter_leaves
 from lora_jax.tree import unwrap_variables
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 
 
 def save_adapter(path: str | Path, params: Mapping, config: LoraConfig, *,
-                 base_model: str | None = None, overwrite: bool = False) -> Path:
+                 base_model: str | None = None, overwrite: bool = False,
+                 allow_non_finite: bool = False) -> Path:
     """Save the adapter sub-tree of `params` and its config as an orbax checkpoint, atomically.
 
     Args:
@@ -43,7 +45,9 @@ def save_adapter(path: str | Path, params: Mapping, config: LoraConfig, *,
       params: the injected params (or variables, or just `lora_params(params)`); may be sharded.
       config: the `LoraConfig` the adapters were made with (stored for reference and resume).
       base_model: a name for the base model (e.g. its HF path), stored and shown in errors.
-      overwrite: replace an existing checkpoint at `path`.
+      overwrite: replace an earlier adapter checkpoint at `path` (anything else there is
+        refused: `lora_jax.outputs.check_destination`).
+      allow_non_finite: write adapters holding NaN/inf (refused by default).
 
     Returns:
       The absolute checkpoint path.
@@ -52,10 +56,13 @@ def save_adapter(path: str | Path, params: Mapping, config: LoraConfig, *,
       >>> save_adapter("ckpt/adapter", params, config, base_model="meta-llama/Llama-3.2-1B")
       >>> params = load_adapter("ckpt/adapter", base_params)
     """
+    outputs.check_destination(path, outputs.ADAPTER, overwrite=overwrite)
     adapters = lora_params(unwrap_variables(params)[0])
     if not adapters:
         raise LoraError("save_adapter: the tree holds no lora_a/lora_b/lora_scale leaves; "
                         "pass the injected params (lora_jax.inject).")
+    if not allow_non_finite:
+        check_finite(adapters, "save_adapter")
     meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(),
             "base_model": base_model, "modules": describe(adapters),
             "checksums": fingerprint.checksums(adapters)}
@@ -65,7 +72,7 @@ def save_adapter(path: str | Path, params: Mapping, config: LoraConfig, *,
             ckptr.save(tmp, ocp.args.Composite(**{ADAPTER_ITEM: ocp.args.StandardSave(adapters),
                                                   META_ITEM: ocp.args.JsonSave(meta)}))
 
-    return atomic.atomic_directory(path, write, overwrite=overwrite)
+    return atomic.atomic_directory(path, write, overwrite=overwrite, kind=outputs.ADAPTER)
 
 
 def load_adapter(path: str | Path, params: Mapping) -> Params:

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from typing import Mapping, Sequence
+
+import jax.numpy as jnp
 
 from lora_jax.errors import LoraError
 
@@ -55,8 +58,15 @@ class LoraConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 object.__setattr__(self, name, tuple(value))
-        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
-        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
+        # numpy scalars (np.int64(8), np.float32(16)) are accepted and stored as Python numbers,
+        # so the config stays JSON-able and hashable.
+        object.__setattr__(self, "r", _rank("r", self.r))
+        object.__setattr__(self, "rank_pattern", {k: _rank(f"rank_pattern[{k!r}]", v)
+                                                  for k, v in dict(self.rank_pattern).items()})
+        object.__setattr__(self, "lora_alpha", _real("lora_alpha", self.lora_alpha))
+        object.__setattr__(self, "alpha_pattern", {k: _real(f"alpha_pattern[{k!r}]", v)
+                                                   for k, v in dict(self.alpha_pattern).items()})
+        object.__setattr__(self, "lora_dropout", _real("lora_dropout", self.lora_dropout))
         self._validate()
 
     def _validate(self):
@@ -64,24 +74,21 @@ class LoraConfig:
                                            and len(self.target_modules) == 0):
             raise LoraError("LoraConfig.target_modules is empty: pass module-name suffixes such as "
                             "['q_proj', 'v_proj'], a regex, or 'all-linear'.")
-        for where, rank in [("r", self.r), *((f"rank_pattern[{k!r}]", v)
-                                            for k, v in self.rank_pattern.items())]:
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-                raise LoraError(f"LoraConfig.{where} = {rank!r}: a LoRA rank must be a positive "
-                                "integer, e.g. r=8.")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value != ALL_LINEAR:
+                _compile(f"LoraConfig.{name}", value)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise LoraError(f"LoraConfig.lora_dropout = {self.lora_dropout}: use a probability "
                             "in [0, 1).")
+        _check_adapter_dtype(self.adapter_dtype)
         if self.init_lora_weights not in INIT_SCHEMES or (
                 self.init_lora_weights is not True and self.init_lora_weights is not False
                 and not isinstance(self.init_lora_weights, str)):
             raise LoraError(f"LoraConfig.init_lora_weights = {self.init_lora_weights!r} is not "
                             "supported: use True (kaiming-uniform A, zero B), 'gaussian' or False.")
         for key in (*self.rank_pattern, *self.alpha_pattern):
-            try:
-                re.compile(key)
-            except re.error as err:
-                raise LoraError(f"rank/alpha_pattern key {key!r} is not a valid regex: {err}") from err
+            _compile("a rank/alpha_pattern key", key)
 
     def rank_for(self, path: str) -> int:
         """The rank of the adapter at dotted module `path` (rank_pattern, else `r`)."""
@@ -111,6 +118,42 @@ class LoraConfig:
     def from_dict(cls, data: Mapping) -> "LoraConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _rank(where: str, value: object) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
+        raise LoraError(f"LoraConfig.{where} = {value!r}: a LoRA rank must be a positive "
+                        "integer, e.g. r=8.")
+    return int(value)
+
+
+def _real(where: str, value: object) -> float:
+    """A finite real number (int or float, numpy scalars too), as a Python number."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise LoraError(f"LoraConfig.{where} = {value!r} ({type(value).__name__}): pass a "
+                        "number, e.g. 16.")
+    if not math.isfinite(value):
+        raise LoraError(f"LoraConfig.{where} = {value!r}: it must be a finite number.")
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _compile(where: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise LoraError(f"{where} {pattern!r} is not a valid regular expression ({err}); "
+                        "pass module-name suffixes as a list, or fix the regex.") from err
+
+
+def _check_adapter_dtype(name: str) -> None:
+    try:
+        dtype = jnp.dtype(name)
+    except TypeError as err:
+        raise LoraError(f"LoraConfig.adapter_dtype = {name!r} is not a dtype; use 'float32' or "
+                        "'bfloat16'.") from err
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise LoraError(f"LoraConfig.adapter_dtype = {name!r}: adapters are trained, so they need "
+                        "a floating-point dtype ('float32', 'bfloat16').")
 
 
 def pattern_key(pattern: Mapping[str, object], path: str) -> str | None:

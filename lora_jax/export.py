@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lora_jax import atomic
+from lora_jax import atomic, outputs
 from lora_jax.errors import LoraError
 from lora_jax.merge import merge
 from lora_jax.tree import Params, unwrap_variables
@@ -35,7 +35,8 @@ def export_merged(path: str | Path, params: Mapping, model: Any, *, hf: bool = T
         `hf/config.json`.
       hf / orbax: which formats to write.
       dtype: dtype of the HF tensors (e.g. "bfloat16"); default: each kernel's own.
-      overwrite: replace an existing export at `path`.
+      overwrite: replace an earlier merged export at `path` (anything else there is refused:
+        `lora_jax.outputs.check_destination`).
 
     Returns:
       The absolute export path.
@@ -46,6 +47,7 @@ def export_merged(path: str | Path, params: Mapping, model: Any, *, hf: bool = T
     """
     if not (hf or orbax):
         raise LoraError("export_merged: nothing to write; set hf=True and/or orbax=True.")
+    outputs.check_destination(path, outputs.MERGED, overwrite=overwrite)
     merged = merge(unwrap_variables(params)[0])
 
     def write(tmp: Path) -> None:
@@ -55,7 +57,7 @@ def export_merged(path: str | Path, params: Mapping, model: Any, *, hf: bool = T
         if hf:
             _save_hf(tmp / HF_DIR, model, merged, dtype)
 
-    return atomic.atomic_directory(path, write, overwrite=overwrite)
+    return atomic.atomic_directory(path, write, overwrite=overwrite, kind=outputs.MERGED)
 
 
 def _save_hf(directory: Path, model: Any, merged: Params, dtype: Any) -> None:

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.tree import key_path_str
+
 _GOLDEN = np.uint32(2654435761)  # Knuth's multiplicative hash constant: spreads positions
 
 
@@ -40,7 +42,7 @@ def checksums(tree: Any) -> dict[str, int]:
     """
     sums = jax.device_get(_tree_checksum(tree))
     flat = jax.tree_util.tree_flatten_with_path(sums)[0]
-    return {_key(path): int(value) for path, value in flat}
+    return {key_path_str(path): int(value) for path, value in flat}
 
 
 def mismatches(expected: Mapping[str, int], tree: Any) -> list[str]:
@@ -48,8 +50,3 @@ def mismatches(expected: Mapping[str, int], tree: Any) -> list[str]:
     actual = checksums(tree)
     keys = sorted(set(expected) | set(actual))
     return [k for k in keys if expected.get(k) != actual.get(k)]
-
-
-def _key(path) -> str:
-    return "/".join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p))))
-                    for p in path)

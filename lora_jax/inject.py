@@ -57,7 +57,13 @@ def select_targets(modules: Mapping[str, Mapping], config: LoraConfig) -> list[s
         chosen = [p for p in paths if p.rsplit(".", 1)[-1] not in heads]
     else:
         chosen = [p for p in paths if matches_modules(config.target_modules, p)]
-    chosen = [p for p in chosen if not matches_modules(config.exclude_modules, p)]
+    kept = [p for p in chosen if not matches_modules(config.exclude_modules, p)]
+    if chosen and not kept:
+        raise LoraError(f"exclude_modules={config.exclude_modules!r} removes every module that "
+                        f"target_modules={config.target_modules!r} matched ({chosen[:6]}"
+                        f"{' ...' if len(chosen) > 6 else ''}): nothing is left to adapt. "
+                        "Narrow exclude_modules or widen target_modules.")
+    chosen = kept
     if not chosen:
         listing = "\n  ".join(paths) or "(none: the tree holds no 'kernel' leaves)"
         raise LoraError(f"target_modules={config.target_modules!r} matched no Dense kernel. "

@@ -32,10 +32,11 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from lora_jax import atomic, hf_names
+from lora_jax import atomic, hf_names, outputs
 from lora_jax.checkpoint import adapter_sharding, modules_of
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
+from lora_jax.finite import check_finite
 from lora_jax.layout import KernelLayout, default_layout
 from lora_jax.partition import combine
 from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, Params, filter_leaves
@@ -53,7 +54,9 @@ UNSUPPORTED = {
     "QA-LoRA", "alora_invocation_tokens": "activated LoRA", "use_bdlora": "BD-LoRA",
     "arrow_config": "Arrow routing", "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA",
 }
-BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda")
+# Initialisations after which the adapter is only right on a *changed* base (PEFT stores the base
+# change separately or expects a conversion): loading them onto the original base is wrong.
+BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +76,8 @@ class TorchAdapter:
 def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = None, *,
                 base_model_name_or_path: str | None = None, task_type: str = "CAUSAL_LM",
                 layer_container: str | None = None, fan_in_fan_out: bool | None = None,
-                uniform_scale: bool = False, overwrite: bool = False) -> Path:
+                uniform_scale: bool = False, overwrite: bool = False,
+                allow_non_finite: bool = False) -> Path:
     """Write the adapters of `params` as a PEFT LoRA adapter directory, atomically.
 
     Args:
@@ -88,7 +92,9 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
       uniform_scale: fold per-module scale differences into `lora_B` so that the global
         `lora_alpha / r` is every module's scale. vLLM ignores `rank_pattern`/`alpha_pattern`,
         so set this for vLLM when ranks or alphas differ between modules.
-      overwrite: replace an existing directory.
+      overwrite: replace an earlier PEFT adapter at `path` (anything else there is refused:
+        `lora_jax.outputs.check_destination`).
+      allow_non_finite: write adapters holding NaN/inf (refused by default).
 
     Returns:
       The absolute output path.
@@ -97,7 +103,10 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
       >>> export_peft("out/peft", params, config, base_model_name_or_path="meta-llama/Llama-3.2-1B")
       >>> # torch: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(...), "out/peft")
     """
+    outputs.check_destination(path, outputs.PEFT, overwrite=overwrite)
     tree = unwrap_variables(params)[0]
+    if not allow_non_finite:
+        check_finite(filter_leaves(tree, lambda key: key in ADAPTER_LEAVES), "export_peft")
     container = layer_container or hf_names.default_container(tree)
     adapters = torch_adapters(tree, container)
     if not adapters:
@@ -123,7 +132,7 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
             (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
 
-    return atomic.atomic_directory(path, write, overwrite=overwrite)
+    return atomic.atomic_directory(path, write, overwrite=overwrite, kind=outputs.PEFT)
 
 
 def torch_adapters(tree: Mapping, container: str | None) -> list[TorchAdapter]:
@@ -277,12 +286,27 @@ def import_peft(path: str | Path, params: Mapping, *, layer_container: str | Non
             leaves[tree_path] = built
     problems += [f"{p}: the model has an adapter here, the PEFT adapter has none"
                  for p, m in modules.items() if LORA_A in m and p not in placed]
+    problems += _replaced_shapes(leaves, modules)
     if problems:
         raise LoraError(f"the PEFT adapter at {path} (base model "
                         f"{peft.get('base_model_name_or_path')!r}) does not fit this model:\n  - "
                         + "\n  - ".join(problems) + "\nLoad it into the model it was trained for.")
     base = filter_leaves(tree, lambda key: key not in ADAPTER_LEAVES)
     return rewrap(combine(base, _nest(leaves)))
+
+
+def _replaced_shapes(leaves: Mapping[str, Mapping], modules: Mapping[str, Mapping]) -> list[str]:
+    """Adapters already in the tree may be replaced only by ones of the same shapes, as
+    `load_adapter` requires (a different rank is a different adapter: inject into the base)."""
+    problems = []
+    for path, new in leaves.items():
+        for leaf in (LORA_A, LORA_B):
+            if leaf in modules[path] and np.shape(modules[path][leaf]) != np.shape(new[leaf]):
+                problems.append(f"{path}.{leaf}: the model's adapter has shape "
+                                f"{list(np.shape(modules[path][leaf]))}, the PEFT adapter "
+                                f"{list(np.shape(new[leaf]))} (load into the base tree, "
+                                "lora_jax.split(params)[0], to replace it)")
+    return problems
 
 
 def read_peft_config(path: str | Path) -> dict:
@@ -292,9 +316,13 @@ def read_peft_config(path: str | Path) -> dict:
         raise LoraError(f"{file} not found: a PEFT adapter directory holds {CONFIG_FILE} and "
                         f"{WEIGHTS_FILE} (save it with PeftModel.save_pretrained).")
     try:
-        cfg = json.loads(file.read_text())
+        cfg = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise LoraError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start}); the file "
+                        "is corrupt or not an adapter config.") from err
     except json.JSONDecodeError as err:
         raise LoraError(f"{file} is not valid JSON ({err}); the file is corrupt.") from err
+    _check_config_fields(cfg, file)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise LoraError(f"{file}: peft_type {cfg.get('peft_type')!r}; only LORA adapters load.")
     unsupported = [label for key, label in UNSUPPORTED.items() if cfg.get(key)]
@@ -310,6 +338,26 @@ def read_peft_config(path: str | Path) -> dict:
                         f"{', '.join(unsupported)}. Retrain or convert to a plain LoRA adapter "
                         "(linear layers only, bias='none').")
     return cfg
+
+
+def _check_config_fields(cfg: Any, file: Path) -> None:
+    """The fields lora_jax reads must be there with usable types (PEFT always writes them)."""
+    if not isinstance(cfg, dict):
+        raise LoraError(f"{file} holds a JSON {type(cfg).__name__}, not an object; a PEFT adapter "
+                        "config is a JSON object with 'r', 'lora_alpha', 'target_modules', ...")
+    missing = [key for key in ("r", "lora_alpha") if key not in cfg]
+    if missing:
+        raise LoraError(f"{file} lacks {', '.join(map(repr, missing))}; lora_jax needs the rank "
+                        "and alpha to compute each module's scale. Add them or re-save the "
+                        "adapter with PEFT.")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise LoraError(f"{file}: {key!r} must be an object of {{pattern: value}}, got "
+                            f"{type(cfg[key]).__name__}.")
+    try:
+        _peft_scale(cfg, "x", None)
+    except LoraError as err:
+        raise LoraError(f"{file}: {err}") from err
 
 
 def peft_lora_config(path: str | Path) -> LoraConfig:
@@ -434,13 +482,14 @@ def _layout(path: str, module: Mapping, kernel_shape, layouts, stacked: bool) ->
     return default_layout(path, kernel_shape)
 
 
-def _peft_scale(peft: Mapping, name: str, rank: int) -> np.float32:
-    """PEFT's scale for module `name`, checking the file's rank against the config's."""
+def _peft_scale(peft: Mapping, name: str, rank: int | None) -> np.float32:
+    """PEFT's scale for module `name`, checking the file's rank against the config's (a rank of
+    None checks only that the config's numbers make a `LoraConfig`)."""
     cfg = LoraConfig(r=peft["r"], lora_alpha=peft["lora_alpha"], target_modules=[name],
                      use_rslora=peft.get("use_rslora", False),
                      rank_pattern=peft.get("rank_pattern") or {},
                      alpha_pattern=peft.get("alpha_pattern") or {})
-    if cfg.rank_for(name) != rank:
+    if rank is not None and cfg.rank_for(name) != rank:
         raise LoraError(f"{name}: lora_A has rank {rank} but adapter_config.json gives "
                         f"{cfg.rank_for(name)} (r / rank_pattern); the files do not belong "
                         "together.")

@@ -10,6 +10,10 @@ killed mid-save leaves only a temporary directory, which is ignored (and cleaned
 manager). `restore` goes from the newest step down, verifies each candidate's checksums, and
 moves any unreadable one aside to `<step>.corrupt` so training can save that step again; it says
 which step it used and why it skipped others.
+
+A checkpoint that is intact but does not fit (the run's settings or the adapters' shapes differ
+from those stored with it) is *not* corruption: `restore` refuses with a `LoraError` naming each
+difference and leaves every step as it is.
 """
 from __future__ import annotations
 
@@ -27,11 +31,17 @@ import orbax.checkpoint as ocp
 from lora_jax import atomic, fingerprint
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
+from lora_jax.finite import check_finite
+from lora_jax.tree import key_path_str
 
 FORMAT = "lora_jax.train_state"
 STATE_ITEM, META_ITEM = "state", "meta"
 CORRUPT = ".corrupt"
 log = logging.getLogger(__name__)
+
+
+class CheckpointMismatch(LoraError):
+    """An intact checkpoint made with other settings or shapes than the run resuming it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +80,8 @@ class TrainCheckpointer:
       max_to_keep: how many of the newest checkpoints to keep.
       config: a `LoraConfig` stored with each step (for reference and `save_adapter` later).
       async_save: write in a background thread (call `wait()` or `close()` before exiting).
+      settings: a flat JSON-able dict of what must not change across a resume (rank, model,
+        batch size, data, ...); stored with each step and compared by `restore`.
 
     Example:
       >>> ckpt = TrainCheckpointer("run/ckpt", max_to_keep=3)
@@ -81,9 +93,11 @@ class TrainCheckpointer:
     """
 
     def __init__(self, directory: str | Path, *, max_to_keep: int = 3,
-                 config: LoraConfig | None = None, async_save: bool = True):
+                 config: LoraConfig | None = None, async_save: bool = True,
+                 settings: Mapping[str, Any] | None = None):
         self.directory = Path(directory).absolute()
         self.config = config
+        self.settings = None if settings is None else dict(settings)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save)
@@ -95,10 +109,14 @@ class TrainCheckpointer:
     def save(self, step: int, *, adapters: Any, opt_state: Any, rng: Any = None,
              data_position: Any = None, force: bool = False) -> bool:
         """Start saving the state after `step` completed steps; returns False if the manager
-        skipped it (an existing step, unless `force`). `data_position` must be JSON-able."""
+        skipped it (an existing step, unless `force`). `data_position` must be JSON-able.
+        Non-finite adapters or optimizer state raise `LoraError`: a diverged state is never
+        saved over the good ones."""
         state = {"adapters": adapters, "opt_state": opt_state}
+        check_finite(state, f"TrainCheckpointer.save(step {step})")
         meta = {"format": FORMAT, "step": int(step), "data_position": data_position,
                 "rng": _rng_to_json(rng), "checksums": fingerprint.checksums(state),
+                "shapes": shapes(state), "settings": self.settings,
                 "config": None if self.config is None else self.config.to_dict()}
         _check_json(meta)
         return self._manager.save(int(step), force=force, args=ocp.args.Composite(
@@ -119,7 +137,10 @@ class TrainCheckpointer:
         skipped = []
         for candidate in steps:
             try:
+                self._check_fits(candidate, self._read_meta(candidate), target)
                 found = self._restore_step(candidate, target, tuple(skipped))
+            except CheckpointMismatch:
+                raise  # intact, but not this run's: never moved aside
             except Exception as err:  # any unreadable step: report, move aside, try older
                 if step is not None:
                     raise LoraError(f"checkpoint step {step} in {self.directory} is unreadable: "
@@ -133,6 +154,35 @@ class TrainCheckpointer:
             raise LoraError(f"no readable checkpoint in {self.directory}: " +
                             "; ".join(f"step {s}: {r}" for s, r in skipped))
         return None
+
+    def _read_meta(self, step: int) -> dict:
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            **{META_ITEM: ocp.args.JsonRestore()}))
+        meta = out[META_ITEM]
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise LoraError("not a lora_jax training-state checkpoint")
+        return meta
+
+    def _check_fits(self, step: int, meta: Mapping, target: Mapping) -> None:
+        """Refuse (without touching the files) a checkpoint made with other settings or
+        shapes; checkpoints written before these were stored are compared by shape only."""
+        where = f"checkpoint step {step} in {self.directory}"
+        stored = meta.get("settings")
+        if self.settings is not None and stored is not None:
+            diffs = [f"{key}: checkpoint {stored.get(key)!r}, this run {value!r}"
+                     for key, value in self.settings.items() if stored.get(key) != value]
+            if diffs:
+                raise CheckpointMismatch(f"{where} was made with other settings:\n  - " +
+                                "\n  - ".join(diffs) + "\nResume with the settings it was made "
+                                "with, or start a new run in another directory. The checkpoints "
+                                "are intact and were left as they are.")
+        if meta.get("shapes") is not None:
+            diffs = shape_differences(meta["shapes"], shapes(target))
+            if diffs:
+                raise CheckpointMismatch(f"{where} holds a state of other shapes than this run's:\n  - "
+                                + "\n  - ".join(diffs[:6]) + "\nResume with the LoRA and "
+                                "model settings it was made with. The checkpoints are intact "
+                                "and were left as they are.")
 
     def _restore_step(self, step: int, target: Mapping, skipped: tuple) -> Restored:
         out = self._manager.restore(step, args=ocp.args.Composite(
@@ -180,6 +230,26 @@ class TrainCheckpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def shapes(tree: Any) -> dict[str, list]:
+    """`{"adapters/q/lora_a": [shape, dtype]}` for every array leaf of a state tree."""
+    return {key_path_str(path): [list(np.shape(x)), str(np.dtype(x.dtype))]
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def shape_differences(stored: Mapping[str, list], wanted: Mapping[str, list]) -> list[str]:
+    """One line per leaf that is missing, extra or of another shape/dtype."""
+    out = []
+    for key in sorted(set(stored) | set(wanted)):
+        if key not in wanted:
+            out.append(f"{key}: in the checkpoint, not in this run")
+        elif key not in stored:
+            out.append(f"{key}: in this run, not in the checkpoint")
+        elif list(stored[key]) != list(wanted[key]):
+            out.append(f"{key}: checkpoint {stored[key][0]} {stored[key][1]}, this run "
+                       f"{wanted[key][0]} {wanted[key][1]}")
+    return out
 
 
 def _abstract(tree: Any) -> Any:

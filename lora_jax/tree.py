@@ -84,3 +84,9 @@ def deep_merge(a: Mapping, b: Mapping) -> Params:
         else:
             out[key] = value
     return out
+
+
+def key_path_str(path: Any, sep: str = "/") -> str:
+    """A `jax.tree_util` key path as text: `("a", 0, "kernel")` -> `"a/0/kernel"`."""
+    return sep.join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p))))
+                    for p in path)

@@ -123,9 +123,11 @@ def check_model_fits(mesh: Mesh, *, hidden: int, heads: int, kv_heads: int | Non
               ("hidden size", hidden, fsdp, FSDP)]
     for what, size, parts, axis in wanted:
         if size is not None and size % parts:
-            raise MeshError(f"{what} {size} is not divisible by {axis}={parts}: pick {axis} "
-                            f"among {_divisors(size, axis_size(mesh, AXES))}"
-                            + (" or pad the vocabulary to a multiple of it (e.g. "
+            sizes = [s for _, s, _, a in wanted if a == axis and s is not None]
+            raise MeshError(f"{what} {size} is not divisible by {axis}={parts}: with "
+                            f"{_device_count(mesh)} devices this model allows {axis} in "
+                            f"{_fitting(sizes, _device_count(mesh))}"
+                            + (" (or pad the vocabulary to a multiple of it, e.g. "
                                f"{_round_up(size, parts)})" if what == "vocab size" else ""))
 
 
@@ -164,8 +166,15 @@ def check_sequence_fits(mesh: Mesh, seq: int) -> None:
                         f"{tp} (e.g. {_round_up(seq, tp)}) or turn sequence_parallel off")
 
 
-def _divisors(n: int, limit: int) -> list[int]:
-    return [d for d in range(1, limit + 1) if n % d == 0 and limit % d == 0]
+def _device_count(mesh: Mesh) -> int:
+    """The devices a layout may use: the mesh's, or all of them if there are more."""
+    return max(mesh.size, jax.device_count())
+
+
+def _fitting(sizes: list[int], devices: int) -> list[int]:
+    """Axis sizes that divide the device count and every model dimension the axis splits."""
+    return [d for d in range(1, devices + 1)
+            if devices % d == 0 and all(s % d == 0 for s in sizes)]
 
 
 def _round_up(n: int, k: int) -> int:
