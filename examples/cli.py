@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import pathlib
 import re
 import sys
@@ -18,6 +19,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16")
 REGEX_CHARS = set("*()[]|\\^$+?{}")
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3  # the run stopped at a non-finite loss or gradient norm
 # A random base has nothing to keep and far to go; a pretrained one wants LoRA's usual rates.
 EMBEDDED_LR, CHECKPOINT_LR = 1e-2, 2e-4
 
@@ -259,6 +261,7 @@ def check(cfg: TrainConfig) -> None:
     for flag, value in nonneg.items():
         if value < 0:
             raise ValueError(f"{flag} must be >= 0, got {value}")
+    _check_reals(cfg)
     if cfg.dp < 1 and cfg.dp != -1:
         raise ValueError(f"--dp must be >= 1 or -1 (the devices left), got {cfg.dp}")
     if cfg.batch_size % cfg.grad_accum:
@@ -280,6 +283,20 @@ def check(cfg: TrainConfig) -> None:
                          "--process-id")
 
 
+def _check_reals(cfg: TrainConfig) -> None:
+    """Real-valued flags: finite, and in their range (a NaN learning rate would train NaN)."""
+    rules = [("--lr", cfg.lr, lambda v: v > 0, "> 0"),
+             ("--alpha", cfg.alpha, lambda v: True, ""),
+             ("--dropout", cfg.dropout, lambda v: 0 <= v < 1, "in [0, 1)"),
+             ("--grad-clip", cfg.grad_clip, lambda v: v >= 0, ">= 0 (0: off)"),
+             ("--weight-decay", cfg.weight_decay, lambda v: v >= 0, ">= 0"),
+             ("--peak-tflops", cfg.peak_tflops, lambda v: v > 0, "> 0")]
+    for flag, value, ok, wanted in rules:
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise ValueError(f"{flag} must be a finite number {wanted}".rstrip() +
+                             f", got {value}")
+
+
 def one_line(message: str, limit: int = 600) -> str:
     """An exception message as one line: list items joined with '; ', long lists cut short."""
     lines = [re.sub(r"^-\s+", "", line.strip()) for line in str(message).splitlines()]
@@ -292,13 +309,21 @@ def one_line(message: str, limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+class Diverged(RuntimeError):
+    """The loss or gradient norm became NaN/inf: the run stopped without saving that state."""
+
+
 def run_cli(main: Callable[[TrainConfig], object], argv: Sequence[str] | None = None,
-            errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)) -> int:
+            errors: tuple[type[BaseException], ...] = (ValueError, OSError)) -> int:
     """Parse flags, run `main(config)`; a bad input prints `error: <one line>` to stderr and
-    returns 2 (no traceback). The library's errors (LoraError, MeshError, DataError,
-    CheckpointError) are all ValueErrors."""
+    returns 2, a diverged run returns 3 (no traceback either way). The library's errors
+    (LoraError, MeshError, DataError, CheckpointError) are all ValueErrors; OSError covers
+    files that cannot be read or written (the message names the file)."""
     try:
         main(parse_args(argv))
+    except Diverged as err:
+        print(f"error: {one_line(str(err))}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
     except errors as err:
         print(f"error: {one_line(str(err))}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT

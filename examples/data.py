@@ -26,21 +26,32 @@ class DataError(ValueError):
 def read_documents(path: str | pathlib.Path) -> list[tuple[str, str]]:
     """`[(prompt, completion)]` pairs; plain text has an empty prompt (loss on every token)."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise DataError(f"--data {str(path)!r} is a directory; pass one .txt or .jsonl file.")
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist; pass --data a .txt or .jsonl "
                         "file (default: the embedded examples/data/sonnets.txt).")
+    text = read_text(path, "data file")
     if path.suffix != ".jsonl":
-        text = path.read_text(encoding="utf-8")
         if not text.strip():
             raise DataError(f"data file {str(path)!r} is empty")
         return [("", text)]
     docs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             docs.append(_jsonl_record(path, n, line))
     if not docs:
         raise DataError(f"data file {str(path)!r} holds no records")
     return docs
+
+
+def read_text(path: pathlib.Path, what: str) -> str:
+    """The UTF-8 text of `path`; a `DataError` naming the file and the byte if it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{what} {str(path)!r} is not UTF-8 text ({err.reason} at byte "
+                        f"{err.start}); convert it to UTF-8.") from err
 
 
 def _jsonl_record(path, n: int, line: str) -> tuple[str, str]:

@@ -88,7 +88,8 @@ def make_train_step(loss_sums: LossSums, tx: optax.GradientTransformation) -> Ca
 
     Returns:
       `step(adapters, opt_state, base, batch, rng) -> (adapters, opt_state, metrics)`;
-      metrics: loss (mean token NLL), tokens (counted in it), grad_norm.
+      metrics: loss (mean token NLL), tokens (counted in it), grad_norm. A step whose loss or
+      gradient norm is NaN/inf returns the adapters and optimizer state unchanged.
 
     Example:
       >>> step = jax.jit(make_train_step(loss_sums, tx), donate_argnums=(0, 1))
@@ -108,9 +109,14 @@ def make_train_step(loss_sums: LossSums, tx: optax.GradientTransformation) -> Ca
         (grads, nll, count), _ = jax.lax.scan(micro, zero, (batch, jnp.arange(accum)))
         norm = 1.0 / jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g * norm.astype(g.dtype), grads)
-        updates, opt_state = tx.update(grads, opt_state, adapters)
+        updates, new_opt_state = tx.update(grads, opt_state, adapters)
         metrics = {"loss": nll * norm, "tokens": count, "grad_norm": global_norm(grads)}
-        return optax.apply_updates(adapters, updates), opt_state, metrics
+        # A non-finite loss or gradient leaves the state as it was: the loop stops the run on
+        # reading these metrics, and what it holds (and may have saved) stays finite.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        return (jax.tree.map(keep, optax.apply_updates(adapters, updates), adapters),
+                jax.tree.map(keep, new_opt_state, opt_state), metrics)
 
     return step
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import math
 import sys
 import time
 from pathlib import Path
@@ -32,9 +34,10 @@ from tqdm import tqdm
 import lora_jax as lj
 import models
 from examples import modeling
-from examples.cli import TrainConfig, run_cli
+from examples.cli import Diverged, TrainConfig, run_cli
 from examples.data import Batches, DataError, fixed_batches, read_documents, tokenize
 from examples.metrics import MetricsLog, plot_loss
+from examples.preflight import check_outputs
 from examples.schedule import adapter_optimizer
 from examples.steps import make_eval_step, make_loss, make_train_step
 from sharding import (BATCH_AXES, DistributedConfig, MeshError, TensorParallelism,
@@ -79,6 +82,7 @@ def train(cfg: TrainConfig) -> Trained:
       >>> out.records[-1]["loss"]
     """
     # ---- processes and mesh --------------------------------------------------------------
+    check_outputs(cfg)  # every output writable and ours to replace, before any work
     if cfg.coordinator is not None:
         initialize(DistributedConfig(coordinator_address=cfg.coordinator,
                                      num_processes=cfg.num_processes, process_id=cfg.process_id))
@@ -142,12 +146,16 @@ def train(cfg: TrainConfig) -> Trained:
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(adapters)
     start, ckpt = 0, None
     if cfg.checkpoint_dir:
-        ckpt = lj.TrainCheckpointer(cfg.checkpoint_dir, max_to_keep=cfg.keep, config=lora_cfg)
+        ckpt = lj.TrainCheckpointer(cfg.checkpoint_dir, max_to_keep=cfg.keep, config=lora_cfg,
+                                    settings=run_settings(cfg, lora_cfg, base_name))
         found = resume_from(ckpt, cfg, adapters, opt_state)
         if found is not None:
             adapters, opt_state, start = found.adapters, found.opt_state, found.step
             batches.position, key_train = found.data_position["position"], found.rng
             say(f"resume: {found.describe()}")
+        elif cfg.resume:
+            say(f"resume: no checkpoint in {cfg.checkpoint_dir} yet; starting at step 1")
+    last_saved = start if ckpt is not None and start else None
 
     # ---- step: one jitted program, explicit shardings, donated state ----------------------
     batch_sh = NamedSharding(mesh, P(None, BATCH_AXES))
@@ -180,28 +188,39 @@ def train(cfg: TrainConfig) -> Trained:
     tokens_per_step = cfg.batch_size * cfg.seq_len
     pending, last = None, time.perf_counter()
     end = min(cfg.steps, start + cfg.stop_after) if cfg.stop_after else cfg.steps
+
+    def flush(extra=None) -> dict:
+        """Log the pending step's record (waiting for it); stop the run if it diverged."""
+        record, now = report(*pending, last, bar, tokens_per_step, flops, peak)
+        record.update(extra(record) if extra else {})
+        log.write(**record)
+        stop_if_diverged(record, cfg, last_saved, bar)
+        return record, now
+
     for step in range(start + 1, end + 1):
         batch = place(next(batches))
         adapters, opt_state, metrics = train_step(adapters, opt_state, base, batch,
                                                   jax.random.fold_in(key_train, step))
         if pending is not None:  # the previous step's numbers: reading them waits for it only
-            record, last = report(*pending, last, bar, tokens_per_step, flops, peak)
-            log.write(**record)
+            _, last = flush()
         pending = (step, metrics)
         if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.steps):
-            record, _ = report(*pending, last, bar, tokens_per_step, flops, peak)
-            record["eval_loss"] = evaluate(eval_step, adapters, base, eval_batches, place)
-            log.write(**record)
+            record, _ = flush(lambda r: {"eval_loss": evaluate(eval_step, adapters, base,
+                                                               eval_batches, place)})
             if jax.process_index() == 0:
                 bar.write(f"step {step:5d}  loss {record['loss']:.4f}  "
                           f"eval_loss {record['eval_loss']:.4f}")
             pending, last = None, time.perf_counter()
         if ckpt is not None and (step == end or (cfg.save_every and
                                                        step % cfg.save_every == 0)):
+            if pending is not None:  # a step is saved only once its loss is known finite
+                _, last = flush()
+                pending = None
             ckpt.save(step, adapters=adapters, opt_state=opt_state, rng=key_train,
                       data_position={"position": batches.position})
+            last_saved = step
     if pending is not None:
-        log.write(**report(*pending, last, bar, tokens_per_step, flops, peak)[0])
+        flush()
     bar.close()
 
     # ---- finish: checkpoints, adapter, exports, plot, sample -------------------------------
@@ -260,6 +279,37 @@ def place_batch(batch: dict, *, sharding: NamedSharding, accum: int) -> dict:
         x = np.ascontiguousarray(x.reshape(accum, x.shape[0] // accum, *x.shape[1:]))
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
     return jax.tree.map(one, batch)
+
+
+def run_settings(cfg: TrainConfig, lora_cfg: lj.LoraConfig, base_name: str) -> dict:
+    """What a resume must share with the run that wrote the checkpoints, keyed by flag: the
+    adapters' shapes and meaning, the model, and the data stream (path and content)."""
+    return {"--rank": lora_cfg.r, "--alpha": lora_cfg.lora_alpha,
+            "--targets": lora_cfg.to_dict()["target_modules"], "--rslora": lora_cfg.use_rslora,
+            "--dropout": lora_cfg.lora_dropout, "--model": base_name,
+            "--scan-layers": cfg.scan_layers, "--batch-size": cfg.batch_size,
+            "--seq-len": cfg.seq_len, "--grad-accum": cfg.grad_accum, "--seed": cfg.seed,
+            "--data": str(Path(cfg.data).absolute()), "data contents": file_digest(cfg.data),
+            "--eval-fraction": cfg.eval_fraction}
+
+
+def file_digest(path: str) -> str:
+    """A short SHA-256 of a file's bytes (the data a run trained on)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def stop_if_diverged(record: dict, cfg: TrainConfig, last_saved: int | None, bar) -> None:
+    """Raise `Diverged` if the step's loss or gradient norm is NaN/inf. The train step made no
+    update from that gradient, and no checkpoint of it is written."""
+    if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
+        return
+    bar.close()
+    kept = (f"the last checkpoint, step {last_saved} in {cfg.checkpoint_dir}, is intact"
+            if last_saved else "no checkpoint was written")
+    raise Diverged(f"step {record['step']}: loss {record['loss']}, gradient norm "
+                   f"{record['grad_norm']}: the run diverged and was stopped; {kept} and no "
+                   f"adapter was exported. Lower --lr (now {cfg.learning_rate:g}) or set "
+                   "--grad-clip.")
 
 
 def resume_from(ckpt: lj.TrainCheckpointer, cfg: TrainConfig, adapters, opt_state):

@@ -5,9 +5,11 @@
     select   lora_params, split, combine, trainable_mask
     train    optimizer, apply, LoraModel, remat_policy
     finish   merge, summary
-    save     save_adapter, load_adapter, adapter_config, TrainCheckpointer, Restored
+    save     save_adapter, load_adapter, adapter_config, TrainCheckpointer, Restored,
+             CheckpointMismatch, check_destination (what overwrite may replace)
     export   export_peft, import_peft, peft_lora_config, export_merged, load_merged
 """
+from lora_jax import outputs
 from lora_jax.checkpoint import adapter_config, load_adapter, save_adapter
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
@@ -21,7 +23,8 @@ from lora_jax.peft_io import export_peft, import_peft, peft_lora_config
 from lora_jax.partition import combine, lora_params, split, trainable_mask
 from lora_jax.remat import remat_policy
 from lora_jax.summary import Summary, summary
-from lora_jax.train_state import Restored, TrainCheckpointer
+from lora_jax.outputs import check_destination
+from lora_jax.train_state import CheckpointMismatch, Restored, TrainCheckpointer
 
 __all__ = [
     "LoraConfig", "LoraError",
@@ -30,5 +33,6 @@ __all__ = [
     "optimizer", "apply", "lora_delta", "LoraModel", "remat_policy",
     "merge", "summary", "Summary",
     "save_adapter", "load_adapter", "adapter_config", "TrainCheckpointer", "Restored",
+    "CheckpointMismatch", "check_destination", "outputs",
     "export_peft", "import_peft", "peft_lora_config", "export_merged", "load_merged",
 ]

@@ -46,9 +46,15 @@ def read_config(path: str | os.PathLike) -> dict:
         raise CheckpointFileNotFoundError(f"{file}: not found; a checkpoint directory needs "
                                           "config.json beside its *.safetensors files")
     try:
-        return json.loads(file.read_text())
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: holds a JSON {type(config).__name__}, not an object with "
+                              "'model_type', 'hidden_size', ...; is it a model's config.json?")
+    return config
 
 
 def config_from_dict(d: Mapping, *, source: str = CONFIG_FILE, **options) -> Any:
@@ -350,7 +356,9 @@ def save_hf(path: str | os.PathLike, model: nn.Module, params: Mapping, *, dtype
       params: a plain tree (after `lora_jax.merge` if it held adapters), scanned or not.
       dtype: dtype of the written tensors (default: each leaf's own).
       max_shard_bytes: above this, tensors go to several files plus model.safetensors.index.json.
-      overwrite: replace *.safetensors already in `path` (else refuse, nothing is touched).
+      overwrite: replace an earlier HF model in `path` (config.json and *.safetensors; its
+        tokenizer files are kept). A directory holding anything else is refused, and without
+        `overwrite` so is any non-empty directory; nothing is touched then.
 
     Returns:
       The files written.
@@ -386,12 +394,26 @@ def _check_tree(tree: Mapping, sources: list[LeafSource]) -> None:
                               f"{['.'.join(p) for p in missing[:6]]}.{hint}")
 
 
+# What an HF model directory may hold besides *.safetensors: overwrite replaces such a directory
+# only (the tokenizer files are kept), never one holding anything else.
+HF_MODEL_FILES = {CONFIG_FILE, INDEX_FILE, "generation_config.json", "tokenizer.json",
+                  "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"}
+
+
 def _prepare_directory(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} is a file; save_hf writes a directory: choose another path")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not overwrite:
+        raise CheckpointError(f"{out} already holds {entries[:6]}; pass overwrite=True to "
+                              "replace an earlier model there, or choose another directory")
+    stray = [e for e in entries if e not in HF_MODEL_FILES and not e.endswith(".safetensors")]
+    if entries and (stray or not any(e.endswith(".safetensors") for e in entries)):
+        what = f"holds {stray[:6]}" if stray else "holds no *.safetensors weights"
+        raise CheckpointError(f"refusing to overwrite {out}: it {what}, so it is not an earlier "
+                              "Hugging Face model; choose another directory")
     out.mkdir(parents=True, exist_ok=True)
     old = sorted(out.glob("*.safetensors")) + sorted(out.glob(INDEX_FILE))
-    if old and not overwrite:
-        raise CheckpointError(f"{out} already holds {[p.name for p in old]}; pass "
-                              "overwrite=True to replace them, or choose another directory")
     for file in old:  # stale shards would shadow or mix with the new ones
         file.unlink()
 
