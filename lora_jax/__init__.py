@@ -12,7 +12,8 @@ from lora_jax.checkpoint import adapter_config, load_adapter, save_adapter
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
 from lora_jax.export import export_merged, load_merged
-from lora_jax.forward import LoraModel, apply, lora_delta
+from lora_jax.adapter_op import lora_delta
+from lora_jax.forward import LoraModel, apply
 from lora_jax.inject import inject
 from lora_jax.layout import KernelLayout, kernel_layouts
 from lora_jax.merge import merge

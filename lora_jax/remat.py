@@ -4,29 +4,17 @@ A "dots" policy (`dots_saveable`, ...) saves every matmul output. An adapted lay
 `y = x @ W + (x @ A) @ B`, so such a policy keeps *two* full-width tensors per layer, `x @ W` and
 `(x @ A) @ B`, to recompute their sum in the backward pass: twice the activation memory of the
 base model for nothing, because the backward only ever needs the sum (and the rank-r `x @ A` for
-B's gradient). `lora_jax.apply` and the sharded layers name both values; `remat_policy` adds
-the names to a policy, and the unneeded halves are then neither saved nor recomputed.
+B's gradient). `lora_jax.adapter_op` names both values (for `lora_jax.apply` and the sharded
+layers alike); `remat_policy` adds the names to a policy, and the unneeded halves are then
+neither saved nor recomputed.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import jax
-from jax.ad_checkpoint import checkpoint_name
 
-ADAPTED_OUTPUT = "lora_adapted_output"  # base(x) + delta, the layer's output
-ADAPTER_HIDDEN = "lora_hidden"  # scale * x @ A, [..., r]
-SAVED_NAMES = (ADAPTED_OUTPUT, ADAPTER_HIDDEN)
-
-
-def name_output(y: jax.Array) -> jax.Array:
-    """Mark an adapted layer's output (identity outside `jax.checkpoint`)."""
-    return checkpoint_name(y, ADAPTED_OUTPUT)
-
-
-def name_hidden(h: jax.Array) -> jax.Array:
-    """Mark the rank-r adapter activation (identity outside `jax.checkpoint`)."""
-    return checkpoint_name(h, ADAPTER_HIDDEN)
+from lora_jax.adapter_op import SAVED_NAMES
 
 
 def remat_policy(policy: str | Callable, *extra_names: str) -> Callable:
