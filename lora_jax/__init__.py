@@ -4,6 +4,8 @@
     create   inject, kernel_layouts, KernelLayout
     select   lora_params, split, combine, trainable_mask
     train    optimizer, apply, LoraModel, remat_policy
+    op       lora_delta (the whole adapter op, for layers that add their own, is
+             `lora_jax.adapter_op`)
     finish   merge, summary
     save     save_adapter, load_adapter, adapter_config, TrainCheckpointer, Restored
     export   export_peft, import_peft, peft_lora_config, export_merged, load_merged
