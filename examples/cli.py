@@ -198,8 +198,9 @@ def _numerics_flags(g, d: TrainConfig) -> None:
                    help="compute and frozen-base dtype (adapters stay float32)")
     g.add_argument("--scan-layers", action="store_true", help="nn.scan the layers (faster "
                    "compiles for deep models)")
-    g.add_argument("--remat", default=d.remat, help="'none', 'full' or a "
-                   "jax.checkpoint_policies name, e.g. dots_saveable")
+    g.add_argument("--remat", default=d.remat, help="'none', 'full', a "
+                   "jax.checkpoint_policies name, e.g. dots_saveable, or a names factory, "
+                   "e.g. save_only_these_names:a,b (see remat_policies)")
     g.add_argument("--attention", choices=("xla", "cudnn"), help="attention implementation")
 
 

@@ -4,6 +4,8 @@
     create   inject, kernel_layouts, KernelLayout
     select   lora_params, split, combine, trainable_mask
     train    optimizer, apply, LoraModel, remat_policy
+    op       lora_delta (the whole adapter op, for layers that add their own, is
+             `lora_jax.adapter_op`)
     finish   merge, summary
     save     save_adapter, load_adapter, adapter_config, TrainCheckpointer, Restored,
              CheckpointMismatch, check_destination (what overwrite may replace)
@@ -14,7 +16,8 @@ from lora_jax.checkpoint import adapter_config, load_adapter, save_adapter
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
 from lora_jax.export import export_merged, load_merged
-from lora_jax.forward import LoraModel, apply, lora_delta
+from lora_jax.adapter_op import lora_delta
+from lora_jax.forward import LoraModel, apply
 from lora_jax.inject import inject
 from lora_jax.layout import KernelLayout, kernel_layouts
 from lora_jax.merge import merge

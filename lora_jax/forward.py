@@ -4,7 +4,8 @@ Linen ignores parameters a module never reads, so a plain `model.apply` on an in
 silently runs the *base* model. `apply` instead installs a `flax.linen.intercept_methods`
 interceptor: every `nn.Dense` / `nn.DenseGeneral` call whose parameter scope holds `lora_a` and
 `lora_b` returns `base(x) + scale * dropout(x) @ A @ B`. The model code is untouched, and inside
-`nn.scan` the interceptor sees one layer's slice of the stacked leaves.
+`nn.scan` the interceptor sees one layer's slice of the stacked leaves. The adapter math itself
+is `lora_jax.adapter_op`'s, shared with the layers that add their adapters themselves.
 """
 from __future__ import annotations
 
@@ -14,54 +15,29 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.adapter_op import adapt, compute_dtype, dropout_context, read_adapter
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
 from lora_jax.inject import inject
 from lora_jax.layout import dense_input_axes
-from lora_jax.remat import name_hidden, name_output
-from lora_jax.tree import LORA_A, LORA_B, LORA_SCALE, TRAINABLE_LEAVES, unwrap_variables
+from lora_jax.tree import TRAINABLE_LEAVES, unwrap_variables
 
 
-def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array,
-               in_axes: tuple[int, ...], dtype: Any) -> jax.Array:
-    """`scale * (x @ A) @ B` contracting `x`'s `in_axes` with A's leading axes.
-
-    Shapes: x `[..., *in]` (in_axes anywhere), A `[*in, r]`, B `[r, *out]` -> `[..., *out]`,
-    in `dtype` (the layer's compute dtype): adapters stored in float32 are cast down like the
-    kernel is, so a bf16 model stays bf16.
-    """
-    a, b = a.astype(dtype), b.astype(dtype)
-    h = jnp.tensordot(x.astype(dtype), a, axes=(in_axes, tuple(range(len(in_axes)))))
-    # Scale the rank-r intermediate, not the [..., out] result: r/out of the elementwise work.
-    h = name_hidden(h * jax.lax.stop_gradient(scale).astype(dtype))
-    return jnp.tensordot(h, b, axes=((h.ndim - 1,), (0,)))
-
-
-def _adapter_interceptor(dropout_rate: float, deterministic: bool):
-    def intercept(next_fun, args, kwargs, context):
-        module = context.module
-        if (context.method_name != "__call__"
-                or not isinstance(module, (nn.Dense, nn.DenseGeneral))
-                or not module.has_variable("params", LORA_A)):
-            return next_fun(*args, **kwargs)
-        y = next_fun(*args, **kwargs)
-        x = args[0]
-        a = module.get_variable("params", LORA_A)
-        b = module.get_variable("params", LORA_B)
-        scale = module.get_variable("params", LORA_SCALE)
-        in_axes = dense_input_axes(module, x.ndim)
-        _check_fit(module, x, a, b, in_axes)
-        if dropout_rate > 0.0 and not deterministic:
-            keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout_rate, x.shape)
-            x = jnp.where(keep, x / (1.0 - dropout_rate), jnp.zeros_like(x))
-        dtype = module.dtype or jnp.result_type(x, module.get_variable("params", "kernel"))
-        # Named so `lora_jax.remat_policy` saves the sum, not `x @ W` and `(x @ A) @ B` apart.
-        return name_output(y + lora_delta(x, a, b, scale, in_axes, dtype).astype(y.dtype))
-
-    return intercept
+def _intercept(next_fun, args, kwargs, context):
+    """Adds the adapter in an `nn.Dense` / `nn.DenseGeneral` call's scope to its output."""
+    module = context.module
+    if (context.method_name != "__call__"
+            or not isinstance(module, (nn.Dense, nn.DenseGeneral))
+            or (adapter := read_adapter(module)) is None):
+        return next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)
+    x = args[0]
+    in_axes = dense_input_axes(module, x.ndim)
+    _check_fit(module, x, adapter.a, adapter.b, in_axes)
+    dtype = compute_dtype(module.dtype, x, module.get_variable("params", "kernel"))
+    return adapt(module, x, y, adapter, in_axes=in_axes, dtype=dtype)
 
 
 def _check_fit(module, x, a, b, in_axes) -> None:
@@ -85,7 +61,10 @@ def apply(model: nn.Module, variables: Mapping, *args, rngs: Any = None,
       rngs: Linen rngs; LoRA dropout draws from `"dropout"`.
       deterministic: no LoRA dropout when True. Also forwarded to the model if its `__call__`
         takes a `deterministic` argument.
-      lora_dropout: the dropout rate on the adapters' input (a `LoraConfig.lora_dropout`).
+      lora_dropout: the dropout rate on the adapters' input (a `LoraConfig.lora_dropout`), for
+        every adapter the model runs: the intercepted Dense layers' and those of layers that
+        add their own (`sharding.TensorParallelism`'s), read from one context
+        (`lora_jax.adapter_op.dropout_context`).
       freeze_base: treat every leaf but `lora_a`/`lora_b` as a constant (`stop_gradient`), so
         even a gradient taken over the whole tree is zero off the adapters and XLA forms no
         weight gradient for the frozen base.
@@ -99,7 +78,9 @@ def apply(model: nn.Module, variables: Mapping, *args, rngs: Any = None,
         raise LoraError("lora_dropout > 0 with deterministic=False needs rngs={'dropout': key}.")
     if freeze_base:
         variables = freeze_non_adapters(variables)
-    with nn.intercept_methods(_adapter_interceptor(lora_dropout, deterministic)):
+    # The rate is read by the adapter op wherever an adapter runs: in the interceptor and in
+    # layers that add their own (the tensor-parallel ones), by one rule.
+    with nn.intercept_methods(_intercept), dropout_context(lora_dropout, deterministic):
         return model.apply(variables, *args, rngs=rngs, method=method, **kwargs)
 
 

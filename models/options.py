@@ -11,9 +11,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-# "none": no rematerialisation; "full": save nothing (recompute the whole block in backward);
-# anything else: a `jax.checkpoint_policies` attribute, e.g. "dots_saveable".
-REMAT_NONE, REMAT_FULL = "none", "full"
+from remat_policies import NONE as REMAT_NONE, resolve
+
+# Policy names ("none", "full", "dots_saveable", "save_only_these_names:a,b", ...) are parsed by
+# `remat_policies`, the one parser `lora_jax.remat_policy` uses too.
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 
@@ -27,7 +28,9 @@ class RuntimeOptions:
       param_dtype: dtype parameters are created and loaded in.
       scan_layers: stack the layers with `nn.scan` (leading layer axis on every layer leaf);
         compiles once per model instead of once per layer.
-      remat_policy: "none" | "full" | a `jax.checkpoint_policies` name ("dots_saveable", ...).
+      remat_policy: "none" | "full" | a `jax.checkpoint_policies` name ("dots_saveable",
+        "save_only_these_names:a,b", ...: see `remat_policies`) | a policy function. A "dots"
+        name also keeps every value a layer names with `checkpoint_name` (`remat_policy_for`).
       attention_impl: `implementation=` of `jax.nn.dot_product_attention`: None (JAX picks),
         "xla" or "cudnn" (flash attention on GPU, bf16/fp16 only).
       base_fp8: run every projection's frozen kernel through an FP8 matmul with per-tensor
@@ -43,7 +46,7 @@ class RuntimeOptions:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
-    remat_policy: str = REMAT_NONE
+    remat_policy: str | Callable = REMAT_NONE
     attention_impl: str | None = None
     base_fp8: bool = False
     base_fp8_skip: tuple[str, ...] = ()
@@ -63,40 +66,39 @@ class RuntimeOptions:
                              f"{ATTENTION_IMPLS}")
 
 
-def remat_policy_fn(name: str) -> Callable | None:
-    """The `jax.checkpoint` policy for a policy name (None for "full" and "none")."""
-    if name in (REMAT_NONE, REMAT_FULL):
-        return None
-    policy = getattr(jax.checkpoint_policies, name, None)
-    if policy is None or name.startswith("_"):
-        raise ValueError(f"remat_policy={name!r} is neither 'none', 'full' nor a "
-                         "jax.checkpoint_policies name (e.g. 'dots_saveable', "
-                         "'nothing_saveable', 'dots_with_no_batch_dims_saveable').")
-    # Some entries are factories (e.g. save_only_these_names), not policies.
-    return policy
+def remat_policy_fn(policy: str | Callable) -> Callable | None:
+    """The `jax.checkpoint` policy of a policy name or function (None for "none": no remat).
+
+    Raises:
+      ValueError: an unknown name, listing the valid ones (`remat_policies.resolve`).
+    """
+    return None if policy == REMAT_NONE else resolve(policy)
 
 
 def remat_policy_for(config) -> Callable | None:
-    """`remat_policy_fn` of the config's policy; a "dots" policy is extended to the values a
-    LoRA model's backward needs whole (`lora_jax.remat_policy`) and to the FP8 base matmuls.
+    """`remat_policy_fn` of the config's policy; a "dots" policy name also keeps every named
+    value and cuDNN flash attention's forward.
 
-    A "dots" policy means "keep matmul outputs". An adapted projection is two matmuls and an add:
-    saved as dots, both full-width halves would be kept to recompute the add, where the backward
-    needs only the sum, which `lora_jax.apply` names. `jax.checkpoint` cannot see the matmul
-    inside the FP8 path's custom VJP either; its output is named too, and saved by name. cuDNN
-    flash attention's forward is kept as well (`models.attention.saves_flash_attention`)."""
+    A "dots" policy means "keep matmul outputs". What a layer names with
+    `jax.ad_checkpoint.checkpoint_name` is what it asks to keep whole where the dots are not
+    enough: an adapted projection names its sum (two matmuls and an add, whose backward needs
+    only the sum; `lora_jax.remat_policy` explains it), and the FP8 path names its output
+    because `jax.checkpoint` cannot see the matmul inside its custom VJP. The names come from
+    the layers, so models need not know them. cuDNN flash attention is a fused kernel, not a dot
+    (`models.attention.saves_flash_attention`). A policy function is used as given.
+
+    Example:
+      >>> nn.remat(Block, policy=remat_policy_for(config))
+    """
     policy = remat_policy_fn(config.remat_policy)
-    if policy is None or "dots" not in config.remat_policy:
+    if policy is None or not isinstance(config.remat_policy, str) or (
+            "dots" not in config.remat_policy):
         return policy
-    # Imported here: options stays importable without the LoRA and model code.
-    from lora_jax.remat import remat_policy
+    # Imported here: options stays importable without the model code.
     from models.attention import saves_flash_attention
-    extra = ()
-    if config.base_fp8:
-        from models.fp8 import FP8_OUTPUT_NAME
-        extra = (FP8_OUTPUT_NAME,)
-    return jax.checkpoint_policies.save_from_both_policies(remat_policy(policy, *extra),
-                                                           saves_flash_attention)
+    named = jax.checkpoint_policies.save_any_names_but_these()  # every named value
+    return jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_from_both_policies(policy, named), saves_flash_attention)
 
 
 def runtime_fields() -> tuple[str, ...]:

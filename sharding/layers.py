@@ -5,7 +5,9 @@ adapter it finds in its own scope (`lora_a` [in, r], `lora_b` [r, out], `lora_sc
     y = x @ kernel + bias + lora_scale * (dropout(x) @ lora_a) @ lora_b
 They are not `nn.Dense` subclasses on purpose: `lora_jax.apply` intercepts `nn.Dense` calls to add
 adapters, and these layers add theirs inside the shard_map, where the row-parallel partial
-product lives.
+product lives. The adapter math, dropout (rate and switch as `lora_jax.apply` set them), dtype
+rule and remat names are `lora_jax.adapter_op`'s; this module only places its halves around the
+collectives.
 
 Column-parallel (kernel split on out over tp): x is whole on every tp device, the output stays
 split on out. A is replicated, B split like the kernel: no collective in the forward pass.
@@ -30,15 +32,15 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax.sharding import Mesh, PartitionSpec as P
 
-from lora_jax.forward import lora_delta
-from lora_jax.remat import name_hidden, name_output
-from lora_jax.tree import LORA_A, LORA_B, LORA_SCALE
+from lora_jax.adapter_op import (Adapter, adapt, adapter_in, adapter_out, add_delta,
+                                 compute_dtype, dropout, name_output, read_adapter)
+from lora_jax.tree import LORA_A, LORA_B
 from sharding.compat import all_gather, shard_map, to_varying
 from sharding.mesh import (BATCH_AXES, FSDP, TP, MeshError, axis_size, axis_sizes,
                            check_sequence_fits, drop_trivial_axes)
 from sharding.rules import BIAS_SPECS, KERNEL_SPECS, derive_adapter_spec
 
-Lora = tuple[jax.Array, jax.Array, jax.Array]  # (lora_a [in, r], lora_b [r, out], scale [])
+Lora = tuple[jax.Array, jax.Array, jax.Array]  # an Adapter: (lora_a [in, r], lora_b [r, out], s [])
 
 
 def batch_axes(mesh: Mesh, batch: int) -> tuple[str, ...] | None:
@@ -152,12 +154,13 @@ def _column_local(ops, *, sequence_parallel, sizes, lora_dtype):
     if "lora" in ops:
         a, b, scale = ops["lora"]
         if "lora_x" in ops:  # dropout: gather the rank-r product, not a second activation
-            h = _lora_in(ops["lora_x"], a, lora_dtype)
-            if tp:
-                h = all_gather(h, TP, axis=1) if sequence_parallel else to_varying(h, TP)
+            gather = None if not tp else (
+                functools.partial(all_gather, axis_name=TP, axis=1) if sequence_parallel
+                else functools.partial(to_varying, axis=TP))
+            h = adapter_in(ops["lora_x"], a, scale, dtype=lora_dtype, gather=gather)
         else:
-            h = _lora_in(x, a, lora_dtype)
-        y = name_output(y + _lora_out(h, b, scale, lora_dtype).astype(y.dtype))
+            h = adapter_in(x, a, scale, dtype=lora_dtype)
+        y = name_output(add_delta(y, adapter_out(h, b, lora_dtype)))
     return y
 
 
@@ -166,8 +169,8 @@ def _row_local(ops, *, sequence_parallel, sizes, lora_dtype):
     y = _base_matmul(x, ops["kernel"], 1, sizes)
     if "lora" in ops:  # added to the partial product, before the one reduction below
         a, b, scale = ops["lora"]
-        h = _lora_in(ops.get("lora_x", x), a, lora_dtype)
-        y = y + _lora_out(h, b, scale, lora_dtype).astype(y.dtype)
+        h = adapter_in(ops.get("lora_x", x), a, scale, dtype=lora_dtype)
+        y = add_delta(y, adapter_out(h, b, lora_dtype))
     if sizes[TP] > 1:
         y = (jax.lax.psum_scatter(y, TP, scatter_dimension=1, tiled=True) if sequence_parallel
              else jax.lax.psum(y, TP))
@@ -196,18 +199,6 @@ def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
 
-def _lora_in(x: jax.Array, a: jax.Array, dtype: Any) -> jax.Array:
-    """First half of `lora_jax.lora_delta`: x [..., in] @ A [in, r] -> [..., r] in `dtype`."""
-    return jnp.tensordot(x.astype(dtype), a.astype(dtype), axes=((x.ndim - 1,), (0,)))
-
-
-def _lora_out(h: jax.Array, b: jax.Array, scale: jax.Array, dtype: Any) -> jax.Array:
-    """Second half: (h [..., r] times the frozen scale) @ B [r, out], scaled at rank r like
-    `lora_jax.lora_delta`."""
-    h = name_hidden(h * jax.lax.stop_gradient(scale).astype(dtype))
-    return jnp.tensordot(h, b.astype(dtype), axes=((h.ndim - 1,), (0,)))
-
-
 # ---------------------------------------------------------------------------------------------
 # Linen modules: nn.Dense's parameters, the functions above.
 
@@ -223,39 +214,32 @@ class _ParallelDense(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Callable = nn.linear.default_kernel_init
     bias_init: Callable = nn.initializers.zeros_init()
-    lora_dropout: float = 0.0
 
-    def _operands(self, x: jax.Array):
-        """(x, kernel, bias) promoted like nn.Dense, the adapter or None, its input, its dtype."""
+    def _params(self, x: jax.Array):
+        """(kernel, bias or None) as stored, the adapter or None, the adapter's dtype."""
         kernel = self.param("kernel", self.kernel_init, (jnp.shape(x)[-1], self.features),
                             self.param_dtype)
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
                 if self.use_bias else None)
-        lora_dtype = self.dtype or jnp.result_type(x, kernel)  # as lora_jax.apply chooses
-        lora = self._adapter(kernel.shape)
-        lora_x = self._dropout(x) if lora is not None else None
+        return kernel, bias, self._adapter(kernel.shape), compute_dtype(self.dtype, x, kernel)
+
+    def _operands(self, x: jax.Array):
+        """(x, kernel, bias) promoted like nn.Dense, the adapter or None, its input, its dtype."""
+        kernel, bias, lora, lora_dtype = self._params(x)
+        # Drawn here, on the global x, so the mask is the single-device one (see `dropout`).
+        lora_x = dropout(self, x) if lora is not None else None
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         return x, kernel, bias, lora, lora_x, lora_dtype
 
-    def _adapter(self, kernel_shape: tuple[int, int]) -> Lora | None:
-        if not self.has_variable("params", LORA_A):
+    def _adapter(self, kernel_shape: tuple[int, int]) -> Adapter | None:
+        adapter = read_adapter(self)
+        if adapter is None:
             return None
-        a, b = self.get_variable("params", LORA_A), self.get_variable("params", LORA_B)
-        scale = self.get_variable("params", LORA_SCALE)
+        a, b = adapter.a, adapter.b
         if a.shape[0] != kernel_shape[0] or b.shape != (a.shape[-1], kernel_shape[1]):
             raise ValueError(f"adapter of {'.'.join(self.path)} does not fit its kernel "
                              f"{tuple(kernel_shape)}: lora_a {a.shape}, lora_b {b.shape}")
-        return a, b, scale
-
-    def _dropout(self, x: jax.Array) -> jax.Array | None:
-        """LoRA dropout on the adapter input, drawn exactly as `lora_jax.apply` draws it (one
-        `make_rng("dropout")` in this module's scope, a mask over the global x), so the sharded
-        model drops the same entries as the single-device one. Active when the rate is > 0 and a
-        "dropout" rng is given (these layers do not see the model's `deterministic` flag)."""
-        if self.lora_dropout <= 0.0 or not self.has_rng("dropout"):
-            return None
-        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.lora_dropout, x.shape)
-        return jnp.where(keep, x / (1.0 - self.lora_dropout), jnp.zeros_like(x))
+        return adapter
 
 
 class ColumnParallelDense(_ParallelDense):
@@ -292,11 +276,11 @@ class ReplicatedDense(_ParallelDense):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x, kernel, bias, lora, lora_x, lora_dtype = self._operands(x)
-        y = _matmul(x, kernel)
+        kernel, bias, lora, lora_dtype = self._params(x)
+        x_in, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = _matmul(x_in, kernel)
         if bias is not None:
             y = y + bias
-        if lora is not None:
-            inp = x if lora_x is None else lora_x
-            y = name_output(y + lora_delta(inp, *lora, (x.ndim - 1,), lora_dtype).astype(y.dtype))
-        return y
+        if lora is None:
+            return y
+        return adapt(self, x, y, lora, in_axes=(x.ndim - 1,), dtype=lora_dtype)

@@ -26,12 +26,11 @@ class TensorParallelism:
       sequence_parallel: split the residual stream on the sequence over tp between blocks
         (all-gather before column layers, reduce-scatter after row layers); norms, dropout and
         residual adds then touch 1/tp of the tokens per device. Needs seq % tp == 0.
-      lora_dropout: the adapters' dropout rate (the `LoraConfig.lora_dropout` of the injected
-        adapters); it acts when the model is applied with a "dropout" rng.
 
     The parameter tree is `NoParallelism`'s, so create parameters with the plain model (any
     dummy batch) and the rules' shardings; tracing the parallel model needs a batch that splits
-    (and, with SP, a sequence divisible by tp).
+    (and, with SP, a sequence divisible by tp). LoRA dropout is `lora_jax.apply`'s
+    (`lora_dropout=`, `deterministic=False`): the layers read it from there.
 
     Example:
       >>> mesh = make_mesh(dp=2, tp=4)
@@ -42,7 +41,6 @@ class TensorParallelism:
 
     mesh: Mesh
     sequence_parallel: bool = False
-    lora_dropout: float = 0.0
 
     def dense(self, features, *, role, name, use_bias, dtype, param_dtype, kernel_init,
               bias_init, dot_general=None) -> nn.Module:
@@ -54,8 +52,7 @@ class TensorParallelism:
             raise ValueError(f"unknown parallel role {role!r}: use one of {sorted(_LAYERS)}")
         return _LAYERS[role](features, mesh=self.mesh, sequence_parallel=self.sequence_parallel,
                              use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                             kernel_init=kernel_init, bias_init=bias_init,
-                             lora_dropout=self.lora_dropout, name=name)
+                             kernel_init=kernel_init, bias_init=bias_init, name=name)
 
     def constrain(self, x: jax.Array, mark: str) -> jax.Array:
         """Pin an activation's layout: "residual" [B, S, D] is split on batch (and on S under

@@ -73,3 +73,32 @@ def test_models_policy_keeps_the_flash_attention_forward():
     assert saves_flash_attention(flash) and not saves_flash_attention(other)
     policy = remat_policy_for(LlamaConfig.from_hf_dict(SHAPE, remat_policy="dots_saveable"))
     assert policy(flash) and not policy(other)
+
+
+def test_one_parser_accepts_names_factories_and_rejects_bad_names_listing_valid_ones():
+    """`remat_policies.resolve` parses the names of `lj.remat_policy` and of the models' option
+    alike: both accept a names factory (`save_only_these_names[:a,b]`), both reject a typo with
+    the same message, which lists the valid names."""
+    from jax.ad_checkpoint import checkpoint_name
+    from remat_policies import policy_names
+
+    mine = lj.remat_policy("save_only_these_names:mine")
+    x = jnp.ones((4, 4))
+    fn = lambda x: jnp.sum(jnp.sin(checkpoint_name(x @ x, "mine")) @ x)  # noqa: E731
+    assert len(saved_residuals(jax.checkpoint(fn, policy=mine), x)) > len(
+        saved_residuals(jax.checkpoint(fn, policy=lj.remat_policy("full")), x))
+    lj.remat_policy("save_only_these_names")  # the adapted outputs and nothing else
+    LlamaConfig.from_hf_dict(SHAPE, remat_policy="save_only_these_names:mine")
+    for name in ("none", "full", "dots_saveable", "nothing_saveable", "checkpoint_dots"):
+        assert name in policy_names()
+        lj.remat_policy(name)
+        LlamaConfig.from_hf_dict(SHAPE, remat_policy=name)
+    for make in (lj.remat_policy, lambda n: LlamaConfig.from_hf_dict(SHAPE, remat_policy=n)):
+        with pytest.raises(ValueError, match="save_only_these_names") as err:
+            make("dots_savable")
+        assert "dots_saveable" in str(err.value) and "'dots_savable'" in str(err.value)
+
+
+def test_models_accept_a_policy_function():
+    policy = lj.remat_policy("dots_saveable")
+    assert remat_policy_for(LlamaConfig.from_hf_dict(SHAPE, remat_policy=policy)) is policy

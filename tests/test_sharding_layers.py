@@ -137,8 +137,7 @@ def test_lora_dropout_matches_lora_jax_apply(toy_setup, toy_reference, dropout_r
     layers drop exactly the entries `lora_jax.apply` drops on one device."""
     assert abs(float(dropout_reference[0]) - float(toy_reference[0])) > 1e-4  # dropout acted
     mesh = mesh_of(tp=4)
-    model = Toy(TensorParallelism(mesh=mesh, sequence_parallel=sequence_parallel,
-                                  lora_dropout=DROPOUT))
+    model = Toy(TensorParallelism(mesh=mesh, sequence_parallel=sequence_parallel))
     loss, grads = loss_and_grads(model, toy_setup, mesh, rngs={"dropout": jax.random.key(7)},
                                  lora_dropout=DROPOUT)
     np.testing.assert_allclose(loss, dropout_reference[0], **TOL)
