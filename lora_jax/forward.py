@@ -138,9 +138,14 @@ class LoraModel:
     config: LoraConfig
 
     def init(self, rngs: Any, *args, **kwargs) -> dict:
+        from lora_jax.layout import kernel_layouts  # TODO(merge): join the module imports
         key = rngs["params"] if isinstance(rngs, Mapping) else rngs
         variables = self.model.init(rngs, *args, **kwargs)
-        return inject(variables, self.config, jax.random.fold_in(key, 1))
+        # It holds the model and its inputs, so it knows every kernel's layout (DenseGeneral,
+        # nested scans) that the tree alone cannot tell. The rngs serve a model that draws.
+        trace_rngs = rngs if isinstance(rngs, Mapping) else {"params": rngs, "dropout": rngs}
+        layouts = kernel_layouts(self.model, variables, *args, rngs=trace_rngs, **kwargs)
+        return inject(variables, self.config, jax.random.fold_in(key, 1), layouts=layouts)
 
     def apply(self, variables: Mapping, *args, rngs: Any = None, deterministic: bool = True,
               **kwargs) -> Any:

@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from lora_jax import atomic, fingerprint
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
+from lora_jax.tree import abstract
 
 FORMAT = "lora_jax.train_state"
 STATE_ITEM, META_ITEM = "state", "meta"
@@ -104,18 +105,29 @@ class TrainCheckpointer:
         return self._manager.save(int(step), force=force, args=ocp.args.Composite(
             **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}))
 
-    def restore(self, *, adapters: Any, opt_state: Any, step: int | None = None) -> Restored | None:
+    def restore(self, *, adapters: Any, opt_state: Any, step: int | None = None,
+                shardings: Mapping[str, Any] | None = None) -> Restored | None:
         """Restore the newest readable checkpoint (or exactly `step`) into the templates'
         shapes, dtypes and shardings; None if there is no checkpoint at all.
 
         Args:
           adapters / opt_state: templates: arrays or `jax.ShapeDtypeStruct`s (e.g. from
-            `jax.eval_shape`), with the shardings to restore into.
+            `jax.eval_shape`), with the shardings to restore into (a leaf without one goes to
+            the first local device).
           step: a specific step; then an unreadable checkpoint is an error, not skipped.
+          shardings: `{"adapters": tree, "opt_state": tree}` of `jax.sharding.Sharding`s shaped
+            like the templates (e.g. `sharding.param_shardings` of each), replacing theirs;
+            either key may be left out.
         """
         self.wait()
         steps = [step] if step is not None else sorted(self._manager.all_steps(), reverse=True)
-        target = {"adapters": _abstract(adapters), "opt_state": _abstract(opt_state)}
+        target = {"adapters": abstract(adapters), "opt_state": abstract(opt_state)}
+        for name, tree in (shardings or {}).items():
+            if name not in target:
+                raise LoraError(f"restore: shardings key {name!r}; use 'adapters' / 'opt_state'")
+            target[name] = jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                target[name], tree)
         skipped = []
         for candidate in steps:
             try:
@@ -180,18 +192,6 @@ class TrainCheckpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _abstract(tree: Any) -> Any:
-    def leaf(x):
-        if isinstance(x, jax.ShapeDtypeStruct):
-            return x
-        sharding = getattr(x, "sharding", None)
-        if sharding is None:
-            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
-
-    return jax.tree.map(leaf, tree)
 
 
 def _rng_to_json(rng: Any) -> dict | None:
