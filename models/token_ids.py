@@ -30,7 +30,7 @@ def warn_special_ids(config: Any) -> None:
         if outside_vocab(value, config.vocab_size):
             warnings.warn(f"{name}={value} is outside the vocabulary (vocab_size="
                           f"{config.vocab_size}); loading anyway, as transformers does, but "
-                          "generation refuses it as an eos or pad id", stacklevel=3)
+                          "generation refuses it as an eos or pad id", stacklevel=4)
 
 
 def check_generation_ids(vocab_size: int, **ids: Any) -> None:
