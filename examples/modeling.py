@@ -11,12 +11,12 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 
 import lora_jax as lj
 import models
 from examples.cli import TrainConfig
+from lora_jax.tree import iter_modules
 from models import GPT2Config, LlamaConfig
 
 FAMILY_OF_FLAG = {"gpt2": "gpt2", "llama3": "llama"}
@@ -96,24 +96,13 @@ def check_vocab(tokenizer: Any, config: Any) -> None:
                          f"vocabulary is {config.vocab_size}: use the model's own tokenizer")
 
 
-def max_positions(config: Any) -> int:
-    return getattr(config, "n_positions", None) or config.max_position_embeddings
-
-
 # ---------------------------------------------------------------------------------------------
 # LoRA targets
 
 
-def module_paths(params: Mapping, prefix: str = "") -> list[str]:
+def module_paths(params: Mapping) -> list[str]:
     """Dotted paths of every module holding a `kernel` (the Dense layers LoRA can target)."""
-    out = []
-    for key, value in params.items():
-        if isinstance(value, Mapping):
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if "kernel" in value and not isinstance(value["kernel"], Mapping):
-                out.append(path)
-            out += module_paths(value, path)
-    return out
+    return [path for path, _ in iter_modules(params)]
 
 
 def check_targets(targets: str | tuple[str, ...], paths: list[str]) -> None:
@@ -134,6 +123,14 @@ def lora_config(cfg: TrainConfig) -> lj.LoraConfig:
                          target_modules=cfg.targets, use_rslora=cfg.rslora)
 
 
+def peft_naming(model: Any) -> dict:
+    """What `lora_jax.export_peft` needs to know of the model (lora_jax knows no family): the
+    scanned stack's path, and whether its HF modules are `Conv1D` (GPT-2: `fan_in_fan_out`)."""
+    family = models.family(model)
+    return dict(layer_container=family.container,
+                fan_in_fan_out=family.conv1d_prefix is not None)
+
+
 def head_has_adapter(params: Mapping) -> bool:
     """LoRA on an untied output head (`lm_head` listed in --targets)."""
     return "lora_a" in params.get("lm_head", {})
@@ -147,22 +144,8 @@ def flops_per_token(config: Any, abstract_params: Mapping, seq_len: int) -> floa
     """Training FLOPs per token of LoRA: ~4 x the matmul parameters (forward 2N, input gradients
     2N; the frozen weights need no weight gradients, the adapters' are negligible) plus causal
     attention (QK^T and PV, forward and backward ~3x forward)."""
-    kernels = sum(leaf.size for path, leaf in _leaves(abstract_params) if path[-1] == "kernel")
+    kernels = sum(module["kernel"].size for _, module in iter_modules(abstract_params))
     if config.tie_word_embeddings:  # the head is the embedding, used as a matmul
-        kernels += config.vocab_size * _hidden(config)
-    layers, heads = config.num_layers, _heads(config)
-    attention = 3 * (2 * 2 * seq_len * heads * config.head_dim * layers / 2)
+        kernels += config.vocab_size * config.hidden_dim
+    attention = 3 * (2 * 2 * seq_len * config.n_heads * config.head_dim * config.num_layers / 2)
     return 4.0 * kernels + attention
-
-
-def _leaves(tree: Mapping):
-    return [(tuple(str(getattr(k, "key", k)) for k in kp), leaf)
-            for kp, leaf in jax.tree_util.tree_leaves_with_path(tree)]
-
-
-def _hidden(config: Any) -> int:
-    return getattr(config, "n_embd", None) or config.hidden_size
-
-
-def _heads(config: Any) -> int:
-    return getattr(config, "n_head", None) or config.num_attention_heads

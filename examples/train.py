@@ -41,8 +41,8 @@ from examples.preflight import check_outputs
 from examples.schedule import adapter_optimizer
 from examples.steps import make_eval_step, make_loss, make_train_step
 from sharding import (BATCH_AXES, DistributedConfig, MeshError, TensorParallelism,
-                      check_batch_fits, check_config_fits, init_sharded, initialize, make_mesh,
-                      param_shardings, replicated)
+                      check_batch_fits, check_config_fits, init_sharded, initialize,
+                      leaf_sharding, make_mesh, param_shardings, replicated)
 
 
 @dataclasses.dataclass
@@ -107,9 +107,9 @@ def train(cfg: TrainConfig) -> Trained:
     # ---- model ---------------------------------------------------------------------------
     config, base_name = modeling.model_config(cfg)
     modeling.check_vocab(tokenizer, config)
-    if cfg.seq_len > modeling.max_positions(config):
+    if cfg.seq_len > config.max_positions:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's "
-                         f"{modeling.max_positions(config)} positions")
+                         f"{config.max_positions} positions")
     check_config_fits(mesh, config)
     lora_cfg = lj.adapter_config(cfg.adapter_in) if cfg.adapter_in else modeling.lora_config(cfg)
     plain = models.build(config)
@@ -129,15 +129,15 @@ def train(cfg: TrainConfig) -> Trained:
     else:
         _, base = models.load_hf(cfg.model_path, shardings=base_sh,
                                  **modeling.runtime_options(cfg))
-    if cfg.adapter_in:
-        adapters = lj.split(lj.load_adapter(cfg.adapter_in, base))[1]
+    if cfg.adapter_in:  # placed by the adapter rule of sharding.rules, as it is read
+        adapters = lj.split(lj.load_adapter(cfg.adapter_in, base,
+                                            shardings=leaf_sharding(mesh)))[1]
         say(f"adapter: loaded {cfg.adapter_in} (r={lora_cfg.r}, alpha={lora_cfg.lora_alpha}, "
             f"targets={lora_cfg.target_modules})")
     else:
         adapters = init_sharded(lambda p: lj.lora_params(lj.inject(p, lora_cfg, key_lora)),
                                 base, mesh=mesh)
     adapter_sh = param_shardings(adapters, mesh)
-    adapters = jax.device_put(adapters, adapter_sh)
     say(lj.summary(lj.combine(base, adapters)))
     tx = adapter_optimizer(adapters, lr=cfg.learning_rate, schedule=cfg.schedule,
                            steps=cfg.steps, warmup=cfg.warmup_steps,
@@ -358,10 +358,11 @@ def save_outputs(cfg: TrainConfig, params, lora_cfg: lj.LoraConfig, plain,
                                          overwrite=cfg.overwrite)
     if cfg.export_peft:
         out["peft"] = lj.export_peft(cfg.export_peft, params, lora_cfg,
-                                     base_model_name_or_path=base_name, overwrite=cfg.overwrite)
+                                     base_model_name_or_path=base_name, overwrite=cfg.overwrite,
+                                     **modeling.peft_naming(plain))
     if cfg.export_merged:
-        out["merged"] = lj.export_merged(cfg.export_merged, params, plain, overwrite=cfg.overwrite,
-                                         dtype=cfg.export_dtype)
+        out["merged"] = lj.export_merged(cfg.export_merged, params, models.hf_writer(plain),
+                                         overwrite=cfg.overwrite, dtype=cfg.export_dtype)
     return out
 
 

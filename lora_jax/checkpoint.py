@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -25,8 +25,9 @@ from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
 from lora_jax.finite import check_finite
 from lora_jax.partition import combine, lora_params
+from lora_jax.placement import Shardings, adapter_sharding
 from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, Params, filter_leaves
-from lora_jax.tree import unwrap_variables
+from lora_jax.tree import modules_of, nest, unwrap_variables
 
 FORMAT = "lora_jax.adapter"
 VERSION = 1
@@ -75,18 +76,22 @@ def save_adapter(path: str | Path, params: Mapping, config: LoraConfig, *,
     return atomic.atomic_directory(path, write, overwrite=overwrite, kind=outputs.ADAPTER)
 
 
-def load_adapter(path: str | Path, params: Mapping) -> Params:
+def load_adapter(path: str | Path, params: Mapping, *, shardings: Shardings = None) -> Params:
     """Load a `save_adapter` checkpoint into `params` (a base tree, or one with adapters).
 
     Every stored module must exist in `params` with the kernel shape the adapter implies, and if
     `params` already carries adapters they must be the same modules and shapes; otherwise a
-    `LoraError` lists each mismatch and nothing is read. Arrays are restored straight into the
-    shardings of `params`' adapter leaves, or, where it has none, into shardings derived from
-    each kernel's (`lora_a` keeps the input-dim spec, `lora_b` the output-dim spec).
+    `LoraError` lists each mismatch and nothing is read. Arrays are restored straight into
+    `shardings`; without them into the shardings of `params`' adapter leaves, or, where it has
+    none, replicated over each kernel's devices (`lora_jax.placement`: lora_jax derives no
+    specs; `sharding.param_shardings` gives the adapter rule).
 
     Args:
       path: a directory written by `save_adapter`.
       params: params or `{"params": ...}` variables; returned in the same form.
+      shardings: where the adapter leaves go: a tree of `jax.sharding.Sharding`s shaped like the
+        adapters (or the whole params), one Sharding, or a function `(dotted_path, shape) ->
+        Sharding | None`, as `models.load_hf(..., shardings=)` takes.
 
     Returns:
       `params` with the stored adapters (including their scales) in place.
@@ -94,6 +99,7 @@ def load_adapter(path: str | Path, params: Mapping) -> Params:
     Example:
       >>> params = load_adapter("ckpt/adapter", base_params)
       >>> logits = lora_jax.apply(model, {"params": params}, tokens)
+      >>> sharded = load_adapter("ckpt/adapter", base, shardings=param_shardings(like, mesh))
     """
     path = resolve(path)
     meta = read_meta(path)
@@ -104,7 +110,7 @@ def load_adapter(path: str | Path, params: Mapping) -> Params:
                         "fit this model:\n  - " + "\n  - ".join(problems) +
                         "\nLoad it into the base model it was trained on, or inject a new "
                         "adapter for this one. Nothing was loaded.")
-    target = abstract_adapters(meta["modules"], modules_of(tree))
+    target = abstract_adapters(meta["modules"], modules_of(tree), shardings)
     restored = _restore(path, target)
     bad = fingerprint.mismatches(meta["checksums"], restored)
     if bad:
@@ -166,19 +172,6 @@ def describe(adapters: Mapping) -> dict[str, dict]:
             for path, module in modules_of(adapters).items()}
 
 
-def modules_of(tree: Mapping, prefix: str = "") -> dict[str, Mapping]:
-    """`{dotted_path: module_dict}` for dicts holding a `kernel` or an adapter leaf."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if any(k in value and not isinstance(value[k], Mapping)
-                   for k in ("kernel", *ADAPTER_LEAVES)):
-                out[path] = value
-            out.update(modules_of(value, path))
-    return out
-
-
 def implied_kernel_shape(record: Mapping) -> tuple[int, ...]:
     """`[*S, *in, *out]` from `lora_a [*S, *in, r]`, `lora_b [*S, r, *out]`, `lora_scale [*S]`."""
     n_stack = len(record[LORA_SCALE]["shape"])
@@ -207,51 +200,19 @@ def fit_problems(stored: Mapping[str, Mapping], modules: Mapping[str, Mapping]) 
     return problems
 
 
-def abstract_adapters(stored: Mapping[str, Mapping], modules: Mapping[str, Mapping]) -> Params:
+def abstract_adapters(stored: Mapping[str, Mapping], modules: Mapping[str, Mapping],
+                      shardings: Shardings = None) -> Params:
     """The restore target: `ShapeDtypeStruct`s with the dtypes and shardings to restore into."""
-    out: Params = {}
+    out = {}
     for path, record in stored.items():
-        module = modules[path]
-        node = out
-        for key in path.split("."):
-            node = node.setdefault(key, {})
+        leaves = {}
         for leaf in ADAPTER_LEAVES:
             # The stored dtype, so checksums can be verified; `load_adapter` casts afterwards.
             shape, dtype = tuple(record[leaf]["shape"]), np.dtype(record[leaf]["dtype"])
-            sharding = adapter_sharding(module, leaf, record)
-            node[leaf] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-    return out
-
-
-def adapter_sharding(module: Mapping, leaf: str, record: Mapping) -> Any:
-    """Where to put adapter `leaf` of `module`: the leaf's own sharding if it exists, else one
-    derived from the kernel's (`leaf_spec`), else the first local device. `record` holds the
-    leaf shapes (`{leaf: {"shape": [...]}}`)."""
-    existing = getattr(module.get(leaf), "sharding", None)
-    if existing is not None:
-        return existing
-    kernel_sharding = getattr(module.get("kernel"), "sharding", None)
-    if isinstance(kernel_sharding, jax.sharding.NamedSharding):
-        spec = leaf_spec(kernel_sharding.spec, leaf, record)
-        return jax.sharding.NamedSharding(kernel_sharding.mesh, spec)
-    if kernel_sharding is not None and kernel_sharding.is_fully_replicated:
-        return kernel_sharding
-    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-
-def leaf_spec(kernel_spec: jax.sharding.PartitionSpec, leaf: str,
-              record: Mapping) -> jax.sharding.PartitionSpec:
-    """An adapter leaf's spec from its kernel's: A keeps `[*S, *in]` specs, B `[*S]` and `*out`,
-    the rank axis is replicated (DESIGN §3)."""
-    n_stack = len(record[LORA_SCALE]["shape"])
-    n_in = len(record[LORA_A]["shape"]) - 1 - n_stack
-    n_kernel = n_in + len(record[LORA_B]["shape"]) - 1
-    spec = tuple(kernel_spec) + (None,) * (n_kernel - len(kernel_spec))
-    if leaf == LORA_A:
-        return jax.sharding.PartitionSpec(*spec[:n_stack + n_in], None)
-    if leaf == LORA_B:
-        return jax.sharding.PartitionSpec(*spec[:n_stack], None, *spec[n_stack + n_in:])
-    return jax.sharding.PartitionSpec(*spec[:n_stack])
+            sharding = adapter_sharding(modules[path], leaf, path, shape, shardings)
+            leaves[leaf] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+        out[path] = leaves
+    return nest(out)
 
 
 def _cast_like(restored: Params, tree: Mapping) -> Params:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.tree import key_path_str
+from lora_jax.tree import dotted
 
 _GOLDEN = np.uint32(2654435761)  # Knuth's multiplicative hash constant: spreads positions
 
@@ -42,7 +42,7 @@ def checksums(tree: Any) -> dict[str, int]:
     """
     sums = jax.device_get(_tree_checksum(tree))
     flat = jax.tree_util.tree_flatten_with_path(sums)[0]
-    return {key_path_str(path): int(value) for path, value in flat}
+    return {dotted(path, "/"): int(value) for path, value in flat}
 
 
 def mismatches(expected: Mapping[str, int], tree: Any) -> list[str]:

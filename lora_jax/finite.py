@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.errors import LoraError
-from lora_jax.tree import key_path_str
+from lora_jax.tree import dotted
 
 _all_finite = jax.jit(lambda tree: jax.tree.map(lambda x: jnp.isfinite(x).all(), tree))
 
@@ -25,7 +25,7 @@ def non_finite_leaves(tree: Any) -> list[str]:
     """
     floats = jax.tree.map(lambda x: x if jnp.issubdtype(x.dtype, jnp.inexact) else None, tree)
     flags = jax.device_get(_all_finite(floats))
-    return [key_path_str(path, ".") for path, ok in jax.tree_util.tree_flatten_with_path(flags)[0]
+    return [dotted(path) for path, ok in jax.tree_util.tree_flatten_with_path(flags)[0]
             if not bool(ok)]
 
 

@@ -21,7 +21,7 @@ from lora_jax.adapter_op import adapt, compute_dtype, dropout_context, read_adap
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
 from lora_jax.inject import inject
-from lora_jax.layout import dense_input_axes
+from lora_jax.layout import dense_input_axes, kernel_layouts
 from lora_jax.tree import TRAINABLE_LEAVES, unwrap_variables
 
 
@@ -121,7 +121,11 @@ class LoraModel:
     def init(self, rngs: Any, *args, **kwargs) -> dict:
         key = rngs["params"] if isinstance(rngs, Mapping) else rngs
         variables = self.model.init(rngs, *args, **kwargs)
-        return inject(variables, self.config, jax.random.fold_in(key, 1))
+        # It holds the model and its inputs, so it knows every kernel's layout (DenseGeneral,
+        # nested scans) that the tree alone cannot tell. The rngs serve a model that draws.
+        trace_rngs = rngs if isinstance(rngs, Mapping) else {"params": rngs, "dropout": rngs}
+        layouts = kernel_layouts(self.model, variables, *args, rngs=trace_rngs, **kwargs)
+        return inject(variables, self.config, jax.random.fold_in(key, 1), layouts=layouts)
 
     def apply(self, variables: Mapping, *args, rngs: Any = None, deterministic: bool = True,
               **kwargs) -> Any:

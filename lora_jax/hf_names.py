@@ -2,40 +2,26 @@
 
 An unscanned tree's dotted module path *is* the HF module name (`model.layers.0.self_attn.q_proj`).
 A scanned stack sits at its container path (`model.layers`) without an index and its leaves have a
-leading layer axis; layer i's HF name is `<container>.<i>.<rest>`. The container of the known model
-families comes from `models.layout` when that package is importable; pass it explicitly otherwise.
+leading layer axis; layer i's HF name is `<container>.<i>.<rest>`. lora_jax knows no model
+family: the caller hands the container in (`layer_container=`, e.g.
+`models.layer_container(params)`).
 """
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from typing import Iterable
 
 from lora_jax.config import pattern_key
 from lora_jax.errors import LoraError
 
 
-def default_container(tree: Mapping) -> str | None:
-    """The layer-stack container of a known model family's tree, or None if unknown."""
-    try:
-        from models.layout import layer_container
-        return layer_container(tree)
-    except (ImportError, ValueError, KeyError):
-        return None
-
-
-def uses_conv1d(hf_names: Iterable[str]) -> bool:
-    """True if any module is a GPT-2 style `Conv1D` (PEFT then records `fan_in_fan_out`)."""
-    try:
-        from models.layout import FAMILIES
-    except ImportError:
-        prefixes = ["transformer.h."]
-    else:
-        prefixes = [f.conv1d_prefix for f in FAMILIES.values() if f.conv1d_prefix]
-    return any(name.startswith(tuple(prefixes)) for name in hf_names)
-
-
 def layer_name(path: str, layer: int, container: str) -> str:
-    """`<container>.<layer>.<rest>` for a stacked module path under `container`."""
+    """`<container>.<layer>.<rest>` for a stacked module path under `container`.
+
+    Example:
+      >>> layer_name("model.layers.self_attn.q_proj", 3, "model.layers")
+      'model.layers.3.self_attn.q_proj'
+    """
     if not path.startswith(container + "."):
         raise LoraError(f"stacked module {path!r} is not under the layer container "
                         f"{container!r}; pass layer_container= the scanned stack's path.")
@@ -48,7 +34,8 @@ def hf_names(path: str, n_layers: int | None, container: str | None) -> list[str
         return [path]
     if container is None:
         raise LoraError(f"{path!r} is a stacked (scanned) module but the layer container is "
-                        "unknown; pass layer_container='model.layers' (or 'transformer.h').")
+                        "unknown; pass layer_container= the scanned stack's path (for the "
+                        "bundled models: models.layer_container(params)).")
     return [layer_name(path, i, container) for i in range(n_layers)]
 
 

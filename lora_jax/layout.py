@@ -42,8 +42,8 @@ def default_layout(path: str, shape: tuple[int, ...]) -> KernelLayout:
         return KernelLayout(1, 1, 1)
     raise LoraError(
         f"cannot tell the layout of kernel {path!r} with shape {shape}: pass "
-        "layouts=lora_jax.kernel_layouts(model, *example_args) to inject (needed for DenseGeneral "
-        "kernels and nested scans).")
+        "layouts=lora_jax.kernel_layouts(model, variables, *example_args) to inject (needed for "
+        "DenseGeneral kernels and nested scans).")
 
 
 def dense_input_axes(module: nn.Module, x_ndim: int) -> tuple[int, ...]:

@@ -6,6 +6,7 @@ from typing import Mapping
 import optax
 
 from lora_jax.partition import trainable_mask
+from lora_jax.tree import map_leaves
 
 TRAIN, FREEZE = "lora", "frozen"
 
@@ -22,10 +23,5 @@ def optimizer(tx: optax.GradientTransformation, params: Mapping) -> optax.Gradie
       >>> tx = optimizer(optax.adamw(1e-4), adapters)
       >>> opt_state = tx.init(adapters)
     """
-    labels = _labels(trainable_mask(params))
+    labels = map_leaves(trainable_mask(params), lambda _, train: TRAIN if train else FREEZE)
     return optax.multi_transform({TRAIN: tx, FREEZE: optax.set_to_zero()}, labels)
-
-
-def _labels(mask: Mapping) -> dict:
-    return {k: _labels(v) if isinstance(v, Mapping) else (TRAIN if v else FREEZE)
-            for k, v in mask.items()}

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import jax
-
-from lora_jax.tree import ADAPTER_LEAVES, TRAINABLE_LEAVES, Params, deep_merge, filter_leaves
+from lora_jax.tree import (ADAPTER_LEAVES, TRAINABLE_LEAVES, Params, deep_merge, filter_leaves,
+                           map_leaves)
 
 
 def lora_params(params: Mapping) -> Params:
@@ -36,13 +35,4 @@ def combine(base: Mapping, adapters: Mapping) -> Params:
 def trainable_mask(params: Mapping) -> Params:
     """A bool tree shaped like `params`: True exactly on `lora_a` / `lora_b` leaves (the scale and
     every base leaf are frozen)."""
-    return _map_with_key(params, lambda key, _: key in TRAINABLE_LEAVES)
-
-
-def _map_with_key(tree: Mapping, fn) -> Params:
-    return {k: _map_with_key(v, fn) if isinstance(v, Mapping) else fn(k, v) for k, v in tree.items()}
-
-
-def count(tree: Mapping) -> int:
-    """Number of scalars in a tree."""
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
+    return map_leaves(params, lambda key, _: key in TRAINABLE_LEAVES)

@@ -33,14 +33,14 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from lora_jax import atomic, hf_names, outputs
-from lora_jax.checkpoint import adapter_sharding, modules_of
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
 from lora_jax.finite import check_finite
 from lora_jax.layout import KernelLayout, default_layout
 from lora_jax.partition import combine
+from lora_jax.placement import Shardings, adapter_sharding
 from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, Params, filter_leaves
-from lora_jax.tree import unwrap_variables
+from lora_jax.tree import host_array, modules_of, nest, unwrap_variables
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -75,7 +75,7 @@ class TorchAdapter:
 
 def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = None, *,
                 base_model_name_or_path: str | None = None, task_type: str = "CAUSAL_LM",
-                layer_container: str | None = None, fan_in_fan_out: bool | None = None,
+                layer_container: str | None = None, fan_in_fan_out: bool = False,
                 uniform_scale: bool = False, overwrite: bool = False,
                 allow_non_finite: bool = False) -> Path:
     """Write the adapters of `params` as a PEFT LoRA adapter directory, atomically.
@@ -87,8 +87,11 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
         alphas. Without it: no rsLoRA, alpha = scale * r.
       base_model_name_or_path: recorded in the config (PEFT and vLLM read it).
       task_type: PEFT task type ("CAUSAL_LM").
-      layer_container: path of the scanned layer stack; default: known from `models.layout`.
-      fan_in_fan_out: default: True if the modules are GPT-2 Conv1D modules.
+      layer_container: path of the scanned layer stack (`models.layer_container(params)`);
+        needed only for a scanned tree: lora_jax knows no model family.
+      fan_in_fan_out: recorded in the config; True for models whose HF modules are `Conv1D`
+        (GPT-2: `models.family(model).conv1d_prefix` is set), as PEFT itself records it. PEFT
+        loads either way (it corrects the flag for Conv1D with a warning).
       uniform_scale: fold per-module scale differences into `lora_B` so that the global
         `lora_alpha / r` is every module's scale. vLLM ignores `rank_pattern`/`alpha_pattern`,
         so set this for vLLM when ranks or alphas differ between modules.
@@ -107,18 +110,16 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
     tree = unwrap_variables(params)[0]
     if not allow_non_finite:
         check_finite(filter_leaves(tree, lambda key: key in ADAPTER_LEAVES), "export_peft")
-    container = layer_container or hf_names.default_container(tree)
-    adapters = torch_adapters(tree, container)
+    adapters = torch_adapters(tree, layer_container)
     if not adapters:
         raise LoraError("export_peft: the tree holds no adapters; pass the injected params.")
     rslora = bool(config and config.use_rslora)
     if uniform_scale:
         adapters = _fold_scales(adapters)
     alphas = {ad.name: alpha_for(ad, rslora, config) for ad in adapters}
-    universe = all_module_names(tree, container)
-    fifo = hf_names.uses_conv1d(alphas) if fan_in_fan_out is None else fan_in_fan_out
+    universe = all_module_names(tree, layer_container)
     peft_config = build_config(adapters, alphas, universe, config, rslora=rslora,
-                               fan_in_fan_out=fifo, task_type=task_type,
+                               fan_in_fan_out=fan_in_fan_out, task_type=task_type,
                                base_model_name_or_path=base_model_name_or_path,
                                max_rank_default=uniform_scale)
     tensors = {}
@@ -141,7 +142,7 @@ def torch_adapters(tree: Mapping, container: str | None) -> list[TorchAdapter]:
     for path, module in modules_of(tree).items():
         if LORA_A not in module:
             continue
-        a, b, scale = (_host(module[k]) for k in (LORA_A, LORA_B, LORA_SCALE))
+        a, b, scale = (host_array(module[k]) for k in (LORA_A, LORA_B, LORA_SCALE))
         if scale.ndim > 1:
             raise LoraError(f"{path}: adapters with {scale.ndim} stacked axes (nested scans) "
                             "have no PEFT equivalent; unscan the model first.")
@@ -154,14 +155,6 @@ def torch_adapters(tree: Mapping, container: str | None) -> list[TorchAdapter]:
                                     b[i].reshape(rank, -1).T.astype(_io_dtype(b)),
                                     np.float32(scale[i])))
     return out
-
-
-def _host(x: Any) -> np.ndarray:
-    """A host copy of a (possibly multi-host sharded) array."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _io_dtype(x: np.ndarray) -> np.dtype:
@@ -247,7 +240,7 @@ def _patterns(values: Mapping[str, Any], default: Any, names: list[str]) -> dict
 
 def import_peft(path: str | Path, params: Mapping, *, layer_container: str | None = None,
                 layouts: Mapping[str, KernelLayout] | None = None,
-                adapter_dtype: str = "float32") -> Params:
+                adapter_dtype: str = "float32", shardings: Shardings = None) -> Params:
     """Load a PEFT LoRA adapter directory into `params` (a base tree, or one with adapters).
 
     Per-layer keys are restacked for scanned trees. Each adapter's scale is PEFT's: `alpha / r`
@@ -261,6 +254,9 @@ def import_peft(path: str | Path, params: Mapping, *, layer_container: str | Non
       layer_container: unused for unscanned trees; for scanned trees only needed to disambiguate.
       layouts: `kernel_layouts(...)` for DenseGeneral kernels (2-D/3-D Dense need none).
       adapter_dtype: dtype of new adapter leaves (existing leaves keep theirs).
+      shardings: where the adapter leaves go, as in `load_adapter` (a tree, one Sharding or a
+        function `(dotted_path, shape) -> Sharding`); default: an existing adapter leaf's
+        sharding, else replicated over its kernel's devices.
 
     Returns:
       `params` with the adapter leaves (`lora_a`, `lora_b`, `lora_scale`).
@@ -279,7 +275,7 @@ def import_peft(path: str | Path, params: Mapping, *, layer_container: str | Non
     leaves, problems = {}, []
     for tree_path, layers in placed.items():
         built = _module_leaves(tree_path, layers, pairs, peft, modules[tree_path], layouts,
-                               adapter_dtype)
+                               adapter_dtype, shardings)
         if isinstance(built, str):
             problems.append(built)
         else:
@@ -292,7 +288,7 @@ def import_peft(path: str | Path, params: Mapping, *, layer_container: str | Non
                         f"{peft.get('base_model_name_or_path')!r}) does not fit this model:\n  - "
                         + "\n  - ".join(problems) + "\nLoad it into the model it was trained for.")
     base = filter_leaves(tree, lambda key: key not in ADAPTER_LEAVES)
-    return rewrap(combine(base, _nest(leaves)))
+    return rewrap(combine(base, nest(leaves)))
 
 
 def _replaced_shapes(leaves: Mapping[str, Mapping], modules: Mapping[str, Mapping]) -> list[str]:
@@ -434,7 +430,8 @@ def _place_names(pairs: Mapping, modules: Mapping[str, Mapping], container: str 
 
 
 def _module_leaves(tree_path: str, layers: Mapping[int | None, str], pairs: Mapping,
-                   peft: Mapping, module: Mapping, layouts, adapter_dtype: str) -> dict | str:
+                   peft: Mapping, module: Mapping, layouts, adapter_dtype: str,
+                   shardings: Shardings = None) -> dict | str:
     """The three leaves of one tree module, or a one-line problem description."""
     stacked = None not in layers
     kernel_shape = _kernel_shape(module)
@@ -460,7 +457,8 @@ def _module_leaves(tree_path: str, layers: Mapping[int | None, str], pairs: Mapp
     scale = np.array([_peft_scale(peft, n, rank) for n in names], np.float32)
     if not stacked:
         a, b, scale = a[0], b[0], scale[0]
-    return _place_leaves(module, {LORA_A: a, LORA_B: b, LORA_SCALE: scale}, adapter_dtype)
+    return _place_leaves(tree_path, module, {LORA_A: a, LORA_B: b, LORA_SCALE: scale},
+                         adapter_dtype, shardings)
 
 
 def _kernel_shape(module: Mapping) -> tuple[int, ...]:
@@ -496,23 +494,13 @@ def _peft_scale(peft: Mapping, name: str, rank: int | None) -> np.float32:
     return np.float32(cfg.scale_for(name))
 
 
-def _place_leaves(module: Mapping, host: Mapping[str, np.ndarray], adapter_dtype: str) -> dict:
-    record = {k: {"shape": list(v.shape)} for k, v in host.items()}
+def _place_leaves(path: str, module: Mapping, host: Mapping[str, np.ndarray],
+                  adapter_dtype: str, shardings: Shardings) -> dict:
     out = {}
     for leaf, value in host.items():
         dtype = module[leaf].dtype if leaf in module else (
             np.float32 if leaf == LORA_SCALE else np.dtype(adapter_dtype))
-        sharding = adapter_sharding(module, leaf, record)
+        sharding = adapter_sharding(module, leaf, path, value.shape, shardings)
         value = np.asarray(value, dtype)
         out[leaf] = jax.make_array_from_callback(value.shape, sharding, lambda i, v=value: v[i])
-    return out
-
-
-def _nest(leaves: Mapping[str, Mapping]) -> Params:
-    out: Params = {}
-    for path, module in leaves.items():
-        node = out
-        for key in path.split("."):
-            node = node.setdefault(key, {})
-        node.update(module)
     return out

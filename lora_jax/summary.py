@@ -5,7 +5,7 @@ import dataclasses
 from collections import Counter
 from typing import Mapping
 
-from lora_jax.tree import LORA_A, LORA_B, LORA_SCALE, iter_modules
+from lora_jax.tree import LORA_A, LORA_B, LORA_SCALE, count, filter_leaves, iter_modules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,15 +37,5 @@ def summary(params: Mapping) -> Summary:
     for path, module in iter_modules(params.get("params", params)):
         if LORA_A in module:
             per_target[path.rsplit(".", 1)[-1]] += module[LORA_A].size + module[LORA_B].size
-    total = _count(params.get("params", params), skip=(LORA_SCALE,))
+    total = count(filter_leaves(params.get("params", params), lambda key: key != LORA_SCALE))
     return Summary(trainable=sum(per_target.values()), total=total, per_target=dict(per_target))
-
-
-def _count(tree: Mapping, skip: tuple[str, ...]) -> int:
-    n = 0
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            n += _count(value, skip)
-        elif key not in skip:
-            n += int(value.size)
-    return n

@@ -32,7 +32,7 @@ from lora_jax import atomic, fingerprint
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
 from lora_jax.finite import check_finite
-from lora_jax.tree import key_path_str
+from lora_jax.tree import abstract, dotted
 
 FORMAT = "lora_jax.train_state"
 STATE_ITEM, META_ITEM = "state", "meta"
@@ -122,18 +122,29 @@ class TrainCheckpointer:
         return self._manager.save(int(step), force=force, args=ocp.args.Composite(
             **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}))
 
-    def restore(self, *, adapters: Any, opt_state: Any, step: int | None = None) -> Restored | None:
+    def restore(self, *, adapters: Any, opt_state: Any, step: int | None = None,
+                shardings: Mapping[str, Any] | None = None) -> Restored | None:
         """Restore the newest readable checkpoint (or exactly `step`) into the templates'
         shapes, dtypes and shardings; None if there is no checkpoint at all.
 
         Args:
           adapters / opt_state: templates: arrays or `jax.ShapeDtypeStruct`s (e.g. from
-            `jax.eval_shape`), with the shardings to restore into.
+            `jax.eval_shape`), with the shardings to restore into (a leaf without one goes to
+            the first local device).
           step: a specific step; then an unreadable checkpoint is an error, not skipped.
+          shardings: `{"adapters": tree, "opt_state": tree}` of `jax.sharding.Sharding`s shaped
+            like the templates (e.g. `sharding.param_shardings` of each), replacing theirs;
+            either key may be left out.
         """
         self.wait()
         steps = [step] if step is not None else sorted(self._manager.all_steps(), reverse=True)
-        target = {"adapters": _abstract(adapters), "opt_state": _abstract(opt_state)}
+        target = {"adapters": abstract(adapters), "opt_state": abstract(opt_state)}
+        for name, tree in (shardings or {}).items():
+            if name not in target:
+                raise LoraError(f"restore: shardings key {name!r}; use 'adapters' / 'opt_state'")
+            target[name] = jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                target[name], tree)
         skipped = []
         for candidate in steps:
             try:
@@ -172,17 +183,17 @@ class TrainCheckpointer:
             diffs = [f"{key}: checkpoint {stored.get(key)!r}, this run {value!r}"
                      for key, value in self.settings.items() if stored.get(key) != value]
             if diffs:
-                raise CheckpointMismatch(f"{where} was made with other settings:\n  - " +
-                                "\n  - ".join(diffs) + "\nResume with the settings it was made "
-                                "with, or start a new run in another directory. The checkpoints "
-                                "are intact and were left as they are.")
+                raise CheckpointMismatch(
+                    f"{where} was made with other settings:\n  - " + "\n  - ".join(diffs) +
+                    "\nResume with the settings it was made with, or start a new run in "
+                    "another directory. The checkpoints are intact and were left as they are.")
         if meta.get("shapes") is not None:
             diffs = shape_differences(meta["shapes"], shapes(target))
             if diffs:
-                raise CheckpointMismatch(f"{where} holds a state of other shapes than this run's:\n  - "
-                                + "\n  - ".join(diffs[:6]) + "\nResume with the LoRA and "
-                                "model settings it was made with. The checkpoints are intact "
-                                "and were left as they are.")
+                raise CheckpointMismatch(
+                    f"{where} holds a state of other shapes than this run's:\n  - " +
+                    "\n  - ".join(diffs[:6]) + "\nResume with the LoRA and model settings it "
+                    "was made with. The checkpoints are intact and were left as they are.")
 
     def _restore_step(self, step: int, target: Mapping, skipped: tuple) -> Restored:
         out = self._manager.restore(step, args=ocp.args.Composite(
@@ -234,7 +245,7 @@ class TrainCheckpointer:
 
 def shapes(tree: Any) -> dict[str, list]:
     """`{"adapters/q/lora_a": [shape, dtype]}` for every array leaf of a state tree."""
-    return {key_path_str(path): [list(np.shape(x)), str(np.dtype(x.dtype))]
+    return {dotted(path, "/"): [list(np.shape(x)), str(np.dtype(x.dtype))]
             for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -250,18 +261,6 @@ def shape_differences(stored: Mapping[str, list], wanted: Mapping[str, list]) ->
             out.append(f"{key}: checkpoint {stored[key][0]} {stored[key][1]}, this run "
                        f"{wanted[key][0]} {wanted[key][1]}")
     return out
-
-
-def _abstract(tree: Any) -> Any:
-    def leaf(x):
-        if isinstance(x, jax.ShapeDtypeStruct):
-            return x
-        sharding = getattr(x, "sharding", None)
-        if sharding is None:
-            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
-
-    return jax.tree.map(leaf, tree)
 
 
 def _rng_to_json(rng: Any) -> dict | None:

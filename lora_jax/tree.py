@@ -1,11 +1,21 @@
-"""Walking a Linen parameter tree by module: dotted paths, kernels and the adapter leaves.
+"""The tree utilities of lora_jax (and of `sharding` and the examples, which sit above it).
 
 A *module* here is a dict that holds a `kernel` leaf (what `nn.Dense` and `nn.DenseGeneral`
 create). Its dotted path joins the dict keys from the root, e.g. `model.layers.0.self_attn.q_proj`.
+
+    modules     iter_modules, modules_of, map_modules, has_adapter
+    leaves      map_leaves, filter_leaves, count, deep_merge, nest, as_dict, unwrap_variables
+    paths       dotted (a jax key path as `a.b.0`)
+    arrays      abstract (restore targets), host_array (gathered across processes)
+
+`models` cannot import these (it knows nothing of lora_jax) and uses `flax.traverse_util`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
 
 LORA_A, LORA_B, LORA_SCALE = "lora_a", "lora_b", "lora_scale"
 ADAPTER_LEAVES = (LORA_A, LORA_B, LORA_SCALE)
@@ -29,15 +39,28 @@ def unwrap_variables(tree: Mapping) -> tuple[Params, Callable[[Params], Params]]
     return tree, lambda new: new
 
 
-def iter_modules(params: Mapping, prefix: str = "") -> Iterator[tuple[str, Mapping]]:
-    """Yield `(dotted_path, module_dict)` for every dict holding a `kernel` leaf, depth first."""
+def iter_modules(params: Mapping, prefix: str = "", *,
+                 leaves: Sequence[str] = ("kernel",)) -> Iterator[tuple[str, Mapping]]:
+    """Yield `(dotted_path, module_dict)` for every dict holding a leaf named in `leaves`
+    (default: a `kernel`), parents before children.
+
+    Example:
+      >>> [path for path, _ in iter_modules(params)]
+      ['model.layers.0.self_attn.q_proj', ...]
+    """
     for key, value in params.items():
         if not isinstance(value, Mapping):
             continue
         path = f"{prefix}.{key}" if prefix else str(key)
-        if "kernel" in value and not isinstance(value["kernel"], Mapping):
+        if any(k in value and not isinstance(value[k], Mapping) for k in leaves):
             yield path, value
-        yield from iter_modules(value, path)
+        yield from iter_modules(value, path, leaves=leaves)
+
+
+def modules_of(tree: Mapping) -> dict[str, Mapping]:
+    """`{dotted_path: module_dict}` for dicts holding a `kernel` or an adapter leaf (an adapter
+    tree from `lora_params` has no kernels)."""
+    return dict(iter_modules(tree, leaves=("kernel", *ADAPTER_LEAVES)))
 
 
 def map_modules(params: Mapping, fn: Callable[[str, Params], Params], prefix: str = "") -> Params:
@@ -57,6 +80,20 @@ def map_modules(params: Mapping, fn: Callable[[str, Params], Params], prefix: st
 
 def has_adapter(module: Mapping) -> bool:
     return LORA_A in module and LORA_B in module
+
+
+def map_leaves(tree: Mapping, fn: Callable[[str, Any], Any]) -> Params:
+    """The nested dict `tree` with each leaf replaced by `fn(its own key, leaf)`.
+
+    Example:
+      >>> map_leaves(params, lambda key, _: key in TRAINABLE_LEAVES)   # a mask
+    """
+    return {k: map_leaves(v, fn) if isinstance(v, Mapping) else fn(k, v) for k, v in tree.items()}
+
+
+def count(tree: Any) -> int:
+    """Number of scalars in a tree."""
+    return sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(tree))
 
 
 def filter_leaves(params: Mapping, keep: Callable[[str], bool]) -> Params:
@@ -86,7 +123,45 @@ def deep_merge(a: Mapping, b: Mapping) -> Params:
     return out
 
 
-def key_path_str(path: Any, sep: str = "/") -> str:
-    """A `jax.tree_util` key path as text: `("a", 0, "kernel")` -> `"a/0/kernel"`."""
-    return sep.join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p))))
-                    for p in path)
+def nest(modules: Mapping[str, Mapping]) -> Params:
+    """`{dotted module path: {leaf: value}}` -> the nested tree holding those modules.
+
+    Example:
+      >>> nest({"a.q": {"lora_a": x}})
+      {'a': {'q': {'lora_a': x}}}
+    """
+    out: Params = {}
+    for path, module in modules.items():
+        node = out
+        for key in path.split("."):
+            node = node.setdefault(key, {})
+        node.update(module)
+    return out
+
+
+def dotted(key_path: Sequence[Any], separator: str = ".") -> str:
+    """`model.layers.0.kernel` from a jax key path (dict keys, attribute names, indices)."""
+    return jax.tree_util.keystr(tuple(key_path), simple=True, separator=separator)
+
+
+def abstract(tree: Any) -> Any:
+    """`jax.ShapeDtypeStruct`s of a tree's leaves with their shardings: an orbax restore target.
+    A leaf without a sharding (a host array) goes to the first local device; structs pass."""
+    def leaf(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        sharding = getattr(x, "sharding", None)
+        if sharding is None:
+            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+    return jax.tree.map(leaf, tree)
+
+
+def host_array(x: Any) -> np.ndarray:
+    """A host copy of an array; one split over several processes is all-gathered first (every
+    process must call it)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils  # only multi-process runs need it
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -1,9 +1,9 @@
 """GPT-2 and Llama 3 in Flax Linen, with Hugging Face parameter names, checkpoints and generation.
 
     models     GPT2, GPT2Config, Llama, LlamaConfig, RopeScaling, build, init_params
-    weights    load_hf, save_hf, read_config, config_from_dict, CheckpointError
-    layout     layer_container, is_scanned, stack_layers, unstack_layers, layer_module_name,
-               hf_tensor_name, FAMILIES
+    weights    load_hf, save_hf, hf_writer, read_config, config_from_dict, CheckpointError
+    layout     layer_container, is_scanned, stack_layers, unstack_layers, hf_tensor_name,
+               family, FAMILIES
     decode     generate, generate_text, KVCache, init_cache
     text       load_tokenizer, HFTokenizer, ByteTokenizer
     loss       cross_entropy, chunked_cross_entropy, head_kernel
@@ -17,12 +17,11 @@ weights already are, so they are stored as they are). Leaves: `kernel`, `bias`, 
 
 Scanned (`scan_layers=True`), the stack lives at the container path with no layer index and every
 leaf below it has a leading layer axis: `params["model"]["layers"]["self_attn"]["q_proj"]
-["kernel"]` is [L, in, out]. The HF name of layer i is `<container>.<i>.<rest>`:
+["kernel"]` is [L, in, out]. The HF name of layer i is `<container>.<i>.<rest>`
+(`model.layers.3.self_attn.q_proj`), where:
 
     >>> layer_container(params)                                     # or a config / model
     'model.layers'                                                  # GPT-2: 'transformer.h'
-    >>> layer_module_name("model.layers.self_attn.q_proj", 3, "model.layers")
-    'model.layers.3.self_attn.q_proj'
 
 Model call: `model.apply({"params": p}, input_ids, *, positions=None, attention_mask=None,
 deterministic=True, cache=None, return_hidden=False)` -> logits [B, T, V] in the compute
@@ -38,9 +37,9 @@ from models.errors import CheckpointError, CheckpointFileNotFoundError
 from models.factory import build, init_params
 from models.generate import generate, generate_text
 from models.gpt2 import GPT2, GPT2Config
-from models.hf_io import config_from_dict, load_hf, read_config, save_hf
+from models.hf_io import config_from_dict, hf_writer, load_hf, read_config, save_hf
 from models.layout import (FAMILIES, family, hf_tensor_name, is_scanned, layer_container,
-                           layer_module_name, stack_layers, unstack_layers)
+                           stack_layers, unstack_layers)
 from models.llama import Llama, LlamaConfig
 from models.loss import chunked_cross_entropy, cross_entropy
 from models.parallel import NoParallelism, Parallelism
@@ -57,9 +56,9 @@ def head_kernel(config, params):
 
 __all__ = [
     "GPT2", "GPT2Config", "Llama", "LlamaConfig", "RopeScaling", "build", "init_params",
-    "load_hf", "save_hf", "read_config", "config_from_dict",
+    "load_hf", "save_hf", "hf_writer", "read_config", "config_from_dict",
     "CheckpointError", "CheckpointFileNotFoundError",
-    "layer_container", "is_scanned", "stack_layers", "unstack_layers", "layer_module_name",
+    "layer_container", "is_scanned", "stack_layers", "unstack_layers",
     "hf_tensor_name", "family", "FAMILIES",
     "generate", "generate_text", "KVCache", "init_cache",
     "load_tokenizer", "HFTokenizer", "ByteTokenizer",

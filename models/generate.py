@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from models.cache import init_cache
+from models.token_ids import check_generation_ids
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
@@ -61,10 +62,13 @@ def generate(model: nn.Module, params: Any, prompt_ids: jax.Array, *, max_new_to
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     mask = (jnp.ones_like(prompt_ids) if prompt_mask is None
             else jnp.asarray(prompt_mask, jnp.int32))
-    limit = getattr(model.config, "n_positions", None)  # learned positions end there
-    if limit is not None and prompt_ids.shape[1] + max_new_tokens > limit:
+    config = model.config
+    if config.LEARNED_POSITIONS and prompt_ids.shape[1] + max_new_tokens > config.max_positions:
         raise ValueError(f"prompt ({prompt_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) "
-                         f"exceeds the model's n_positions={limit}")
+                         f"exceeds max_positions={config.max_positions}, the model's learned "
+                         "positions")
+    check_generation_ids(config.vocab_size, eos_token_id=eos_token_id,
+                         pad_token_id=pad_token_id)
     if temperature > 0.0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(...)")
     eos = (() if eos_token_id is None else (int(eos_token_id),) if isinstance(eos_token_id, int)

@@ -28,10 +28,11 @@ import jax.numpy as jnp
 from models.attention import AttentionContext, attend, begin_forward, finish_forward
 from models.cache import KVCache
 from models.norms import LayerNorm
-from models.options import RuntimeOptions, check_token_ids, runtime_fields
+from models.options import RuntimeOptions, runtime_fields
 from models.parallel import NoParallelism, Parallelism
 from models.projection import embedding, projection
 from models.stack import layer_stack, stacked_kv_or_none
+from models.token_ids import warn_special_ids
 
 ACTIVATIONS: dict[str, Callable] = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -51,6 +52,8 @@ class GPT2Config(RuntimeOptions):
     """
 
     MODEL_TYPE: ClassVar[str] = "gpt2"
+    # Learned position embeddings: no position at or past `n_positions` exists.
+    LEARNED_POSITIONS: ClassVar[bool] = True
 
     vocab_size: int
     n_positions: int
@@ -74,7 +77,7 @@ class GPT2Config(RuntimeOptions):
         super().__post_init__()
         if self.n_inner is None:
             object.__setattr__(self, "n_inner", 4 * self.n_embd)
-        check_token_ids(self)
+        warn_special_ids(self)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
         if self.activation_function not in ACTIVATIONS:
@@ -88,6 +91,28 @@ class GPT2Config(RuntimeOptions):
     @property
     def num_layers(self) -> int:
         return self.n_layer
+
+    # The shape under family-neutral names (sharding checks, FLOPs, generation read these).
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.n_embd
+
+    @property
+    def n_heads(self) -> int:
+        return self.n_head
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.n_head
+
+    @property
+    def intermediate_dim(self) -> int:
+        return self.n_inner
+
+    @property
+    def max_positions(self) -> int:
+        return self.n_positions
 
     @property
     def kv_cache_shape(self) -> tuple[int, int, int]:

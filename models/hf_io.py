@@ -14,12 +14,13 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -217,12 +218,7 @@ def abstract_shapes(model: nn.Module) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{param path: shape} of `model`, traced abstractly."""
     ids = jnp.zeros((1, 1), jnp.int32)
     tree = jax.eval_shape(lambda: model.init(jax.random.key(0), ids))["params"]
-    return {tuple(_key_str(k) for k in path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _key_str(key: Any) -> str:
-    return str(getattr(key, "key", key))
+    return {path: tuple(leaf.shape) for path, leaf in flatten_dict(_as_dict(tree)).items()}
 
 
 def check_tensors(sources: list[LeafSource], index: TensorIndex, model: nn.Module) -> None:
@@ -293,7 +289,7 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: A
         leaves = {src.path: _place(_read_leaf(src, index, config.param_dtype),
                                    _sharding_for(shardings, src))
                   for src in sources}
-    return model, _nest(leaves)
+    return model, unflatten_dict(leaves)
 
 
 def _read_leaf(src: LeafSource, index: TensorIndex, dtype: Any) -> np.ndarray:
@@ -330,16 +326,6 @@ def _place(host: np.ndarray, sharding) -> jax.Array:
         return jnp.asarray(host)
     # Each device copies only its own slice of the host array.
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
-
-def _nest(leaves: Mapping[tuple[str, ...], Any]) -> Params:
-    out: Params = {}
-    for path, leaf in leaves.items():
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = leaf
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,8 +368,7 @@ def save_hf(path: str | os.PathLike, model: nn.Module, params: Mapping, *, dtype
 
 
 def _check_tree(tree: Mapping, sources: list[LeafSource]) -> None:
-    have = {tuple(_key_str(k) for k in p): leaf
-            for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    have = flatten_dict(_as_dict(tree))
     want = {src.path for src in sources}
     extra, missing = sorted(set(have) - want), sorted(want - set(have))
     if extra or missing:
@@ -392,6 +377,11 @@ def _check_tree(tree: Mapping, sources: list[LeafSource]) -> None:
         raise CheckpointError(f"params do not fit the model: unexpected "
                               f"{['.'.join(p) for p in extra[:6]]}, missing "
                               f"{['.'.join(p) for p in missing[:6]]}.{hint}")
+
+
+def _as_dict(tree: Mapping) -> dict:
+    """Plain nested dicts, which `flatten_dict` walks (it leaves other Mappings whole)."""
+    return {k: _as_dict(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
 
 # What an HF model directory may hold besides *.safetensors: overwrite replaces such a directory
@@ -478,6 +468,19 @@ def _write_json(file: Path, data: Any) -> Path:
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, file)
     return file
+
+
+def hf_writer(model: nn.Module) -> Callable[[Path, Mapping, Any], list[Path]]:
+    """`save_hf` bound to `model`: `writer(directory, params, dtype)`, the form of writer that
+    exporters taking one expect (e.g. `lora_jax.export_merged(..., write_hf=)`).
+
+    Example:
+      >>> hf_writer(model)("/out/hf", params, "bfloat16")
+    """
+    def write(directory: Path, params: Mapping, dtype: Any = None) -> list[Path]:
+        return save_hf(directory, model, params, dtype=dtype)
+
+    return write
 
 
 def shard_names(path: str | os.PathLike) -> list[str]:

@@ -8,8 +8,8 @@ name is `<container>.<i>.<rest>`.
 
 Example:
   >>> layer_container(params)                      # "model.layers"
-  >>> layer_module_name("model.layers.self_attn.q_proj", 3, "model.layers")
-  'model.layers.3.self_attn.q_proj'
+  >>> hf_tensor_name(("model", "layers", "3", "self_attn", "q_proj", "kernel"))
+  'model.layers.3.self_attn.q_proj.weight'
 """
 from __future__ import annotations
 
@@ -142,13 +142,6 @@ def stack_layers(params: Mapping, container: str | None = None) -> dict:
     ordered = [layers[str(i)] for i in range(len(layers))]
     return _with_container(params, container,
                            jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *ordered))
-
-
-def layer_module_name(stacked_path: str, layer: int, container: str) -> str:
-    """HF name of layer `layer` of a stacked path: `<container>.<layer>.<rest>`."""
-    if stacked_path != container and not stacked_path.startswith(container + "."):
-        raise ValueError(f"{stacked_path!r} is not under the layer container {container!r}")
-    return f"{container}.{layer}{stacked_path[len(container):]}"
 
 
 def hf_tensor_name(path: tuple[str, ...]) -> str:

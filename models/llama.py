@@ -23,11 +23,12 @@ import jax.numpy as jnp
 from models.attention import AttentionContext, attend, begin_forward, finish_forward
 from models.cache import KVCache
 from models.norms import RMSNorm
-from models.options import RuntimeOptions, check_token_ids, runtime_fields
+from models.options import RuntimeOptions, runtime_fields
 from models.parallel import NoParallelism, Parallelism
 from models.projection import embedding, projection
 from models.rope import RopeScaling, apply_rope, inverse_frequencies, rope_angles
 from models.stack import layer_stack, stacked_kv_or_none
+from models.token_ids import warn_special_ids
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,6 +40,8 @@ class LlamaConfig(RuntimeOptions):
     """
 
     MODEL_TYPE: ClassVar[str] = "llama"
+    # RoPE: positions past `max_position_embeddings` compute (with degraded quality).
+    LEARNED_POSITIONS: ClassVar[bool] = False
 
     vocab_size: int
     hidden_size: int
@@ -68,13 +71,35 @@ class LlamaConfig(RuntimeOptions):
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
-        check_token_ids(self)
+        warn_special_ids(self)
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
 
     @property
     def num_layers(self) -> int:
         return self.num_hidden_layers
+
+    # The shape under family-neutral names (sharding checks, FLOPs, generation read these).
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.hidden_size
+
+    @property
+    def n_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.num_key_value_heads
+
+    @property
+    def intermediate_dim(self) -> int:
+        return self.intermediate_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings
 
     @property
     def kv_cache_shape(self) -> tuple[int, int, int]:

@@ -103,14 +103,3 @@ def remat_policy_for(config) -> Callable | None:
 
 def runtime_fields() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(RuntimeOptions))
-
-
-def check_token_ids(config) -> None:
-    """bos/eos/pad ids must index the vocabulary (transformers asserts the same later)."""
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(config, name)
-        ids = value if isinstance(value, (tuple, list)) else (value,)
-        bad = [i for i in ids if i is not None and not 0 <= i < config.vocab_size]
-        if bad:
-            raise ValueError(f"{name}={value} is outside the vocabulary "
-                             f"(vocab_size={config.vocab_size})")

@@ -3,8 +3,8 @@ knows mesh axis names).
 
     mesh         make_mesh, replicated, axis_size(s), drop_trivial_axes, MeshError,
                  check_model_fits, check_config_fits, check_batch_fits, DP, FSDP, TP
-    rules        DEFAULT_RULES, spec_for, param_specs, param_shardings, shard_params,
-                 init_sharded
+    rules        DEFAULT_RULES, spec_for, param_specs, param_shardings, leaf_sharding,
+                 shard_params, init_sharded
     layers       ColumnParallelDense, RowParallelDense, ReplicatedDense,
                  column_parallel, row_parallel
     models seam  TensorParallelism
@@ -23,15 +23,15 @@ from sharding.mesh import (AXES, BATCH_AXES, DP, FSDP, TP, MeshError, axis_size,
                            check_batch_fits, drop_trivial_axes,
                            check_config_fits, check_model_fits, make_mesh, replicated)
 from sharding.parallelism import TensorParallelism
-from sharding.rules import (DEFAULT_RULES, init_sharded, param_shardings, param_specs,
-                            shard_params, spec_for)
+from sharding.rules import (DEFAULT_RULES, init_sharded, leaf_sharding, param_shardings,
+                            param_specs, shard_params, spec_for)
 
 __all__ = [
     "make_mesh", "replicated", "axis_size", "axis_sizes", "drop_trivial_axes",
     "check_model_fits", "check_config_fits", "check_batch_fits", "MeshError",
     "DP", "FSDP", "TP", "AXES", "BATCH_AXES",
-    "DEFAULT_RULES", "spec_for", "param_specs", "param_shardings", "shard_params",
-    "init_sharded",
+    "DEFAULT_RULES", "spec_for", "param_specs", "param_shardings", "leaf_sharding",
+    "shard_params", "init_sharded",
     "ColumnParallelDense", "RowParallelDense", "ReplicatedDense", "column_parallel",
     "row_parallel",
     "TensorParallelism",

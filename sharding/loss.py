@@ -15,12 +15,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from models.loss import IGNORE_INDEX  # one label-masking convention for both losses
 from sharding.compat import all_gather, shard_map
 from sharding.layers import activation_spec
 from sharding.mesh import DP, FSDP, TP, axis_sizes, drop_trivial_axes
 from sharding.rules import KERNEL_SPECS
-
-IGNORE_INDEX = -100
 
 
 def shift_labels(labels: jax.Array, fill: int = IGNORE_INDEX) -> jax.Array:

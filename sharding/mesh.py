@@ -132,17 +132,15 @@ def check_model_fits(mesh: Mesh, *, hidden: int, heads: int, kv_heads: int | Non
 
 
 def check_config_fits(mesh: Mesh, config: Any) -> None:
-    """`check_model_fits` with the sizes read from a model config (Hugging Face field names of
-    Llama or GPT-2: `hidden_size`/`n_embd`, `num_attention_heads`/`n_head`, ...)."""
-    def first(*names):
-        return next((getattr(config, n) for n in names if getattr(config, n, None) is not None),
-                    None)
+    """`check_model_fits` with the sizes of a `models` config (`GPT2Config`, `LlamaConfig`:
+    `hidden_dim`, `n_heads`, `n_kv_heads`, `intermediate_dim`, `vocab_size`).
 
-    heads = first("num_attention_heads", "n_head")
-    check_model_fits(mesh, hidden=first("hidden_size", "n_embd"), heads=heads,
-                     kv_heads=first("num_key_value_heads") or heads,
-                     intermediate=first("intermediate_size", "n_inner"),
-                     vocab=first("vocab_size"))
+    Example:
+      >>> check_config_fits(make_mesh(tp=4), LlamaConfig.llama3_8b())
+    """
+    check_model_fits(mesh, hidden=config.hidden_dim, heads=config.n_heads,
+                     kv_heads=config.n_kv_heads, intermediate=config.intermediate_dim,
+                     vocab=config.vocab_size)
 
 
 def check_batch_fits(mesh: Mesh, *, batch: int, seq: int | None = None,

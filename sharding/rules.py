@@ -6,7 +6,8 @@ layer's leaf; a stacked leaf of `nn.scan` (`[L, in, out]`) gets it padded with u
 axes. Adapter leaves have no rules of their own: their spec is *derived* from their kernel's
 (`lora_a` keeps the input-dim spec, `lora_b` the output-dim spec, the rank dim and `lora_scale`
 are replicated, and fsdp is dropped: see `derive_adapter_spec`), so a new target module needs no
-new entry.
+new entry. This is the one adapter rule: lora_jax derives no specs, its loaders take these
+shardings as `shardings=` (`param_shardings` of a tree, or `leaf_sharding`).
 
 The layout is Megatron's, with FSDP on the other feature dim of every large matrix:
   column-parallel kernel [in, out]  -> (fsdp, tp)   q/k/v, gate/up, c_attn, c_fc, lm_head
@@ -23,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE
+from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, dotted
 from sharding.mesh import FSDP, TP, MeshError, axis_size
 
 
@@ -112,13 +113,25 @@ def param_shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
       >>> abstract = jax.eval_shape(model.init, key, tokens)
       >>> shardings = param_shardings(abstract, mesh)
     """
-    def one(kp, x):
-        path, shape = dotted(kp), _shape(x)
+    one = leaf_sharding(mesh, rules)
+    return jax.tree_util.tree_map_with_path(lambda kp, x: one(dotted(kp), _shape(x)), tree)
+
+
+def leaf_sharding(mesh: Mesh,
+                  rules: Rules = DEFAULT_RULES) -> Callable[[str, tuple], NamedSharding]:
+    """`param_shardings` one leaf at a time: `fn(dotted_path, shape) -> NamedSharding`, for
+    loaders that place each leaf as they read it when no tree of the leaves is at hand
+    (`models.load_hf`, `lora_jax.load_adapter` and `import_peft` take it as `shardings=`).
+
+    Example:
+      >>> params = lora_jax.load_adapter("ckpt/adapter", base, shardings=leaf_sharding(mesh))
+    """
+    def one(path: str, shape: tuple[int, ...]) -> NamedSharding:
         spec = spec_for(path, len(shape), rules)
-        check_divisible(path, shape, spec, mesh)
+        check_divisible(path, tuple(shape), spec, mesh)
         return NamedSharding(mesh, spec)
 
-    return jax.tree_util.tree_map_with_path(one, tree)
+    return one
 
 
 def check_divisible(path: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> None:
@@ -134,19 +147,6 @@ def check_divisible(path: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> N
 
 def _shape(x: Any) -> tuple[int, ...]:
     return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
-
-
-def dotted(key_path: Sequence[Any]) -> str:
-    """`model.layers.0.kernel` from a jax key path."""
-    parts = []
-    for k in key_path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return ".".join(parts)
 
 
 def shard_params(params: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:

@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lora_jax as lj
 from lora_jax import checkpoint
+from sharding import leaf_sharding, param_shardings
 from tests.toy_models import DenseNet, ScanNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,13 +84,24 @@ def test_load_into_sharded_tree(tmp_path):
     base = _base()
     params = _injected(base)
     lj.save_adapter(tmp_path / "a", params, CONFIG)
-    loaded = lj.load_adapter(tmp_path / "a", _shard_base(base, mesh))
+    sharded_base = _shard_base(base, mesh)
+    # shardings= from the one adapter rule (sharding.rules): A keeps the kernel's input spec
+    # and B its output spec, fsdp dropped; as a tree of the adapters or one leaf at a time.
+    like = jax.eval_shape(lambda p: lj.lora_params(_injected(p)), base)
+    for shardings in (param_shardings(like, mesh), leaf_sharding(mesh)):
+        loaded = lj.load_adapter(tmp_path / "a", sharded_base, shardings=shardings)
+        _assert_same_adapters(loaded, params)
+        q = loaded["layers"]["q_proj"]
+        assert q["lora_a"].sharding.spec == P(None, None, None)
+        assert q["lora_b"].sharding.spec == P(None, None, "tp")
+        assert q["lora_a"].sharding.mesh.shape == mesh.shape
+    # Without shardings=: replicated over the kernel's devices (lora_jax derives no specs).
+    loaded = lj.load_adapter(tmp_path / "a", sharded_base)
     _assert_same_adapters(loaded, params)
     q = loaded["layers"]["q_proj"]
-    # Shardings derived from the kernel's: A keeps the input spec, B the output spec.
-    assert q["lora_a"].sharding.spec == P(None, "fsdp", None)
-    assert q["lora_b"].sharding.spec == P(None, None, "tp")
-    assert q["lora_a"].sharding.mesh.shape == mesh.shape
+    assert q["lora_a"].sharding == NamedSharding(mesh, P()) == q["lora_b"].sharding
+    with pytest.raises(lj.LoraError, match="no entry for layers.q_proj.lora_a"):
+        lj.load_adapter(tmp_path / "a", sharded_base, shardings={"layers": {}})
     # Into existing sharded adapters: their shardings are kept.
     target = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), params)
     loaded = lj.load_adapter(tmp_path / "a", target)

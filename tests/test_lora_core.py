@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import lora_jax as lj
-from tests.toy_models import DenseNet, GeneralNet, ScanNet
+from tests.toy_models import DenseNet, GeneralNet, NestedScanNet, ScanNet
 
 KEY = jax.random.key(0)
 RTOL, ATOL = 1e-5, 1e-6
@@ -281,3 +281,30 @@ def test_general_layout_misfit_is_a_clear_error():
     injected = lj.inject(variables, lj.LoraConfig(r=2, target_modules=["qkv"]), KEY)
     with pytest.raises(lj.LoraError, match="kernel_layouts"):
         lj.apply(model, injected, x)
+
+
+@pytest.mark.parametrize("model,shape", [(GeneralNet(), (4, 6)), (NestedScanNet(), (4, 16))])
+def test_lora_model_init_reads_the_layouts_itself(model, shape):
+    """LoraModel holds the model and its inputs, so DenseGeneral kernels and nested scans need
+    no layouts from the caller: it equals inject with kernel_layouts, and applies."""
+    x = _x(shape)
+    config = lj.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False)
+    variables = lj.LoraModel(model, config).init(KEY, x)
+    base = _init(model, x)
+    want = lj.inject(base, config, jax.random.fold_in(KEY, 1),
+                     layouts=lj.kernel_layouts(model, base, x))
+    assert jax.tree.structure(variables) == jax.tree.structure(want)
+    for got, expected in zip(jax.tree.leaves(variables), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(got, expected)
+    adapted = lj.LoraModel(model, config).apply(variables, x)
+    assert not np.allclose(adapted, model.apply(base, x))  # B is random: the adapters act
+
+
+def test_layout_hint_gives_the_real_signature():
+    """A kernel the tree cannot read points at kernel_layouts with its actual arguments."""
+    model, x = NestedScanNet(), _x()
+    variables = _init(model, x)
+    with pytest.raises(lj.LoraError, match=r"kernel_layouts\(model, variables, \*example_args\)"):
+        lj.inject(variables, lj.LoraConfig(r=2, target_modules=["q_proj"]), KEY)
+    layouts = lj.kernel_layouts(model, variables, x)  # ... which works as the hint says
+    assert layouts["outer.inner.q_proj"] == lj.KernelLayout(2, 1, 1)

@@ -22,7 +22,7 @@ def test_merged_hf_export_matches_unmerged_apply(checkpoints, tmp_path, family, 
     model, base = models.load_hf(checkpoints / family, scan_layers=scan)
     config = lora_config(family, rslora=False)
     params = random_adapters(lj.inject(base, config, jax.random.key(1)), seed=2)
-    out = lj.export_merged(tmp_path / "merged", params, model)
+    out = lj.export_merged(tmp_path / "merged", params, models.hf_writer(model))
     hf = torch_model(out / "hf")  # a plain transformers model: no PEFT involved
     err = rel_err(torch_logits(hf), our_logits(model, params))
     print(f"{family} scan={scan}: merged HF export vs unmerged apply, rel err {err:.2e}")
@@ -40,17 +40,18 @@ def test_merged_export_in_bf16_and_never_clobbers(checkpoints, tmp_path):  # noq
     model, base = models.load_hf(checkpoints / "llama")
     params = random_adapters(lj.inject(base, lora_config("llama", False), jax.random.key(1)),
                              seed=2)
-    out = lj.export_merged(tmp_path / "m", params, model, orbax=False, dtype="bfloat16")
+    out = lj.export_merged(tmp_path / "m", params, models.hf_writer(model), orbax=False,
+                           dtype="bfloat16")
     assert sorted(p.name for p in out.iterdir()) == ["hf"]
     assert '"torch_dtype": "bfloat16"' in (out / "hf" / "config.json").read_text()
     before = (out / "hf" / "model.safetensors").read_bytes()
     with pytest.raises(lj.LoraError, match="overwrite=True"):
-        lj.export_merged(out, params, model)
+        lj.export_merged(out, params, models.hf_writer(model))
     bad = {**params, "lm_head": {"kernel": np.full((32, 96), np.nan, np.float32),
                                  "lora_a": np.ones((32, 2), np.float32),
                                  "lora_b": np.ones((2, 96), np.float32),
                                  "lora_scale": np.float32(1.0)}}
     with pytest.raises(lj.LoraError, match="NaN"):
-        lj.export_merged(out, bad, model, overwrite=True)
+        lj.export_merged(out, bad, models.hf_writer(model), overwrite=True)
     assert (out / "hf" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

@@ -124,7 +124,7 @@ def test_sampling_needs_an_rng_and_gpt2_has_a_length_limit():
     params = models.init_params(model, jax.random.key(0))
     with pytest.raises(ValueError, match="rng"):
         models.generate(model, params, random_ids(1, 4), max_new_tokens=2, temperature=1.0)
-    with pytest.raises(ValueError, match="n_positions=128"):
+    with pytest.raises(ValueError, match="max_positions=128"):
         models.generate(model, params, random_ids(1, 100), max_new_tokens=29)
 
 

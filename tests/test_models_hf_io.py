@@ -133,6 +133,23 @@ def _rewrite(directory, change):
     save_file(tensors, file, metadata={"format": "pt"})
 
 
+def test_bos_outside_the_vocabulary_loads_with_a_warning(tmp_path):
+    """transformers loads a checkpoint whose bos_token_id lies outside the vocabulary; so do we
+    (a warning), and only generation, which needs an id, refuses one that is out of range."""
+    torch_model = hf_gpt2(tmp_path, bos_token_id=50256, eos_token_id=50256)
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path)  # the reference accepts it
+    with pytest.warns(UserWarning, match="bos_token_id=50256 is outside the vocabulary"):
+        model, params = models.load_hf(tmp_path)
+    ids = random_ids(1, 8)
+    assert_logits_close(model.apply({"params": params}, jnp.asarray(ids)),
+                        torch_forward(torch_model, ids).logits)
+    with pytest.raises(ValueError, match="eos_token_id=50256 is outside the model's vocab"):
+        models.generate(model, params, jnp.asarray(ids), max_new_tokens=2,
+                        eos_token_id=model.config.eos_token_id)
+    out = models.generate(model, params, jnp.asarray(ids), max_new_tokens=2, eos_token_id=1)
+    assert out.shape == (1, 10)
+
+
 def test_missing_config_json(llama_dir):
     (llama_dir / "config.json").unlink()
     with pytest.raises(models.CheckpointFileNotFoundError, match="config.json"):

@@ -11,6 +11,7 @@ import pytest
 
 import lora_jax as lj
 import models
+from lora_jax.hf_names import layer_name
 from tests.test_models_fixtures import hf_gpt2, hf_llama, random_ids
 
 CASES = {"llama": (hf_llama, ["q_proj", "v_proj"]), "gpt2": (hf_gpt2, ["c_attn"])}
@@ -46,7 +47,7 @@ def test_inject_apply_merge_on_real_models(tmp_path, family, scan):
     paths = sorted(".".join(k.key for k in p[:-1]) for p, _ in
                    jax.tree_util.tree_flatten_with_path(lj.lora_params(trained))[0]
                    if p[-1].key == "lora_a")
-    names = [models.layer_module_name(p, i, container) if scan else p
+    names = [layer_name(p, i, container) if scan else p
              for p in paths for i in (range(2) if scan else [None])]
     expected = sorted(f"{container}.{i}.{mod}" for i in range(2) for mod in
                       (["self_attn.q_proj", "self_attn.v_proj"] if family == "llama"

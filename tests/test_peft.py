@@ -57,6 +57,12 @@ def torch_logits(model, ids=IDS) -> np.ndarray:
 _apply = jax.jit(lj.apply, static_argnums=0)  # one compile per model config and tree shape
 
 
+def naming(model) -> dict:
+    """What export_peft needs to know of a bundled model (lora_jax knows no model family)."""
+    family = models.family(model)
+    return dict(layer_container=family.container, fan_in_fan_out=family.conv1d_prefix is not None)
+
+
 def our_logits(model, params, ids=IDS) -> np.ndarray:
     return np.asarray(_apply(model, {"params": params}, jnp.asarray(ids)))
 
@@ -95,7 +101,7 @@ def adapted(checkpoints, family, scan, rslora):
 def test_export_loads_in_peft_with_equal_logits(checkpoints, tmp_path, family, scan, rslora):
     model, base, params, config = adapted(checkpoints, family, scan, rslora)
     out = lj.export_peft(tmp_path / "peft", params, config,
-                         base_model_name_or_path=str(checkpoints / family))
+                         base_model_name_or_path=str(checkpoints / family), **naming(model))
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["bias"] == "none" and cfg["use_rslora"] == rslora
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["fan_in_fan_out"] == (family == "gpt2")
@@ -142,6 +148,14 @@ def test_uniform_scale_export_is_what_vllm_computes(checkpoints, tmp_path):
     assert err < RTOL
 
 
+def test_scanned_export_needs_the_layer_container(checkpoints, tmp_path):
+    """lora_jax knows no model family: a scanned stack's HF names need layer_container=."""
+    model, _, params, config = adapted(checkpoints, "llama", True, False)
+    with pytest.raises(lj.LoraError, match="layer_container="):
+        lj.export_peft(tmp_path / "peft", params, config)
+    assert not (tmp_path / "peft").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # (b) PEFT -> ours
 # ---------------------------------------------------------------------------------------------
@@ -170,12 +184,35 @@ def test_peft_adapter_imports_with_equal_logits(checkpoints, tmp_path, family, s
     print(f"import {family} scan={scan} rslora={rslora}: rel err {err:.2e}")
     assert err < RTOL
     # Re-export: PEFT's tensors come back bit for bit.
-    out = lj.export_peft(tmp_path / "again", params, lj.peft_lora_config(tmp_path / "p"))
+    out = lj.export_peft(tmp_path / "again", params, lj.peft_lora_config(tmp_path / "p"),
+                         **naming(model))
     theirs = load_file(str(tmp_path / "p" / "adapter_model.safetensors"))
     ours = load_file(str(out / "adapter_model.safetensors"))
     assert sorted(ours) == sorted(theirs)
     for key in theirs:
         np.testing.assert_array_equal(ours[key], theirs[key])
+
+
+def test_import_places_adapters_by_the_given_shardings(checkpoints, tmp_path):
+    """shardings= (the adapter rule of sharding.rules) places each imported leaf; without it
+    the adapters are replicated over the kernel's devices. Values are the same either way."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sharding import leaf_sharding, make_mesh, param_shardings
+    peft_adapter(checkpoints, tmp_path / "p", "llama", False)
+    _, base = models.load_hf(checkpoints / "llama", scan_layers=True)
+    mesh = make_mesh(dp=4, tp=2)
+    base = jax.device_put(base, param_shardings(base, mesh))
+    split = lj.import_peft(tmp_path / "p", base, shardings=leaf_sharding(mesh))
+    whole = lj.import_peft(tmp_path / "p", base)
+    q_split = split["model"]["layers"]["self_attn"]["q_proj"]
+    assert q_split["lora_b"].sharding.spec == P(None, None, "tp")
+    assert q_split["lora_a"].sharding.spec == P(None, None, None)
+    q_whole = whole["model"]["layers"]["self_attn"]["q_proj"]
+    assert q_whole["lora_b"].sharding == NamedSharding(mesh, P())
+    for got, want in zip(jax.tree.leaves(lj.lora_params(split)),
+                         jax.tree.leaves(lj.lora_params(whole))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_per_layer_alpha_into_scanned_tree(checkpoints, tmp_path):
@@ -197,7 +234,7 @@ def test_per_layer_alpha_into_scanned_tree(checkpoints, tmp_path):
     err = rel_err(our_logits(model, params), torch_logits(pm))
     print(f"import per-layer alpha, scanned: rel err {err:.2e}")
     assert err < RTOL
-    out = lj.export_peft(tmp_path / "again", params)
+    out = lj.export_peft(tmp_path / "again", params, **naming(model))
     assert json.loads((out / "adapter_config.json").read_text())["alpha_pattern"] == {
         "1.self_attn.q_proj": 20}
 

@@ -16,7 +16,8 @@ import torch
 import lora_jax as lj
 import models
 from tests.test_models_fixtures import VOCAB
-from tests.test_peft import checkpoints, lora_config, random_adapters, torch_model  # noqa: F401
+from tests.test_peft import (checkpoints, lora_config, naming, random_adapters,  # noqa: F401
+                             torch_model)
 
 # A moderate learning rate: at 1e-2 the tiny models' training turns chaotic and amplifies the
 # two implementations' float32 rounding differences (1e-7 per step) past 1e-4 within 20 steps.
@@ -77,7 +78,7 @@ def test_adamw_losses_match_peft(checkpoints, tmp_path, family, scan, rslora):  
     # PEFT's default init (kaiming A) with a non-zero B, so both A and B get gradients at step 0.
     params = random_adapters(lj.inject(base, config, jax.random.key(1)), seed=2,
                              a_std=0.2, b_std=0.02)
-    init = lj.export_peft(tmp_path / "init", params, config)
+    init = lj.export_peft(tmp_path / "init", params, config, **naming(model))
     pm = peft.PeftModel.from_pretrained(torch_model(checkpoints / family), init,
                                         is_trainable=True).eval()
     ours, theirs = jax_losses(model, params), torch_losses(pm)

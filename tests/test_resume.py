@@ -182,3 +182,13 @@ def test_restore_into_sharded_templates(tmp_path):
         assert got.sharding == template.sharding
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert any(t.sharding.spec == P(None, "fsdp") for t in jax.tree.leaves(templates))
+    # shardings= replaces the templates' own (here: abstract templates without any).
+    shapes = jax.eval_shape(lambda t: t, (adapters, opt_state))
+    shardings = jax.tree.map(lambda t: t.sharding, templates)
+    with lj.TrainCheckpointer(tmp_path) as ckpt:
+        found = ckpt.restore(adapters=shapes[0], opt_state=shapes[1],
+                             shardings={"adapters": shardings[0], "opt_state": shardings[1]})
+    assert found.step == 1
+    for got, template in zip(jax.tree.leaves((found.adapters, found.opt_state)),
+                             jax.tree.leaves(templates)):
+        assert got.sharding == template.sharding

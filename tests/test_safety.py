@@ -80,7 +80,7 @@ def test_overwrite_refuses_a_base_model_or_unrelated_files(tiny, tmp_path):
         with pytest.raises(lj.LoraError, match="refusing to overwrite"):
             lj.save_adapter(target, params, config, overwrite=True)
         with pytest.raises(lj.LoraError, match="refusing to overwrite"):
-            lj.export_merged(target, params, model, overwrite=True)
+            lj.export_merged(target, params, models.hf_writer(model), overwrite=True)
     assert snapshot(tmp_path) == before
     assert not list(tmp_path.glob("*.saving")) and not list(tmp_path.glob("*.previous"))
 
@@ -90,7 +90,7 @@ def test_overwrite_replaces_an_earlier_output_of_the_same_kind(tiny, tmp_path):
     doubled = jax.tree.map(lambda x: x, params)
     for save, kind in ((lambda p, **k: lj.export_peft(tmp_path / "peft", p, config, **k), "peft"),
                        (lambda p, **k: lj.save_adapter(tmp_path / "ad", p, config, **k), "ad"),
-                       (lambda p, **k: lj.export_merged(tmp_path / "m", p, model, **k), "m")):
+                       (lambda p, **k: lj.export_merged(tmp_path / "m", p, models.hf_writer(model), **k), "m")):
         save(params)
         with pytest.raises(lj.LoraError, match="already exists"):
             save(doubled)

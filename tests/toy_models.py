@@ -34,6 +34,28 @@ class GeneralNet(nn.Module):
         return nn.DenseGeneral(5, axis=(-2, -1), name="out")(jnp.tanh(h))
 
 
+class NestedScanNet(nn.Module):
+    """A scan of scans: kernels `[outer, inner, in, out]`, which no tree-only rule can read."""
+
+    width: int = 16
+
+    @nn.compact
+    def __call__(self, x):
+        outer = nn.scan(_InnerStack, variable_axes={"params": 0}, split_rngs={"params": True},
+                        length=3)
+        return outer(self.width, name="outer")(x, None)[0]
+
+
+class _InnerStack(nn.Module):
+    width: int = 16
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        inner = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        length=2)
+        return inner(self.width, name="inner")(x, None)
+
+
 class ScanNet(nn.Module):
     """`n_layers` Blocks under nn.scan: every leaf has a leading layer axis."""
 
