@@ -123,14 +123,6 @@ def lora_config(cfg: TrainConfig) -> lj.LoraConfig:
                          target_modules=cfg.targets, use_rslora=cfg.rslora)
 
 
-def peft_naming(model: Any) -> dict:
-    """What `lora_jax.export_peft` needs to know of the model (lora_jax knows no family): the
-    scanned stack's path, and whether its HF modules are `Conv1D` (GPT-2: `fan_in_fan_out`)."""
-    family = models.family(model)
-    return dict(layer_container=family.container,
-                fan_in_fan_out=family.conv1d_prefix is not None)
-
-
 def head_has_adapter(params: Mapping) -> bool:
     """LoRA on an untied output head (`lm_head` listed in --targets)."""
     return "lora_a" in params.get("lm_head", {})

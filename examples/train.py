@@ -359,7 +359,7 @@ def save_outputs(cfg: TrainConfig, params, lora_cfg: lj.LoraConfig, plain,
     if cfg.export_peft:
         out["peft"] = lj.export_peft(cfg.export_peft, params, lora_cfg,
                                      base_model_name_or_path=base_name, overwrite=cfg.overwrite,
-                                     **modeling.peft_naming(plain))
+                                     **models.peft_naming(plain))
     if cfg.export_merged:
         out["merged"] = lj.export_merged(cfg.export_merged, params, models.hf_writer(plain),
                                          overwrite=cfg.overwrite, dtype=cfg.export_dtype)

@@ -2,7 +2,7 @@
 
     models     GPT2, GPT2Config, Llama, LlamaConfig, RopeScaling, build, init_params
     weights    load_hf, save_hf, hf_writer, read_config, config_from_dict, CheckpointError
-    layout     layer_container, is_scanned, stack_layers, unstack_layers, hf_tensor_name,
+    layout     layer_container, peft_naming, is_scanned, stack_layers, unstack_layers, hf_tensor_name,
                family, FAMILIES
     decode     generate, generate_text, KVCache, init_cache
     text       load_tokenizer, HFTokenizer, ByteTokenizer
@@ -39,7 +39,7 @@ from models.generate import generate, generate_text
 from models.gpt2 import GPT2, GPT2Config
 from models.hf_io import config_from_dict, hf_writer, load_hf, read_config, save_hf
 from models.layout import (FAMILIES, family, hf_tensor_name, is_scanned, layer_container,
-                           stack_layers, unstack_layers)
+                           peft_naming, stack_layers, unstack_layers)
 from models.llama import Llama, LlamaConfig
 from models.loss import chunked_cross_entropy, cross_entropy
 from models.parallel import NoParallelism, Parallelism
@@ -58,7 +58,7 @@ __all__ = [
     "GPT2", "GPT2Config", "Llama", "LlamaConfig", "RopeScaling", "build", "init_params",
     "load_hf", "save_hf", "hf_writer", "read_config", "config_from_dict",
     "CheckpointError", "CheckpointFileNotFoundError",
-    "layer_container", "is_scanned", "stack_layers", "unstack_layers",
+    "layer_container", "peft_naming", "is_scanned", "stack_layers", "unstack_layers",
     "hf_tensor_name", "family", "FAMILIES",
     "generate", "generate_text", "KVCache", "init_cache",
     "load_tokenizer", "HFTokenizer", "ByteTokenizer",

@@ -2,10 +2,10 @@
 `base_fp8` option is on.
 
 Why: LoRA training spends nearly all its FLOPs in the frozen base's two matmuls per projection
-(forward `x @ W`, and the input gradient `dy @ W^T`); the H200 runs FP8 matmuls at about twice
-bf16's rate. Adapters stay in their own dtype: `lora_jax.apply` adds `x @ A @ B` beside this call.
+(forward `x @ W`, and the input gradient `dy @ W^T`); Hopper GPUs run FP8 matmuls at about
+twice bf16's rate. Adapters stay in their own dtype: `lora_jax.apply` adds `x @ A @ B` beside this call.
 
-Recipe (per-tensor current scaling, DESIGN.md §6):
+Recipe (per-tensor current scaling; measured rates in docs/PERFORMANCE.md):
   forward   y  = (x / s_x)->e4m3  .  (W^T / s_w)->e4m3   * s_x s_w     (W^T: [out, in])
   backward  dx = (dy / s_dy)->e5m2 . (W / s_w)->e4m3     * s_dy s_w    (W:   [in, out])
 Both GEMMs contract the *last* axis of both operands, the layout for which cuBLASLt's FP8 GEMM

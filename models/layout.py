@@ -87,6 +87,21 @@ def layer_container(obj: Any) -> str:
     return family(obj).container
 
 
+def peft_naming(obj: Any) -> dict:
+    """What an adapter exporter needs to know of a model family to name its modules as Hugging
+    Face does: the layer stack's path (scanned trees have one module per stack) and whether its
+    HF modules are `Conv1D` (GPT-2: PEFT records `fan_in_fan_out`).
+
+    Args:
+      obj: a model, a config or a model_type string.
+
+    Example:
+      >>> lora_jax.export_peft("out/peft", params, config, **models.peft_naming(model))
+    """
+    fam = family(obj)
+    return dict(layer_container=fam.container, fan_in_fan_out=fam.conv1d_prefix is not None)
+
+
 def is_scanned(params: Mapping, container: str | None = None) -> bool:
     """True if the layer stack is scanned (no per-layer index keys under the container)."""
     tree = params.get("params", params)

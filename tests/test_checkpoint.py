@@ -1,4 +1,4 @@
-"""Adapter checkpoints (issue 4, show 1 and 6): `save_adapter` -> `load_adapter` is bit-exact,
+"""Adapter checkpoints: `save_adapter` -> `load_adapter` is bit-exact,
 across processes and into sharded trees (8 simulated CPU devices); bad input is a clear
 `LoraError` and never destroys a saved adapter. Exact equality throughout: checkpoints store
 raw bytes."""

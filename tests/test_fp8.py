@@ -2,7 +2,7 @@
 
 FP8 is lossy by design, so the tolerances are those of the format, not of float32: e4m3 keeps 3
 mantissa bits (round-off up to 2^-4 relative per element) and e5m2 2 bits; with per-tensor
-scaling the measured relative error of a Gaussian matmul is ~4e-2 (e4m3, DESIGN.md §6) and ~6e-2
+scaling the measured relative error of a Gaussian matmul is ~4e-2 (e4m3, docs/PERFORMANCE.md) and ~6e-2
 for the e5m2 gradient. The bounds below (8e-2, 1.2e-1) are twice that, and a wrong scale,
 transpose or contraction gives errors of order 1, so the checks can fail.
 """

@@ -1,5 +1,5 @@
 """The LoRA core on toy Linen models: init parity, merge parity, masks, optimizer, targets,
-dropout and errors (issue 2). Tolerances: 1e-5 relative in float32 covers the reassociation of
+dropout and errors. Tolerances: 1e-5 relative in float32 covers the reassociation of
 `x@W + s*(x@A)@B` versus `x@(W + s*A@B)` (a few ulps on sums of ~16 terms)."""
 import math
 

@@ -1,4 +1,4 @@
-"""Merged export (issue 4, show 5): `export_merged` writes an orbax checkpoint and a Hugging Face
+"""Merged export: `export_merged` writes an orbax checkpoint and a Hugging Face
 directory; transformers loads the latter as a plain model whose logits equal our *unmerged*
 `apply` within 1e-5 relative (float32; merging reassociates `x W + s (x A) B` into
 `x (W + s A B)`, and torch and XLA sum in different orders: a few ulps per layer)."""

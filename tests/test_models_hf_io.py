@@ -27,7 +27,7 @@ def assert_logits_close(ours, ref):
     np.testing.assert_allclose(ours, ref, rtol=RTOL, atol=RTOL * np.abs(ref).max())
 
 
-# -- show 2: save_hf -> transformers, and sharded checkpoints ----------------------------------
+# -- save_hf -> transformers, and sharded checkpoints ----------------------------------
 
 @pytest.mark.parametrize("family,scan", [("llama", True), ("llama", False), ("gpt2", True)])
 def test_save_hf_loads_in_transformers_with_equal_logits(tmp_path, family, scan):
@@ -117,7 +117,7 @@ def test_save_refuses_adapters_and_existing_files(tmp_path):
     models.save_hf(tmp_path / "b", model, params, overwrite=True)
 
 
-# -- show 5: bad input -------------------------------------------------------------------------
+# -- bad input -------------------------------------------------------------------------
 
 @pytest.fixture
 def llama_dir(tmp_path):

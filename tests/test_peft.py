@@ -1,4 +1,4 @@
-"""Two-way interop with the real HF PEFT library (issue 4, show 3 and 6), tiny random GPT-2 and
+"""Two-way interop with the real HF PEFT library: tiny random GPT-2 and
 Llama checkpoints, torch CPU float32, adapters with random non-zero B, rank/alpha patterns and
 rsLoRA, scanned and unscanned trees.
 
@@ -57,12 +57,6 @@ def torch_logits(model, ids=IDS) -> np.ndarray:
 _apply = jax.jit(lj.apply, static_argnums=0)  # one compile per model config and tree shape
 
 
-def naming(model) -> dict:
-    """What export_peft needs to know of a bundled model (lora_jax knows no model family)."""
-    family = models.family(model)
-    return dict(layer_container=family.container, fan_in_fan_out=family.conv1d_prefix is not None)
-
-
 def our_logits(model, params, ids=IDS) -> np.ndarray:
     return np.asarray(_apply(model, {"params": params}, jnp.asarray(ids)))
 
@@ -101,7 +95,7 @@ def adapted(checkpoints, family, scan, rslora):
 def test_export_loads_in_peft_with_equal_logits(checkpoints, tmp_path, family, scan, rslora):
     model, base, params, config = adapted(checkpoints, family, scan, rslora)
     out = lj.export_peft(tmp_path / "peft", params, config,
-                         base_model_name_or_path=str(checkpoints / family), **naming(model))
+                         base_model_name_or_path=str(checkpoints / family), **models.peft_naming(model))
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["bias"] == "none" and cfg["use_rslora"] == rslora
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["fan_in_fan_out"] == (family == "gpt2")
@@ -185,7 +179,7 @@ def test_peft_adapter_imports_with_equal_logits(checkpoints, tmp_path, family, s
     assert err < RTOL
     # Re-export: PEFT's tensors come back bit for bit.
     out = lj.export_peft(tmp_path / "again", params, lj.peft_lora_config(tmp_path / "p"),
-                         **naming(model))
+                         **models.peft_naming(model))
     theirs = load_file(str(tmp_path / "p" / "adapter_model.safetensors"))
     ours = load_file(str(out / "adapter_model.safetensors"))
     assert sorted(ours) == sorted(theirs)
@@ -234,13 +228,13 @@ def test_per_layer_alpha_into_scanned_tree(checkpoints, tmp_path):
     err = rel_err(our_logits(model, params), torch_logits(pm))
     print(f"import per-layer alpha, scanned: rel err {err:.2e}")
     assert err < RTOL
-    out = lj.export_peft(tmp_path / "again", params, **naming(model))
+    out = lj.export_peft(tmp_path / "again", params, **models.peft_naming(model))
     assert json.loads((out / "adapter_config.json").read_text())["alpha_pattern"] == {
         "1.self_attn.q_proj": 20}
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad input (show 6): a clear LoraError, nothing overwritten
+# Bad input: a clear LoraError, nothing overwritten
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra,message", [

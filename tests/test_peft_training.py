@@ -1,8 +1,8 @@
-"""Training parity with PyTorch + PEFT (issue 4, show 4): from the same base and adapter weights
-and the same batches, 20 AdamW steps on the adapters give per-step losses within 1e-5 relative
-in float32 (DESIGN §5's threshold). Same optimizer on both sides, every hyper-parameter explicit
-(optax.adamw and torch.optim.AdamW differ in default weight decay), torch in eval mode (no
-dropout), mean token cross-entropy with shifted labels on both sides."""
+"""Training parity with PyTorch + PEFT: from the same base and adapter weights and the same
+batches, 20 AdamW steps on the adapters give per-step losses within 1e-5 relative in float32
+(the project's float32 parity threshold). Same optimizer on both sides, every hyper-parameter
+explicit (optax.adamw and torch.optim.AdamW differ in default weight decay), torch in eval mode
+(no dropout), mean token cross-entropy with shifted labels on both sides."""
 from __future__ import annotations
 
 import jax
@@ -16,7 +16,7 @@ import torch
 import lora_jax as lj
 import models
 from tests.test_models_fixtures import VOCAB
-from tests.test_peft import (checkpoints, lora_config, naming, random_adapters,  # noqa: F401
+from tests.test_peft import (checkpoints, lora_config, random_adapters,  # noqa: F401
                              torch_model)
 
 # A moderate learning rate: at 1e-2 the tiny models' training turns chaotic and amplifies the
@@ -78,7 +78,7 @@ def test_adamw_losses_match_peft(checkpoints, tmp_path, family, scan, rslora):  
     # PEFT's default init (kaiming A) with a non-zero B, so both A and B get gradients at step 0.
     params = random_adapters(lj.inject(base, config, jax.random.key(1)), seed=2,
                              a_std=0.2, b_std=0.02)
-    init = lj.export_peft(tmp_path / "init", params, config, **naming(model))
+    init = lj.export_peft(tmp_path / "init", params, config, **models.peft_naming(model))
     pm = peft.PeftModel.from_pretrained(torch_model(checkpoints / family), init,
                                         is_trainable=True).eval()
     ours, theirs = jax_losses(model, params), torch_losses(pm)

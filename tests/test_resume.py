@@ -1,4 +1,4 @@
-"""Crash-safe resume (issue 4, show 2): 6 steps straight equal 3 steps + save + restore in a fresh
+"""Crash-safe resume: 6 steps straight equal 3 steps + save + restore in a fresh
 process + 3 steps, bitwise (same program, same CPU, same XLA flags: nothing may differ, and the
 LoRA dropout rng, optimizer state and data position all travel through the checkpoint). A save
 killed part-way, or a truncated newest checkpoint, leaves the previous one in use, and `restore`
