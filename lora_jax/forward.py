@@ -22,7 +22,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
 from lora_jax.inject import inject
 from lora_jax.layout import dense_input_axes, kernel_layouts
-from lora_jax.tree import TRAINABLE_LEAVES, unwrap_variables
+from lora_jax.tree import TRAINABLE_LEAVES, map_leaves, unwrap_variables
 
 
 def _intercept(next_fun, args, kwargs, context):
@@ -87,13 +87,8 @@ def apply(model: nn.Module, variables: Mapping, *args, rngs: Any = None,
 def freeze_non_adapters(variables: Mapping) -> dict:
     """`stop_gradient` on every params leaf except `lora_a` / `lora_b`."""
     params, rewrap = unwrap_variables(variables)
-
-    def walk(tree):
-        return {k: walk(v) if isinstance(v, Mapping)
-                else (v if k in TRAINABLE_LEAVES else jax.lax.stop_gradient(v))
-                for k, v in tree.items()}
-
-    return rewrap(walk(params))
+    return rewrap(map_leaves(params, lambda key, leaf: leaf if key in TRAINABLE_LEAVES
+                             else jax.lax.stop_gradient(leaf)))
 
 
 def _call_parameters(model: nn.Module, method: Any) -> Mapping[str, Any]:
