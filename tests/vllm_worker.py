@@ -4,7 +4,7 @@ named by LORA_JAX_VLLM_PYTHON (so the project's own environment needs no vLLM). 
     python tests/vllm_worker.py JOB.json OUT.json
 
 JOB: {"model": DIR, "max_tokens": N, "prompts": [[ids...], ...], "max_lora_rank": R or null,
-      "loras": {"name": ADAPTER_DIR, ...}}.  With "loras" the engine runs with enable_lora and
+      "loras": {"name": ADAPTER_DIR, ...}, "max_model_len": L (optional, default 256)}.  With "loras" the engine runs with enable_lora and
 each prompt is generated once without an adapter ("base") and once per adapter.
 OUT: {"vllm": VERSION, "torch": VERSION, "seconds": S, "tokens": {"base"|name: [[ids...], ...]}}.
 Prompts are token ids (no tokenizer round trip); decoding is greedy, float32, EOS ignored.
@@ -26,8 +26,8 @@ def main(job_file: str, out_file: str) -> None:
     loras = job.get("loras") or {}
     kwargs = dict(enable_lora=True, max_lora_rank=job["max_lora_rank"], max_loras=1) if loras \
         else {}
-    llm = LLM(model=job["model"], dtype="float32", max_model_len=256, seed=0,
-              enforce_eager=True, **kwargs)
+    llm = LLM(model=job["model"], dtype="float32", max_model_len=job.get("max_model_len", 256),
+              seed=0, enforce_eager=True, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True,
                             detokenize=False)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]]
