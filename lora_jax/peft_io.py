@@ -93,8 +93,9 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
         (GPT-2: `models.family(model).conv1d_prefix` is set), as PEFT itself records it. PEFT
         loads either way (it corrects the flag for Conv1D with a warning).
       uniform_scale: fold per-module scale differences into `lora_B` so that the global
-        `lora_alpha / r` is every module's scale. vLLM ignores `rank_pattern`/`alpha_pattern`,
-        so set this for vLLM when ranks or alphas differ between modules.
+        `lora_alpha / r` is every module's scale. Only for older vLLM releases, which ignore
+        `rank_pattern`/`alpha_pattern`, when ranks or alphas differ between modules; vLLM 0.32
+        applies the patterns per module as PEFT does (`examples/serve_vllm.md`).
       overwrite: replace an earlier PEFT adapter at `path` (anything else there is refused:
         `lora_jax.outputs.check_destination`).
       allow_non_finite: write adapters holding NaN/inf (refused by default).

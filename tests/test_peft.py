@@ -127,7 +127,7 @@ def test_export_loads_in_peft_with_equal_logits(checkpoints, tmp_path, family, s
 
 
 def test_uniform_scale_export_is_what_vllm_computes(checkpoints, tmp_path):
-    """vLLM scales every module by the global lora_alpha / r (it ignores the patterns)."""
+    """Older vLLM scales every module by the global lora_alpha / r (it ignores the patterns)."""
     model, _, params, config = adapted(checkpoints, "llama", False, True)
     out = lj.export_peft(tmp_path / "vllm", params, config, uniform_scale=True)
     cfg = json.loads((out / "adapter_config.json").read_text())
