@@ -9,7 +9,7 @@ perplexity; swap accuracy on words never trained on), prints greedy samples side
 checks what was written: merged == unmerged (in memory and reloaded from the HF export), and the
 orbax and PEFT adapters reload to the same model. Outputs go to runs/demo/.
 
-    python -m examples.demo                    # ~2 minutes on 2 CPU cores
+    python -m examples.demo                    # about 3 minutes on 2 CPU cores
     python -m examples.demo --steps 20         # any train flag overrides the demo's
 """
 from __future__ import annotations
@@ -32,13 +32,13 @@ from examples.cli import run_cli
 OUT = "runs/demo"
 BASE = str(Path(__file__).parent / "base")
 DEMO_FLAGS = [
-    "--model-path", BASE, "--data", f"{OUT}/data.jsonl", "--dp", "1", "--steps", "60",
+    "--model-path", BASE, "--data", f"{OUT}/data.jsonl", "--dp", "1", "--steps", "200",
     "--eval-interval", "0", "--rank", "16", "--alpha", "32", "--targets", "all-linear",
     "--lr", "3e-3", "--batch-size", "16", "--seq-len", "128", "--seed", "0",
     "--metrics-file", f"{OUT}/metrics.jsonl", "--adapter-out", f"{OUT}/adapter",
     "--export-peft", f"{OUT}/peft", "--export-merged", f"{OUT}/merged", "--overwrite",
 ]
-SWAPS = 1000  # training examples of the swap task
+SWAPS = 3000  # training examples of the swap task
 SONNET_PROMPT = "Shall I compare thee to a summer's day?\n"
 # Merging reorders sums (x(W + sAB) against xW + s(xA)B): float32 rounding, a few ulps per
 # layer, relative to the logits' size. 1e-5 of the largest logit is ~100x that and far below a

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import hashlib
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -361,9 +362,30 @@ def save_outputs(cfg: TrainConfig, params, lora_cfg: lj.LoraConfig, plain,
                                      base_model_name_or_path=base_name, overwrite=cfg.overwrite,
                                      **models.peft_naming(plain))
     if cfg.export_merged:
-        out["merged"] = lj.export_merged(cfg.export_merged, params, models.hf_writer(plain),
+        out["merged"] = lj.export_merged(cfg.export_merged, params,
+                                         hf_writer_with_tokenizer(plain, cfg.model_path),
                                          overwrite=cfg.overwrite, dtype=cfg.export_dtype)
     return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt")
+
+
+def hf_writer_with_tokenizer(plain, model_path: str | None):
+    """`models.hf_writer(plain)`, then the base directory's tokenizer files copied beside the
+    weights, so the merged `hf/` serves (transformers, vLLM) on its own."""
+    write = models.hf_writer(plain)
+
+    def write_with_tokenizer(directory: Path, params, dtype):
+        files = write(directory, params, dtype)
+        for name in TOKENIZER_FILES if model_path else ():
+            source = Path(model_path) / name
+            if source.is_file():
+                files.append(Path(shutil.copy2(source, Path(directory) / name)))
+        return files
+
+    return write_with_tokenizer
 
 
 def sample(model, params, tokenizer, prompt: str, tokens: int, **kwargs) -> str:

@@ -26,7 +26,9 @@ _ADAPTER_ENTRIES = _ORBAX_ENTRIES | {"adapter", "lora"}
 _PEFT_ENTRIES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
                  "README.md"}
 _MERGED_ENTRIES = {"orbax", "hf"}
-_HF_MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors.index.json"}
+_HF_MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors.index.json",
+                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "README.md"}
 
 
 def check_destination(path: str | os.PathLike, kind: str, *, overwrite: bool,
