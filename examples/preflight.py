@@ -1,5 +1,6 @@
-"""Every output of a training run checked before its first step, so no run is thrown away at the
-end and nothing a user owns is replaced.
+"""Every path of a training run checked before its first step, so no run is thrown away at the
+end and nothing a user owns is replaced: each input directory must be one, and each output
+writable and free.
 
 For each output flag: the path's parent must be creatable and writable; an existing target needs
 `--overwrite` (or `--resume`, for the files a resumed run appends to) and must be an earlier
@@ -21,7 +22,17 @@ DIRECTORY_OUTPUTS = (("--adapter-out", "adapter_out", lj.outputs.ADAPTER),
 
 
 class OutputError(ValueError):
-    """An output path that would fail at the end of the run or replace a user's files."""
+    """An input or output path that cannot be used: an output that would fail at the end of
+    the run or replace a user's files, or an input directory that is not one."""
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """The directories a run reads must be directories (a file or a typo is named as such)."""
+    for flag, path in (("--model-path", cfg.model_path), ("--adapter-in", cfg.adapter_in),
+                       ("--tokenizer", None if cfg.tokenizer == "bytes" else cfg.tokenizer)):
+        if path and not Path(path).is_dir():
+            what = "is a file" if Path(path).exists() else "does not exist"
+            raise OutputError(f"{flag} {path} {what}; it takes a directory")
 
 
 def check_outputs(cfg: TrainConfig) -> None:

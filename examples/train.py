@@ -38,7 +38,7 @@ from examples import modeling
 from examples.cli import Diverged, TrainConfig, run_cli
 from examples.data import Batches, DataError, fixed_batches, read_documents, tokenize
 from examples.metrics import MetricsLog, plot_loss
-from examples.preflight import check_outputs
+from examples.preflight import check_inputs, check_outputs
 from examples.schedule import adapter_optimizer
 from examples.steps import make_eval_step, make_loss, make_train_step
 from sharding import (BATCH_AXES, DistributedConfig, MeshError, TensorParallelism,
@@ -83,6 +83,7 @@ def train(cfg: TrainConfig) -> Trained:
       >>> out.records[-1]["loss"]
     """
     # ---- processes and mesh --------------------------------------------------------------
+    check_inputs(cfg)
     check_outputs(cfg)  # every output writable and ours to replace, before any work
     if cfg.coordinator is not None:
         initialize(DistributedConfig(coordinator_address=cfg.coordinator,

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from models.errors import CheckpointFileNotFoundError
+from models.errors import CheckpointError, CheckpointFileNotFoundError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,10 @@ class HFTokenizer:
             raise CheckpointFileNotFoundError(
                 f"{file}: not found; pass the directory holding tokenizer.json, or use "
                 "load_tokenizer(None) for the byte-level tokenizer")
-        self._tok = Tokenizer.from_file(str(file))
+        try:
+            self._tok = Tokenizer.from_file(str(file))
+        except Exception as err:  # the tokenizers library raises a bare Exception
+            raise CheckpointError(f"{file}: not a readable tokenizer.json ({err})") from err
         specials = _special_tokens(directory)
         config = _read_json(directory / "config.json")
         self.bos_id = self._id(specials.get("bos_token"), config.get("bos_token_id"))
@@ -82,7 +85,16 @@ class HFTokenizer:
 
 
 def _read_json(file: Path) -> dict:
-    return json.loads(file.read_text()) if file.is_file() else {}
+    """A JSON object file's contents ({} if there is no such file); errors name the file."""
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file}: not a valid JSON text file ({err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def _special_tokens(directory: Path) -> dict:

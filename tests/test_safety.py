@@ -340,6 +340,18 @@ def test_torn_metrics_tail_is_tolerated_and_a_bad_line_named(run, tmp_path, caps
     assert f"{metrics}:2" in err
 
 
+def test_unreadable_tokenizer_and_input_paths_are_named(tmp_path, capsys):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_bytes(b"\xff\xfe{")
+    err = fails(capsys, *FAST, "--tokenizer", str(tmp_path / "tok"))
+    assert "tokenizer.json: not a readable tokenizer.json" in err
+    (tmp_path / "file").write_text("x")
+    assert "is a file; it takes a directory" in fails(capsys, *FAST, "--model-path",
+                                                      str(tmp_path / "file"))
+    assert "does not exist; it takes a directory" in fails(capsys, *FAST, "--adapter-in",
+                                                           str(tmp_path / "nowhere"))
+
+
 def test_data_errors_name_the_file(tmp_path, capsys):
     err = fails(capsys, *FAST, "--data", str(tmp_path))
     assert "is a directory" in err
