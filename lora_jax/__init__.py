@@ -10,8 +10,9 @@
     save     save_adapter, load_adapter, adapter_config, TrainCheckpointer, Restored,
              CheckpointMismatch, check_destination (what overwrite may replace)
     export   export_peft, import_peft, peft_lora_config, export_merged, load_merged
+    nnx      lora_jax.nnx: inject, merge, params, load for Flax NNX models (same files)
 """
-from lora_jax import outputs
+from lora_jax import nnx, outputs
 from lora_jax.checkpoint import adapter_config, load_adapter, save_adapter
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
@@ -36,6 +37,6 @@ __all__ = [
     "optimizer", "apply", "lora_delta", "LoraModel", "remat_policy",
     "merge", "summary", "Summary",
     "save_adapter", "load_adapter", "adapter_config", "TrainCheckpointer", "Restored",
-    "CheckpointMismatch", "check_destination", "outputs",
+    "CheckpointMismatch", "check_destination", "outputs", "nnx",
     "export_peft", "import_peft", "peft_lora_config", "export_merged", "load_merged",
 ]

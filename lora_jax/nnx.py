@@ -1,0 +1,251 @@
+"""LoRA for Flax NNX models: the same adapters, scales and files as the Linen path.
+
+NNX has no `intercept_methods`, so the forward is changed by *module surgery* on the graph:
+`inject` adds three variables to each targeted `nnx.Linear` / `nnx.LinearGeneral` object, beside
+its `kernel` and under the Linen names (`lora_a` and `lora_b` as `LoraParam`, `lora_scale` as a
+frozen `LoraScale`), and switches the object's class to a subclass (`LoraLinear`,
+`LoraLinearGeneral`) whose `__call__` adds the adapter term through the one adapter op
+(`lora_jax.adapter_op`). Parameter paths do not move, the model's code is not touched, and the
+objects survive `nnx.split` / `nnx.merge`, `nnx.jit` and the NNX transforms. With
+`lora_dropout > 0`, `inject(..., rngs=)` also adds an `nnx.Dropout` (`lora_dropout`), switched by
+`model.train()` / `model.eval()` as NNX dropout is.
+
+    nnx.state(model, lj.nnx.LoraParam)       the adapters' trainable leaves, nothing else
+    nnx.Optimizer(model, tx, wrt=lj.nnx.LoraParam)
+    lj.nnx.params(model)                     the Linen-form tree: every file function works on it
+
+`params(model)` is the model's parameters as the nested dict a Linen model of the same names
+has (string keys, `lora_*` leaves beside each kernel), so `save_adapter`, `export_peft` and
+friends write the same files as for a Linen model with the same weights; `load(model, tree)`
+puts adapters from such a tree (from `load_adapter` or `import_peft`, which takes
+`layouts=layouts(model)` for `LinearGeneral` kernels) into the model.
+
+Not yet: `nnx.Einsum` targets (refused by name), LoRA dropout draws equal to the Linen path's.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lora_jax.adapter_op import add_delta, compute_dtype, lora_delta, name_output
+from lora_jax.config import LoraConfig
+from lora_jax.errors import LoraError
+from lora_jax.finite import check_finite
+from lora_jax.inject import _check_patterns, adapter_leaves, select_targets
+from lora_jax.layout import KernelLayout, default_layout
+from lora_jax.merge import merged_kernel
+from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_SCALE, Params, modules_of
+
+
+class LoraParam(nnx.Param):
+    """`lora_a` / `lora_b`: the trained leaves (a `Param`, so parameter filters see them)."""
+
+
+class LoraScale(nnx.Variable):
+    """`lora_scale`: alpha / r (or alpha / sqrt(r)), frozen: not a `Param`, never trained."""
+
+
+def adapted_output(layer: nnx.Module, x: jax.Array, y: jax.Array,
+                   in_axes: tuple[int, ...]) -> jax.Array:
+    """`y + scale * (dropout(x) @ A) @ B` for a LoRA-carrying layer, through the adapter op."""
+    dtype = compute_dtype(layer.dtype, x, layer.kernel[...])
+    dropout = getattr(layer, "lora_dropout", None)
+    x_in = x if dropout is None else dropout(x)
+    delta = lora_delta(x_in, layer.lora_a[...], layer.lora_b[...], layer.lora_scale[...],
+                       in_axes, dtype)
+    return name_output(add_delta(y, delta))
+
+
+class LoraLinear(nnx.Linear):
+    """An `nnx.Linear` carrying `lora_a [in, r]`, `lora_b [r, out]`, `lora_scale []`."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return adapted_output(self, x, super().__call__(x), (x.ndim - 1,))
+
+
+class LoraLinearGeneral(nnx.LinearGeneral):
+    """An `nnx.LinearGeneral` carrying `lora_a [*in, r]`, `lora_b [r, *out]`, `lora_scale []`."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        axis = self.axis if isinstance(self.axis, (tuple, list)) else (self.axis,)
+        in_axes = tuple(sorted(a % x.ndim for a in axis))
+        return adapted_output(self, x, super().__call__(x), in_axes)
+
+
+LORA_CLASSES = {nnx.Linear: LoraLinear, nnx.LinearGeneral: LoraLinearGeneral}
+BASE_CLASSES = {v: k for k, v in LORA_CLASSES.items()}
+
+
+def inject(model: nnx.Module, config: LoraConfig, rng: jax.Array, *,
+           rngs: nnx.Rngs | None = None) -> nnx.Module:
+    """Add LoRA adapters to every `nnx.Linear` / `nnx.LinearGeneral` that `config` targets, in
+    place (and return the model).
+
+    The adapter values are `lora_jax.inject`'s for the same dotted paths, kernel shapes, config
+    and `rng`: a model written in NNX and one written in Linen with the same names get the same
+    adapters. Stacked layers (`nnx.vmap` / `nnx.scan` over layers: kernels `[L, in, out]`) get
+    stacked adapters.
+
+    Args:
+      model: the NNX model.
+      config: the `LoraConfig` (targets, ranks, alphas, rsLoRA, init, dtype).
+      rng: the adapters' PRNG key.
+      rngs: `nnx.Rngs` with a `dropout` stream; needed when `config.lora_dropout > 0`.
+
+    Returns:
+      `model`, with adapters.
+
+    Example:
+      >>> model = lj.nnx.inject(model, lj.LoraConfig(r=8, target_modules=["q_proj"]), key)
+      >>> nnx.state(model, lj.nnx.LoraParam)       # the adapters, nothing else
+    """
+    layers = adaptable(model)
+    view = {path: _module_view(layer) for path, layer in layers.items()}
+    targets = select_targets(view, config)
+    _check_patterns(config, targets)
+    if config.lora_dropout > 0 and rngs is None:
+        raise LoraError("lora_dropout > 0: pass inject(..., rngs=nnx.Rngs(dropout=key)) for the "
+                        "dropout stream (model.train() / model.eval() switch it).")
+    for path in targets:
+        layer = layers[path]
+        kernel = layer.kernel[...]
+        leaves = adapter_leaves(path, kernel.shape, layout_of(path, layer), config, rng)
+        _attach(layer, leaves)
+        if config.lora_dropout > 0:
+            layer.lora_dropout = nnx.Dropout(config.lora_dropout, rngs=rngs)
+    return model
+
+
+def adaptable(model: nnx.Module) -> dict[str, nnx.Module]:
+    """`{dotted path: layer}` for every `nnx.Linear` / `nnx.LinearGeneral` of the model; an
+    `nnx.Einsum` is refused by name (not supported yet)."""
+    out = {}
+    for path, module in nnx.iter_modules(model):
+        dotted = ".".join(str(k) for k in path)
+        if isinstance(module, nnx.Einsum):
+            raise LoraError(f"{dotted}: nnx.Einsum layers are not supported by lora_jax.nnx yet; "
+                            "use nnx.Linear / nnx.LinearGeneral, or exclude it "
+                            "(exclude_modules).")
+        if isinstance(module, (nnx.Linear, nnx.LinearGeneral)):
+            out[dotted] = module
+    return out
+
+
+def layout_of(path: str, layer: nnx.Module) -> KernelLayout:
+    """How the layer's kernel splits into stacked, input and output axes."""
+    shape = tuple(layer.kernel[...].shape)
+    if isinstance(layer, nnx.LinearGeneral):
+        if layer.batch_axis:
+            raise LoraError(f"{path}: LinearGeneral with batch_axis is not supported by LoRA; "
+                            "exclude it (exclude_modules).")
+        n_in, n_out = len(layer.in_features), len(layer.out_features)
+        return KernelLayout(len(shape) - n_in - n_out, n_in, n_out)
+    return default_layout(path, shape)
+
+
+def layouts(model: nnx.Module) -> dict[str, KernelLayout]:
+    """`{dotted path: KernelLayout}` of every adaptable layer: what `import_peft(...,
+    layouts=)` needs for `LinearGeneral` kernels (the NNX form of `lora_jax.kernel_layouts`).
+
+    Example:
+      >>> tree = lj.import_peft("peft/", lj.nnx.params(model), layouts=lj.nnx.layouts(model))
+    """
+    return {path: layout_of(path, layer) for path, layer in adaptable(model).items()}
+
+
+def params(model: nnx.Module) -> Params:
+    """The model's parameters (adapters included, `lora_scale` too) as the nested dict, string
+    keys, that a Linen model with the same module names has: the form `save_adapter`,
+    `export_peft`, `merge` and the other tree functions take.
+
+    Example:
+      >>> lj.export_peft("out/peft", lj.nnx.params(model), config)
+    """
+    state = nnx.state(model, (nnx.Param, LoraScale))
+    return _string_keys(nnx.to_pure_dict(state))
+
+
+def adapters(model: nnx.Module) -> Params:
+    """The adapter sub-tree of `params(model)` (`lora_a`, `lora_b`, `lora_scale` leaves)."""
+    from lora_jax.partition import lora_params
+    return lora_params(params(model))
+
+
+def load(model: nnx.Module, tree: Mapping) -> nnx.Module:
+    """Put the adapters of a Linen-form tree (from `load_adapter` / `import_peft` on
+    `params(model)`) into the model, in place: existing adapters are replaced (same shapes),
+    missing ones attached; a model adapter the tree lacks is an error.
+
+    Example:
+      >>> lj.nnx.load(model, lj.load_adapter("ckpt/adapter", lj.nnx.params(model)))
+    """
+    layers, stored = adaptable(model), modules_of(tree)
+    with_adapters = {p: m for p, m in stored.items() if LORA_A in m}
+    missing = [p for p, layer in layers.items() if hasattr(layer, LORA_A)
+               and p not in with_adapters]
+    unknown = [p for p in with_adapters if p not in layers]
+    if missing or unknown:
+        raise LoraError(f"the tree does not fit the model: adapters in the model but not the "
+                        f"tree: {missing[:5]}; in the tree but no such layer: {unknown[:5]}")
+    for path, module in with_adapters.items():
+        _attach(layers[path], {k: module[k] for k in ADAPTER_LEAVES})
+    return model
+
+
+def merge(model: nnx.Module, *, check_finite_values: bool = True) -> nnx.Module:
+    """A plain copy of the model: each kernel `+ scale * A @ B` (float32 math, its own dtype),
+    adapters and LoRA classes gone. The model passed in is not changed.
+
+    Example:
+      >>> plain = lj.nnx.merge(model)          # runs at the base model's cost
+    """
+    merged = nnx.clone(model)
+    for path, layer in adaptable(merged).items():
+        if not hasattr(layer, LORA_A):
+            continue
+        module = {"kernel": layer.kernel[...], **{k: getattr(layer, k)[...]
+                                                    for k in ADAPTER_LEAVES}}
+        kernel = merged_kernel(module)
+        if check_finite_values:
+            check_finite({path: kernel}, "lora_jax.nnx.merge")
+        layer.kernel[...] = kernel
+        for name in (*ADAPTER_LEAVES, "lora_dropout"):
+            if hasattr(layer, name):
+                delattr(layer, name)
+        layer.__class__ = BASE_CLASSES[type(layer)]
+    return merged
+
+
+def _module_view(layer: nnx.Module) -> dict:
+    """The dict `select_targets` reads: the kernel, and the adapters if the layer has them."""
+    view = {"kernel": layer.kernel[...]}
+    view.update({k: getattr(layer, k)[...] for k in ADAPTER_LEAVES if hasattr(layer, k)})
+    return view
+
+
+def _attach(layer: nnx.Module, leaves: Mapping[str, Any]) -> None:
+    """Set (or replace, same shapes) the adapter variables and make the layer a LoRA layer."""
+    for name in ADAPTER_LEAVES:
+        value = jnp.asarray(leaves[name])
+        if hasattr(layer, name):
+            if getattr(layer, name)[...].shape != value.shape:
+                raise LoraError(f"{name} of shape {value.shape} does not fit the layer's "
+                                f"{getattr(layer, name)[...].shape}")
+            getattr(layer, name)[...] = value.astype(getattr(layer, name)[...].dtype)
+        else:
+            setattr(layer, name, (LoraScale if name == LORA_SCALE else LoraParam)(value))
+    if type(layer) in LORA_CLASSES:
+        layer.__class__ = LORA_CLASSES[type(layer)]
+
+
+def _string_keys(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {str(k): _string_keys(v) for k, v in tree.items()}
+    return tree
+
+
+__all__ = ["LoraParam", "LoraScale", "LoraLinear", "LoraLinearGeneral", "inject", "adaptable",
+           "layout_of", "layouts", "params", "adapters", "load", "merge"]
