@@ -75,7 +75,10 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, ctx) -> jax.Array:
         c = self.config
         batch, length, _ = x.shape
-        heads = lambda y, n: y.reshape(batch, length, n, c.head_dim)  # noqa: E731
+
+        def heads(y, n):
+            return y.reshape(batch, length, n, c.head_dim)
+
         q = apply_rope(heads(self.q_proj(x), c.num_attention_heads), ctx.cos, ctx.sin)
         k = apply_rope(heads(self.k_proj(x), c.num_key_value_heads), ctx.cos, ctx.sin)
         v = heads(self.v_proj(x), c.num_key_value_heads)
