@@ -1,10 +1,10 @@
 """LoRA for Flax NNX models: the same adapters, scales and files as the Linen path.
 
 NNX has no `intercept_methods`, so the forward is changed by *module surgery* on the graph:
-`inject` adds three variables to each targeted `nnx.Linear` / `nnx.LinearGeneral` object, beside
-its `kernel` and under the Linen names (`lora_a` and `lora_b` as `LoraParam`, `lora_scale` as a
-frozen `LoraScale`), and switches the object's class to a subclass (`LoraLinear`,
-`LoraLinearGeneral`) whose `__call__` adds the adapter term through the one adapter op
+`inject` adds three variables to each targeted `nnx.Linear` / `nnx.LinearGeneral` / `nnx.Einsum`
+object, beside its `kernel` and under the Linen names (`lora_a` and `lora_b` as `LoraParam`,
+`lora_scale` as a frozen `LoraScale`), and switches the object's class to a subclass
+(`LoraLinear`, `LoraLinearGeneral`, `LoraEinsum`) whose `__call__` adds the adapter term through the one adapter op
 (`lora_jax.adapter_op`). Parameter paths do not move, the model's code is not touched, and the
 objects survive `nnx.split` / `nnx.merge`, `nnx.jit` and the NNX transforms. With
 `lora_dropout > 0`, `inject(..., rngs=)` also adds an `nnx.Dropout` (`lora_dropout`), switched by
@@ -13,6 +13,10 @@ objects survive `nnx.split` / `nnx.merge`, `nnx.jit` and the NNX transforms. Wit
     nnx.state(model, lj.nnx.LoraParam)       the adapters' trainable leaves, nothing else
     nnx.Optimizer(model, tx, wrt=lj.nnx.LoraParam)
     lj.nnx.params(model)                     the Linen-form tree: every file function works on it
+    lj.nnx.adapters(model)                   its adapter sub-tree (TrainCheckpointer's adapters=)
+
+Placing a model on a mesh by the partition rules is the `sharding` package's
+(`sharding.shard_nnx`); this module knows no mesh axes.
 
 `params(model)` is the model's parameters as the nested dict a Linen model of the same names
 has (string keys, `lora_*` leaves beside each kernel), so `save_adapter`, `export_peft` and
@@ -193,8 +197,8 @@ BASE_CLASSES = {v: k for k, v in LORA_CLASSES.items()}
 
 def inject(model: nnx.Module, config: LoraConfig, rng: jax.Array, *,
            rngs: nnx.Rngs | None = None) -> nnx.Module:
-    """Add LoRA adapters to every `nnx.Linear` / `nnx.LinearGeneral` that `config` targets, in
-    place (and return the model).
+    """Add LoRA adapters to every `nnx.Linear` / `nnx.LinearGeneral` / `nnx.Einsum` that `config`
+    targets, in place (and return the model).
 
     The adapter values are `lora_jax.inject`'s for the same dotted paths, kernel shapes, config
     and `rng`: a model written in NNX and one written in Linen with the same names get the same
@@ -288,7 +292,12 @@ def params(model: nnx.Module) -> Params:
 
 
 def adapters(model: nnx.Module) -> Params:
-    """The adapter sub-tree of `params(model)` (`lora_a`, `lora_b`, `lora_scale` leaves)."""
+    """The adapter sub-tree of `params(model)` (`lora_a`, `lora_b`, `lora_scale` leaves): what
+    `save_adapter` and `TrainCheckpointer.save(adapters=)` take, and `load` puts back.
+
+    Example:
+      >>> ckpt.save(step, adapters=lj.nnx.adapters(model), opt_state=nnx.state(optimizer))
+    """
     from lora_jax.partition import lora_params
     return lora_params(params(model))
 
