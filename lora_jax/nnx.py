@@ -1,10 +1,10 @@
 """LoRA for Flax NNX models: the same adapters, scales and files as the Linen path.
 
 NNX has no `intercept_methods`, so the forward is changed by *module surgery* on the graph:
-`inject` adds three variables to each targeted `nnx.Linear` / `nnx.LinearGeneral` object, beside
-its `kernel` and under the Linen names (`lora_a` and `lora_b` as `LoraParam`, `lora_scale` as a
-frozen `LoraScale`), and switches the object's class to a subclass (`LoraLinear`,
-`LoraLinearGeneral`) whose `__call__` adds the adapter term through the one adapter op
+`inject` adds three variables to each targeted `nnx.Linear` / `nnx.LinearGeneral` / `nnx.Einsum`
+object, beside its `kernel` and under the Linen names (`lora_a` and `lora_b` as `LoraParam`,
+`lora_scale` as a frozen `LoraScale`), and switches the object's class to a subclass
+(`LoraLinear`, `LoraLinearGeneral`, `LoraEinsum`) whose `__call__` adds the adapter term through the one adapter op
 (`lora_jax.adapter_op`). Parameter paths do not move, the model's code is not touched, and the
 objects survive `nnx.split` / `nnx.merge`, `nnx.jit` and the NNX transforms. With
 `lora_dropout > 0`, `inject(..., rngs=)` also adds an `nnx.Dropout` (`lora_dropout`), switched by
@@ -13,6 +13,10 @@ objects survive `nnx.split` / `nnx.merge`, `nnx.jit` and the NNX transforms. Wit
     nnx.state(model, lj.nnx.LoraParam)       the adapters' trainable leaves, nothing else
     nnx.Optimizer(model, tx, wrt=lj.nnx.LoraParam)
     lj.nnx.params(model)                     the Linen-form tree: every file function works on it
+    lj.nnx.adapters(model)                   its adapter sub-tree (TrainCheckpointer's adapters=)
+
+Placing a model on a mesh by the partition rules is the `sharding` package's
+(`sharding.shard_nnx`); this module knows no mesh axes.
 
 `params(model)` is the model's parameters as the nested dict a Linen model of the same names
 has (string keys, `lora_*` leaves beside each kernel), so `save_adapter`, `export_peft` and
@@ -20,11 +24,17 @@ friends write the same files as for a Linen model with the same weights; `load(m
 puts adapters from such a tree (from `load_adapter` or `import_peft`, which takes
 `layouts=layouts(model)` for `LinearGeneral` kernels) into the model.
 
-Not yet: `nnx.Einsum` targets (refused by name), LoRA dropout draws equal to the Linen path's.
+`nnx.Einsum` layers are adapted too (`LoraEinsum`): the einsum string says which kernel axes are
+contracted with the input (the adapter's input axes) and which reach the output; the kernel must
+be ordered `[*in, *out]` (contracted axes first) as `KernelLayout` assumes, and the adapter term
+is put in the output's axis order. Einsums with kernel axes that are batch axes (in input, kernel
+and output) or summed away, or with `...` in the kernel operand, are refused by name.
+
+Not yet: LoRA dropout draws equal to the Linen path's.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,14 +85,120 @@ class LoraLinearGeneral(nnx.LinearGeneral):
         return adapted_output(self, x, super().__call__(x), in_axes)
 
 
-LORA_CLASSES = {nnx.Linear: LoraLinear, nnx.LinearGeneral: LoraLinearGeneral}
+class EinsumRoles(NamedTuple):
+    """An `nnx.Einsum` string read as a linear map of its input (`...` expanded).
+
+    Attributes:
+      x: the input operand's letters, one per input axis.
+      kernel: the kernel operand's letters, `[*in, *out]`.
+      out: the output's letters.
+      n_in: how many leading kernel letters are contracted with the input.
+    """
+
+    x: str
+    kernel: str
+    out: str
+    n_in: int
+
+    @property
+    def in_letters(self) -> str:
+        return self.kernel[:self.n_in]
+
+    @property
+    def out_letters(self) -> str:
+        return self.kernel[self.n_in:]
+
+
+def einsum_roles(einsum_str: str, path: str = "<einsum>", x_ndim: int | None = None
+                 ) -> EinsumRoles:
+    """Read `einsum_str` ('btd,dnh->btnh') as input x kernel -> output, and check that LoRA can
+    adapt it: every kernel axis is either contracted with the input (not in the output) or an
+    output axis (not in the input), contracted axes first (`[*in, *out]`), and every input axis
+    is either contracted or kept. `x_ndim` expands a `...` in the input and output (none is
+    allowed in the kernel operand). Raises `LoraError` naming `path` and the string otherwise.
+
+    Example:
+      >>> einsum_roles("btd,dnh->btnh")
+      EinsumRoles(x='btd', kernel='dnh', out='btnh', n_in=1)
+    """
+    spec = einsum_str.replace(" ", "")
+
+    def refuse(why: str) -> LoraError:
+        return LoraError(f"{path}: nnx.Einsum {spec!r} cannot take a LoRA adapter: {why}; "
+                         "exclude it (exclude_modules).")
+
+    if spec.count(",") != 1 or spec.count("->") != 1:
+        raise refuse("it must have exactly two operands and an explicit '->' output")
+    lhs, out = spec.split("->")
+    x, kernel = lhs.split(",")
+    if "." in kernel:
+        raise refuse("'...' in the kernel operand")
+    if "..." in x:
+        if x_ndim is None:
+            x_ndim = len(x) - 3  # no broadcast axes: enough to check the kernel's roles
+        n_ellipsis = x_ndim - (len(x) - 3)
+        free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in spec][:n_ellipsis]
+        x, out = x.replace("...", "".join(free)), out.replace("...", "".join(free))
+    if "." in x + out or len(set(x)) != len(x) or len(set(kernel)) != len(kernel) \
+            or len(set(out)) != len(out):
+        raise refuse("repeated letters, or '...' not in both the input and the output")
+    roles = ["in" if c in x and c not in out else "out" if c in out and c not in x else
+             "batch" if c in x and c in out else "summed" for c in kernel]
+    if "batch" in roles or "summed" in roles:
+        bad = [c for c, r in zip(kernel, roles) if r in ("batch", "summed")]
+        raise refuse(f"kernel axes {bad} are batch axes (in the input and the output) or summed "
+                     "away; only contracted and output axes are supported")
+    n_in = roles.count("in")
+    if roles != ["in"] * n_in + ["out"] * (len(kernel) - n_in):
+        raise refuse(f"the kernel's axes must be ordered [*in, *out] (contracted with the input "
+                     f"first, then output axes), as KernelLayout assumes; here they are {roles}")
+    if n_in == 0 or n_in == len(kernel):
+        raise refuse("the kernel needs at least one contracted and one output axis")
+    dropped = [c for c in x if c not in kernel and c not in out]
+    if dropped:
+        raise refuse(f"input axes {dropped} are summed away outside the kernel")
+    if set(out) != set(x) - set(kernel[:n_in]) | set(kernel[n_in:]):
+        raise refuse("the output has letters from neither operand")
+    return EinsumRoles(x, kernel, out, n_in)
+
+
+class LoraEinsum(nnx.Einsum):
+    """An `nnx.Einsum` carrying `lora_a [*in, r]`, `lora_b [r, *out]`, `lora_scale []`, where
+    `in` / `out` are the kernel's contracted / output axes (`einsum_roles`)."""
+
+    def __call__(self, inputs: jax.Array, einsum_str: str | None = None,
+                 out_sharding=None) -> jax.Array:
+        spec = self.einsum_str if einsum_str is None else einsum_str
+        y = super().__call__(inputs, einsum_str, out_sharding)
+        roles = einsum_roles(spec, type(self).__name__, inputs.ndim)
+        if self.lora_a[...].ndim != roles.n_in + 1:
+            raise LoraError(f"nnx.Einsum {spec!r} contracts {roles.n_in} kernel axes, but the "
+                            f"adapter was made for {self.lora_a[...].ndim - 1}")
+        # x with its contracted axes last, in the kernel's order (lora_a's), then the one op
+        kept = [c for c in roles.x if c not in roles.in_letters]
+        order = [roles.x.index(c) for c in kept + list(roles.in_letters)]
+        x = jnp.transpose(inputs, order)
+        n = roles.n_in
+        dtype = compute_dtype(self.dtype, inputs, self.kernel[...])
+        dropout = getattr(self, "lora_dropout", None)
+        x_in = x if dropout is None else dropout(x)
+        delta = lora_delta(x_in, self.lora_a[...], self.lora_b[...], self.lora_scale[...],
+                           tuple(range(x.ndim - n, x.ndim)), dtype)
+        # delta is [*kept, *out letters]; put it in the output's order
+        have = "".join(kept) + roles.out_letters
+        delta = jnp.transpose(delta, [have.index(c) for c in roles.out])
+        return name_output(add_delta(y, delta))
+
+
+LORA_CLASSES = {nnx.Linear: LoraLinear, nnx.LinearGeneral: LoraLinearGeneral,
+                nnx.Einsum: LoraEinsum}
 BASE_CLASSES = {v: k for k, v in LORA_CLASSES.items()}
 
 
 def inject(model: nnx.Module, config: LoraConfig, rng: jax.Array, *,
            rngs: nnx.Rngs | None = None) -> nnx.Module:
-    """Add LoRA adapters to every `nnx.Linear` / `nnx.LinearGeneral` that `config` targets, in
-    place (and return the model).
+    """Add LoRA adapters to every `nnx.Linear` / `nnx.LinearGeneral` / `nnx.Einsum` that `config`
+    targets, in place (and return the model).
 
     The adapter values are `lora_jax.inject`'s for the same dotted paths, kernel shapes, config
     and `rng`: a model written in NNX and one written in Linen with the same names get the same
@@ -120,16 +236,12 @@ def inject(model: nnx.Module, config: LoraConfig, rng: jax.Array, *,
 
 
 def adaptable(model: nnx.Module) -> dict[str, nnx.Module]:
-    """`{dotted path: layer}` for every `nnx.Linear` / `nnx.LinearGeneral` of the model; an
-    `nnx.Einsum` is refused by name (not supported yet)."""
+    """`{dotted path: layer}` for every `nnx.Linear` / `nnx.LinearGeneral` / `nnx.Einsum` of the
+    model (an Einsum's string is checked when it is targeted: `layout_of`)."""
     out = {}
     for path, module in nnx.iter_modules(model):
         dotted = ".".join(str(k) for k in path)
-        if isinstance(module, nnx.Einsum):
-            raise LoraError(f"{dotted}: nnx.Einsum layers are not supported by lora_jax.nnx yet; "
-                            "use nnx.Linear / nnx.LinearGeneral, or exclude it "
-                            "(exclude_modules).")
-        if isinstance(module, (nnx.Linear, nnx.LinearGeneral)):
+        if isinstance(module, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)):
             out[dotted] = module
     return out
 
@@ -137,6 +249,17 @@ def adaptable(model: nnx.Module) -> dict[str, nnx.Module]:
 def layout_of(path: str, layer: nnx.Module) -> KernelLayout:
     """How the layer's kernel splits into stacked, input and output axes."""
     shape = tuple(layer.kernel[...].shape)
+    if isinstance(layer, nnx.Einsum):
+        if layer.einsum_str is None:
+            raise LoraError(f"{path}: nnx.Einsum without an einsum_str at construction cannot "
+                            "take a LoRA adapter (its axes are unknown until called); exclude "
+                            "it (exclude_modules).")
+        roles = einsum_roles(layer.einsum_str, path)
+        n_stack = len(shape) - len(roles.kernel)
+        if n_stack < 0:
+            raise LoraError(f"{path}: kernel of shape {shape} has fewer axes than nnx.Einsum "
+                            f"{layer.einsum_str!r} names")
+        return KernelLayout(n_stack, roles.n_in, len(roles.kernel) - roles.n_in)
     if isinstance(layer, nnx.LinearGeneral):
         if layer.batch_axis:
             raise LoraError(f"{path}: LinearGeneral with batch_axis is not supported by LoRA; "
@@ -169,7 +292,12 @@ def params(model: nnx.Module) -> Params:
 
 
 def adapters(model: nnx.Module) -> Params:
-    """The adapter sub-tree of `params(model)` (`lora_a`, `lora_b`, `lora_scale` leaves)."""
+    """The adapter sub-tree of `params(model)` (`lora_a`, `lora_b`, `lora_scale` leaves): what
+    `save_adapter` and `TrainCheckpointer.save(adapters=)` take, and `load` puts back.
+
+    Example:
+      >>> ckpt.save(step, adapters=lj.nnx.adapters(model), opt_state=nnx.state(optimizer))
+    """
     from lora_jax.partition import lora_params
     return lora_params(params(model))
 
@@ -247,5 +375,6 @@ def _string_keys(tree: Any) -> Any:
     return tree
 
 
-__all__ = ["LoraParam", "LoraScale", "LoraLinear", "LoraLinearGeneral", "inject", "adaptable",
+__all__ = ["LoraParam", "LoraScale", "LoraLinear", "LoraLinearGeneral", "LoraEinsum",
+           "EinsumRoles", "einsum_roles", "inject", "adaptable",
            "layout_of", "layouts", "params", "adapters", "load", "merge"]

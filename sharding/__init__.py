@@ -5,6 +5,7 @@ knows mesh axis names).
                  check_model_fits, check_config_fits, check_batch_fits, DP, FSDP, TP
     rules        DEFAULT_RULES, spec_for, param_specs, param_shardings, leaf_sharding,
                  shard_params, init_sharded
+    nnx          nnx_shardings, shard_nnx (lora_jax.nnx models placed by the same rules)
     layers       ColumnParallelDense, RowParallelDense, ReplicatedDense,
                  column_parallel, row_parallel
     models seam  TensorParallelism
@@ -22,6 +23,7 @@ from sharding.layers import (ColumnParallelDense, ReplicatedDense, RowParallelDe
 from sharding.mesh import (AXES, BATCH_AXES, DP, FSDP, TP, MeshError, axis_size, axis_sizes,
                            check_batch_fits, drop_trivial_axes,
                            check_config_fits, check_model_fits, make_mesh, replicated)
+from sharding.nnx_rules import nnx_shardings, shard_nnx
 from sharding.parallelism import TensorParallelism
 from sharding.rules import (DEFAULT_RULES, init_sharded, leaf_sharding, param_shardings,
                             param_specs, shard_params, spec_for)
@@ -31,7 +33,7 @@ __all__ = [
     "check_model_fits", "check_config_fits", "check_batch_fits", "MeshError",
     "DP", "FSDP", "TP", "AXES", "BATCH_AXES",
     "DEFAULT_RULES", "spec_for", "param_specs", "param_shardings", "leaf_sharding",
-    "shard_params", "init_sharded",
+    "shard_params", "init_sharded", "nnx_shardings", "shard_nnx",
     "ColumnParallelDense", "RowParallelDense", "ReplicatedDense", "column_parallel",
     "row_parallel",
     "TensorParallelism",

@@ -176,9 +176,9 @@ def test_stacked_layers_get_stacked_adapters():
 def test_errors():
     class WithEinsum(nnx.Module):
         def __init__(self):
-            self.q_proj = nnx.Einsum("btd,dh->bth", (8, 4), rngs=nnx.Rngs(0))
+            self.q_proj = nnx.Einsum("btd,hd->bth", (4, 8), rngs=nnx.Rngs(0))  # [out, in]
 
-    with pytest.raises(lj.LoraError, match="nnx.Einsum"):
+    with pytest.raises(lj.LoraError, match="q_proj: nnx.Einsum 'btd,hd->bth'"):
         lj.nnx.inject(WithEinsum(), lj.LoraConfig(target_modules=["q_proj"]), jax.random.key(0))
     with pytest.raises(lj.LoraError, match="rngs=nnx.Rngs"):
         lj.nnx.inject(NnxNet(nnx.Rngs(0)), lj.LoraConfig(target_modules=["q_proj"],
