@@ -56,16 +56,11 @@ def _vllm_ok() -> bool:
 
 
 def write_tokenizer(directory: Path) -> None:
-    """A byte-level BPE tokenizer (300 ids, <s> </s> <pad> = 0 1 2) as vLLM loads it."""
-    from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers, trainers
+    """The generation tests' byte-level BPE tokenizer (300 ids, <s> </s> <pad> = 0 1 2), with
+    the tokenizer class vLLM's loader asks for."""
+    from tests.test_models_generate import _write_tokenizer
 
-    tok = Tokenizer(tmodels.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["shall i compare thee to a summer's day"] * 20, trainer)
-    tok.save(str(directory / "tokenizer.json"))
+    _write_tokenizer(directory)
     (directory / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
          "pad_token": "<pad>"}))
