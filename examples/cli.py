@@ -44,6 +44,7 @@ class TrainConfig:
     dropout: float = 0.0
     targets: str | tuple[str, ...] = "all-linear"
     rslora: bool = False
+    loraplus_ratio: float | None = None
     # adapters, checkpoints, exports
     adapter_in: str | None = None
     adapter_out: str | None = None
@@ -163,6 +164,8 @@ def _lora_flags(g, d: TrainConfig) -> None:
                    help="'all-linear' (default; skips the output head), comma-separated module "
                         "names (q_proj,v_proj), or a regex on the full module path")
     g.add_argument("--rslora", action="store_true", help="scale = alpha / sqrt(rank)")
+    g.add_argument("--loraplus-ratio", type=float, default=d.loraplus_ratio,
+                   help="LoRA+: B's learning rate = this x --lr (e.g. 16); default: plain LoRA")
 
 
 def _output_dir_flags(g, d: TrainConfig) -> None:
@@ -291,7 +294,8 @@ def _check_reals(cfg: TrainConfig) -> None:
              ("--dropout", cfg.dropout, lambda v: 0 <= v < 1, "in [0, 1)"),
              ("--grad-clip", cfg.grad_clip, lambda v: v >= 0, ">= 0 (0: off)"),
              ("--weight-decay", cfg.weight_decay, lambda v: v >= 0, ">= 0"),
-             ("--peak-tflops", cfg.peak_tflops, lambda v: v > 0, "> 0")]
+             ("--peak-tflops", cfg.peak_tflops, lambda v: v > 0, "> 0"),
+             ("--loraplus-ratio", cfg.loraplus_ratio, lambda v: v > 0, "> 0")]
     for flag, value, ok, wanted in rules:
         if value is not None and not (math.isfinite(value) and ok(value)):
             raise ValueError(f"{flag} must be a finite number {wanted}".rstrip() +

@@ -27,10 +27,12 @@ def learning_rate(name: str, peak: float, steps: int, warmup: int) -> optax.Sche
 
 
 def adapter_optimizer(adapters: Any, *, lr: float, schedule: str, steps: int, warmup: int,
-                      weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
+                      weight_decay: float, grad_clip: float,
+                      loraplus_ratio: float | None = None) -> optax.GradientTransformation:
     """AdamW (and clipping when `grad_clip` > 0) for the `lora_a`/`lora_b` leaves of
-    `adapters`; other leaves get no update and no state (`lora_jax.optimizer`)."""
+    `adapters`; other leaves get no update and no state (`lora_jax.optimizer`); with
+    `loraplus_ratio`, B learns that many times faster (LoRA+)."""
     tx = optax.adamw(learning_rate(schedule, lr, steps, warmup), weight_decay=weight_decay)
     if grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
-    return lj.optimizer(tx, adapters)
+    return lj.optimizer(tx, adapters, loraplus_ratio=loraplus_ratio)

@@ -143,7 +143,8 @@ def train(cfg: TrainConfig) -> Trained:
     say(lj.summary(lj.combine(base, adapters)))
     tx = adapter_optimizer(adapters, lr=cfg.learning_rate, schedule=cfg.schedule,
                            steps=cfg.steps, warmup=cfg.warmup_steps,
-                           weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+                           weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                           loraplus_ratio=cfg.loraplus_ratio)
     opt_sh = param_shardings(jax.eval_shape(tx.init, adapters), mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(adapters)
     start, ckpt = 0, None
