@@ -150,7 +150,7 @@ def train(cfg: TrainConfig) -> Trained:
     start, ckpt = 0, None
     if cfg.checkpoint_dir:
         ckpt = lj.TrainCheckpointer(cfg.checkpoint_dir, max_to_keep=cfg.keep, config=lora_cfg,
-                                    settings=run_settings(cfg, lora_cfg, base_name))
+                                    settings=run_settings(cfg, lora_cfg, base_name, ids))
         found = resume_from(ckpt, cfg, adapters, opt_state)
         if found is not None:
             adapters, opt_state, start = found.adapters, found.opt_state, found.step
@@ -192,7 +192,7 @@ def train(cfg: TrainConfig) -> Trained:
     pending, last = None, time.perf_counter()
     end = min(cfg.steps, start + cfg.stop_after) if cfg.stop_after else cfg.steps
 
-    def flush(extra=None) -> dict:
+    def flush(extra=None) -> tuple[dict, float]:
         """Log the pending step's record (waiting for it); stop the run if it diverged."""
         record, now = report(*pending, last, bar, tokens_per_step, flops, peak)
         record.update(extra(record) if extra else {})
@@ -284,21 +284,23 @@ def place_batch(batch: dict, *, sharding: NamedSharding, accum: int) -> dict:
     return jax.tree.map(one, batch)
 
 
-def run_settings(cfg: TrainConfig, lora_cfg: lj.LoraConfig, base_name: str) -> dict:
+def run_settings(cfg: TrainConfig, lora_cfg: lj.LoraConfig, base_name: str,
+                 ids: np.ndarray) -> dict:
     """What a resume must share with the run that wrote the checkpoints, keyed by flag: the
-    adapters' shapes and meaning, the model, and the data stream (path and content)."""
+    adapters' shapes and meaning, the model, and the data stream (path, and a hash of its
+    token ids: the data as read and tokenised, without reading the file again)."""
     return {"--rank": lora_cfg.r, "--alpha": lora_cfg.lora_alpha,
             "--targets": lora_cfg.to_dict()["target_modules"], "--rslora": lora_cfg.use_rslora,
             "--dropout": lora_cfg.lora_dropout, "--model": base_name,
             "--scan-layers": cfg.scan_layers, "--batch-size": cfg.batch_size,
             "--seq-len": cfg.seq_len, "--grad-accum": cfg.grad_accum, "--seed": cfg.seed,
-            "--data": str(Path(cfg.data).absolute()), "data contents": file_digest(cfg.data),
+            "--data": str(Path(cfg.data).absolute()), "data tokens": token_digest(ids),
             "--eval-fraction": cfg.eval_fraction}
 
 
-def file_digest(path: str) -> str:
-    """A short SHA-256 of a file's bytes (the data a run trained on)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+def token_digest(ids: np.ndarray) -> str:
+    """A short SHA-256 of the token stream a run trains and evaluates on."""
+    return hashlib.sha256(np.ascontiguousarray(ids, np.int32).tobytes()).hexdigest()[:16]
 
 
 def stop_if_diverged(record: dict, cfg: TrainConfig, last_saved: int | None, bar) -> None:
@@ -370,10 +372,6 @@ def save_outputs(cfg: TrainConfig, params, lora_cfg: lj.LoraConfig, plain,
     return out
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt")
-
-
 def hf_writer_with_tokenizer(plain, model_path: str | None):
     """`models.hf_writer(plain)`, then the base directory's tokenizer files copied beside the
     weights, so the merged `hf/` serves (transformers, vLLM) on its own."""
@@ -381,7 +379,7 @@ def hf_writer_with_tokenizer(plain, model_path: str | None):
 
     def write_with_tokenizer(directory: Path, params, dtype):
         files = write(directory, params, dtype)
-        for name in TOKENIZER_FILES if model_path else ():
+        for name in models.TOKENIZER_FILES if model_path else ():
             source = Path(model_path) / name
             if source.is_file():
                 files.append(Path(shutil.copy2(source, Path(directory) / name)))

@@ -148,8 +148,9 @@ class TrainCheckpointer:
         skipped = []
         for candidate in steps:
             try:
-                self._check_fits(candidate, self._read_meta(candidate), target)
-                found = self._restore_step(candidate, target, tuple(skipped))
+                meta = self._read_meta(candidate)
+                self._check_fits(candidate, meta, target)
+                found = self._restore_step(candidate, meta, target, tuple(skipped))
             except CheckpointMismatch:
                 raise  # intact, but not this run's: never moved aside
             except Exception as err:  # any unreadable step: report, move aside, try older
@@ -195,12 +196,13 @@ class TrainCheckpointer:
                     "\n  - ".join(diffs[:6]) + "\nResume with the LoRA and model settings it "
                     "was made with. The checkpoints are intact and were left as they are.")
 
-    def _restore_step(self, step: int, target: Mapping, skipped: tuple) -> Restored:
+    def _restore_step(self, step: int, meta: Mapping, target: Mapping,
+                      skipped: tuple) -> Restored:
+        """The arrays of `step` (its meta item already read and checked by `_read_meta`),
+        verified against the stored checksums."""
         out = self._manager.restore(step, args=ocp.args.Composite(
-            **{STATE_ITEM: ocp.args.StandardRestore(target), META_ITEM: ocp.args.JsonRestore()}))
-        state, meta = out[STATE_ITEM], out[META_ITEM]
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise LoraError("not a lora_jax training-state checkpoint")
+            **{STATE_ITEM: ocp.args.StandardRestore(target)}))
+        state = out[STATE_ITEM]
         bad = fingerprint.mismatches(meta["checksums"], state)
         if bad:
             raise LoraError(f"checksum mismatch in {bad[:3]} (corrupt files)")

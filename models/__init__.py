@@ -37,7 +37,8 @@ from models.errors import CheckpointError, CheckpointFileNotFoundError
 from models.factory import build, init_params
 from models.generate import generate, generate_text
 from models.gpt2 import GPT2, GPT2Config
-from models.hf_io import config_from_dict, hf_writer, load_hf, read_config, save_hf
+from models.hf_io import (TOKENIZER_FILES, config_from_dict, hf_writer, load_hf, read_config,
+                          save_hf)
 from models.layout import (FAMILIES, family, hf_tensor_name, is_scanned, layer_container,
                            peft_naming, stack_layers, unstack_layers)
 from models.llama import Llama, LlamaConfig
@@ -56,7 +57,7 @@ def head_kernel(config, params):
 
 __all__ = [
     "GPT2", "GPT2Config", "Llama", "LlamaConfig", "RopeScaling", "build", "init_params",
-    "load_hf", "save_hf", "hf_writer", "read_config", "config_from_dict",
+    "load_hf", "save_hf", "hf_writer", "TOKENIZER_FILES", "read_config", "config_from_dict",
     "CheckpointError", "CheckpointFileNotFoundError",
     "layer_container", "peft_naming", "is_scanned", "stack_layers", "unstack_layers",
     "hf_tensor_name", "family", "FAMILIES",

@@ -386,8 +386,10 @@ def _as_dict(tree: Mapping) -> dict:
 
 # What an HF model directory may hold besides *.safetensors: overwrite replaces such a directory
 # only (the tokenizer files are kept), never one holding anything else.
-HF_MODEL_FILES = {CONFIG_FILE, INDEX_FILE, "generation_config.json", "tokenizer.json", "README.md",
-                  "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt")
+HF_MODEL_FILES = {CONFIG_FILE, INDEX_FILE, "generation_config.json", "README.md",
+                  *TOKENIZER_FILES}
 
 
 def _prepare_directory(out: Path, overwrite: bool) -> None:
