@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from lora_jax.tree import LORA_A, LORA_B, LORA_SCALE
+from lora_jax.tree import DEFAULT_ADAPTER, LORA_A, LORA_B, LORA_SCALE, NAMED
 
 ADAPTED_OUTPUT = "lora_adapted_output"  # base(x) + delta, the layer's output
 ADAPTER_HIDDEN = "lora_hidden"  # scale * x @ A, [..., r]
@@ -104,11 +104,77 @@ def current_dropout() -> Dropout:
     return _DROPOUT.get()
 
 
+_SELECTION: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "lora_adapter_selection", default=None)
+
+
+@contextlib.contextmanager
+def adapter_selection(names: tuple[str, ...] | None) -> Iterator[tuple[str, ...] | None]:
+    """Run only the named adapters in every adapted layer traced inside the block.
+
+    Args:
+      names: None runs every adapter a layer holds (the default); a tuple runs those (summed,
+        as PEFT's several active adapters); `()` runs none (PEFT's `disable_adapter()`).
+
+    Returns:
+      A context manager yielding the selection in force.
+
+    Example:
+      >>> with adapter_selection(("default", "b")):
+      ...     y = model.apply(variables, x)
+    """
+    token = _SELECTION.set(None if names is None else tuple(names))
+    try:
+        yield _SELECTION.get()
+    finally:
+        _SELECTION.reset(token)
+
+
+def current_selection() -> tuple[str, ...] | None:
+    """The adapter names set by the innermost `adapter_selection` (None: all)."""
+    return _SELECTION.get()
+
+
 def read_adapter(module: Any) -> Adapter | None:
-    """The adapter leaves in a Linen module's own parameter scope, or None if it has none."""
-    if not module.has_variable("params", LORA_A):
+    """The adapter leaves in a Linen module's own parameter scope, or None if it has none.
+
+    With several named adapters selected (`adapter_selection`), they are returned as one
+    `Adapter` concatenated on the rank axis (`concat_adapters`), which the op computes as the
+    sum of their terms."""
+    selection = current_selection()
+    found = []
+    if module.has_variable("params", LORA_A) and (selection is None
+                                                  or DEFAULT_ADAPTER in selection):
+        found.append(Adapter(*(module.get_variable("params", n)
+                               for n in (LORA_A, LORA_B, LORA_SCALE))))
+    if module.has_variable("params", NAMED):
+        named = module.get_variable("params", NAMED)
+        found += [Adapter(*(named[name][n] for n in (LORA_A, LORA_B, LORA_SCALE)))
+                  for name in named if selection is None or name in selection]
+    if not found:
         return None
-    return Adapter(*(module.get_variable("params", n) for n in (LORA_A, LORA_B, LORA_SCALE)))
+    return found[0] if len(found) == 1 else concat_adapters(found)
+
+
+def concat_adapters(adapters: list[Adapter]) -> Adapter:
+    """Several adapters of one layer as one of rank `sum(r_i)`: A's and B's concatenated on the
+    rank axis, the scale a `[sum(r_i)]` vector (each adapter's scale repeated r_i times), so
+    `(scale * x @ A) @ B` is `sum_i scale_i * (x @ A_i) @ B_i`. One op, one pair of matmuls,
+    whatever splits the layer's kernel (the rank axis is never split).
+
+    Example:
+      >>> both = concat_adapters([Adapter(a1, b1, s1), Adapter(a2, b2, s2)])
+    """
+    scales = [jnp.broadcast_to(jnp.asarray(ad.scale, jnp.float32)[..., None],
+                               (*jnp.shape(ad.scale), ad.a.shape[-1])) for ad in adapters]
+    return Adapter(jnp.concatenate([ad.a for ad in adapters], axis=-1),
+                   jnp.concatenate([ad.b for ad in adapters], axis=b_rank_axis(adapters[0])),
+                   jnp.concatenate(scales, axis=-1))
+
+
+def b_rank_axis(adapter: Adapter) -> int:
+    """B's rank axis: after the stacked axes, which the scale has (`lora_b [*S, r, *out]`)."""
+    return jnp.ndim(adapter.scale)
 
 
 def compute_dtype(dtype: Any, x: jax.Array, kernel: jax.Array) -> Any:

@@ -17,11 +17,13 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from lora_jax.adapter_op import adapt, compute_dtype, dropout_context, read_adapter
+from lora_jax.adapter_op import (adapt, adapter_selection, compute_dtype, dropout_context,
+                                 read_adapter)
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
 from lora_jax.inject import inject
 from lora_jax.layout import dense_input_axes, kernel_layouts
+from lora_jax.named import check_selection
 from lora_jax.tree import TRAINABLE_LEAVES, map_leaves, unwrap_variables
 
 
@@ -52,7 +54,7 @@ def _check_fit(module, x, a, b, in_axes) -> None:
 
 def apply(model: nn.Module, variables: Mapping, *args, rngs: Any = None,
           deterministic: bool = True, lora_dropout: float = 0.0, method: Any = None,
-          freeze_base: bool = True, **kwargs) -> Any:
+          freeze_base: bool = True, adapters: Any = None, **kwargs) -> Any:
     """`model.apply(variables, *args, **kwargs)` with every adapter in `variables` honoured.
 
     Args:
@@ -68,9 +70,14 @@ def apply(model: nn.Module, variables: Mapping, *args, rngs: Any = None,
       freeze_base: treat every leaf but `lora_a`/`lora_b` as a constant (`stop_gradient`), so
         even a gradient taken over the whole tree is zero off the adapters and XLA forms no
         weight gradient for the frozen base.
+      adapters: which named adapters run (`lora_jax.named`): None every adapter in the tree,
+        a name or a tuple of names those (their terms summed, as PEFT's several active
+        adapters), `()` none (the base model, as PEFT's `disable_adapter()`). An unknown name
+        is a `LoraError`.
 
     Example:
       >>> logits = apply(model, {"params": params}, tokens)
+      >>> base_only = apply(model, {"params": params}, tokens, adapters=())
     """
     if "deterministic" in _call_parameters(model, method):
         kwargs["deterministic"] = deterministic
@@ -80,7 +87,9 @@ def apply(model: nn.Module, variables: Mapping, *args, rngs: Any = None,
         variables = freeze_non_adapters(variables)
     # The rate is read by the adapter op wherever an adapter runs: in the interceptor and in
     # layers that add their own (the tensor-parallel ones), by one rule.
-    with nn.intercept_methods(_intercept), dropout_context(lora_dropout, deterministic):
+    selection = None if adapters is None else check_selection(variables, adapters)
+    with (nn.intercept_methods(_intercept), dropout_context(lora_dropout, deterministic),
+          adapter_selection(selection)):
         return model.apply(variables, *args, rngs=rngs, method=method, **kwargs)
 
 

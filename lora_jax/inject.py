@@ -10,13 +10,15 @@ import jax.numpy as jnp
 
 from lora_jax.config import ALL_LINEAR, LoraConfig, matches_modules, pattern_key
 from lora_jax.errors import LoraError
+from lora_jax import named
 from lora_jax.layout import KernelLayout, default_layout
-from lora_jax.tree import (LORA_A, LORA_B, LORA_SCALE, Params, has_adapter, iter_modules,
+from lora_jax.tree import (DEFAULT_ADAPTER, LORA_A, LORA_B, LORA_SCALE, Params, has_adapter, iter_modules,
                            map_modules, unwrap_variables)
 
 
 def inject(params: Mapping, config: LoraConfig, rng: jax.Array, *,
-           layouts: Mapping[str, KernelLayout] | None = None) -> Params:
+           layouts: Mapping[str, KernelLayout] | None = None,
+           adapter_name: str | None = None) -> Params:
     """Return `params` with LoRA adapter leaves beside each kernel that `config` targets.
 
     For a kernel `[*S, *in, *out]` (S: stacked layer axes of `nn.scan`) it adds
@@ -30,10 +32,18 @@ def inject(params: Mapping, config: LoraConfig, rng: jax.Array, *,
       config: the `LoraConfig`.
       rng: a PRNG key.
       layouts: optional `{path: KernelLayout}` from `kernel_layouts`; needed for DenseGeneral.
+      adapter_name: None or "default": the adapter beside the kernel (as always). Another name
+        adds a new adapter beside the tree's existing ones, under `lora_named/<name>`
+        (`lora_jax.named`), drawn from `fold_in(rng, crc32(name))`; a name already in the tree
+        is refused.
 
     Example:
       >>> params = inject(params, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), key)
+      >>> params = inject(params, other_config, key, adapter_name="b")   # a second adapter
     """
+    if adapter_name is not None and named.check_name(adapter_name) != DEFAULT_ADAPTER:
+        return named.inject_named(params, adapter_name, rng,
+                                  lambda base, key: inject(base, config, key, layouts=layouts))
     tree, rewrap = unwrap_variables(params)
     modules = dict(iter_modules(tree))
     targets = select_targets(modules, config)

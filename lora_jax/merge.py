@@ -1,18 +1,20 @@
 """`merge`: fold every adapter into its kernel (PEFT's merge_and_unload) as a pure tree map."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import named
 from lora_jax.errors import LoraError
-from lora_jax.tree import (ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, Params, has_adapter,
-                           map_modules, unwrap_variables)
+from lora_jax.tree import (ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, NAMED, Params,
+                           has_adapter, map_modules, unwrap_variables)
 
 
-def merge(params: Mapping, *, check_finite: bool = True) -> Params:
+def merge(params: Mapping, *, check_finite: bool = True,
+          adapter_names: str | Sequence[str] | None = None) -> Params:
     """Return a plain tree: `kernel + scale * A @ B` (float32 math, the kernel's dtype kept),
     adapter leaves dropped. The result runs with the model's own `apply`.
 
@@ -20,21 +22,27 @@ def merge(params: Mapping, *, check_finite: bool = True) -> Params:
       params: an injected params tree or variables dict.
       check_finite: raise `LoraError` naming the module if a merged kernel holds NaN/inf (only
         when called outside jit, on concrete arrays).
+      adapter_names: which named adapters (`lora_jax.named`) to fold in: None every adapter in
+        the tree, as `apply` runs them; a name or names those, and the others are dropped
+        (PEFT's `merge_and_unload` of its active adapters).
 
     Example:
       >>> logits = model.apply({"params": merge(params)}, tokens)
+      >>> only_b = merge(params, adapter_names=("b",))
     """
     tree, rewrap = unwrap_variables(params)
+    if adapter_names is not None:
+        tree = named.select(tree, adapter_names)
 
     def fold(path: str, module: Params) -> Params:
-        if not has_adapter(module):
+        if not has_adapter(module) and NAMED not in module:
             return module
-        kernel = merged_kernel(module)
+        kernel = merged_kernel(module) if NAMED not in module else merged_kernel_all(module)
         if check_finite and not isinstance(kernel, jax.core.Tracer):
             if not bool(jnp.isfinite(kernel).all()):
                 raise LoraError(f"merging the adapter of {path!r} produced NaN/inf; the adapter "
                                 "(or kernel) holds non-finite values; nothing was changed.")
-        rest = {k: v for k, v in module.items() if k not in ADAPTER_LEAVES}
+        rest = {k: v for k, v in module.items() if k not in ADAPTER_LEAVES and k != NAMED}
         return {**rest, "kernel": kernel}
 
     return rewrap(map_modules(tree, fold))
@@ -58,3 +66,13 @@ def merged_kernel(module: Mapping) -> jax.Array:
     scale = jnp.asarray(module[LORA_SCALE], jnp.float32)
     scale = scale.reshape(scale.shape + (1,) * (kernel.ndim - scale.ndim))
     return (kernel.astype(jnp.float32) + scale * d).astype(kernel.dtype)
+
+
+def merged_kernel_all(module: Mapping) -> jax.Array:
+    """`kernel + sum_i scale_i * A_i @ B_i` over every adapter of the module (named ones too),
+    added one after the other in float32 (as PEFT merges several adapters), in the kernel's
+    dtype."""
+    kernel = module["kernel"].astype(jnp.float32)
+    for leaves in named.module_adapters(module).values():
+        kernel = merged_kernel({**leaves, "kernel": kernel})
+    return kernel.astype(module["kernel"].dtype)

@@ -15,7 +15,8 @@ TRAIN, FREEZE = "lora", "frozen"
 
 
 def optimizer(tx: optax.GradientTransformation, params: Mapping, *,
-              loraplus_ratio: float | None = None) -> optax.GradientTransformation:
+              loraplus_ratio: float | None = None,
+              adapter_name: str | None = None) -> optax.GradientTransformation:
     """Wrap `tx` so only `lora_a` / `lora_b` leaves of `params` are updated.
 
     Frozen leaves (the base, and each adapter's `lora_scale`) get exactly zero updates and no
@@ -32,13 +33,15 @@ def optimizer(tx: optax.GradientTransformation, params: Mapping, *,
         rate equals a per-group learning rate (decoupled weight decay scales with it, as in
         PEFT's groups); a global clip inside `tx` still sees every gradient. (LoRA+'s embedding
         rate has nothing to apply to: lora_jax has no embedding adapters yet.)
+      adapter_name: train only this named adapter (`lora_jax.named`); the others get zero
+        updates and no state, like the base.
 
     Example:
       >>> tx = optimizer(optax.adamw(1e-4), adapters)
       >>> opt_state = tx.init(adapters)
       >>> tx = optimizer(optax.adamw(1e-4), adapters, loraplus_ratio=16)   # LoRA+
     """
-    labels = map_leaves(trainable_mask(params), lambda _, train: TRAIN if train else FREEZE)
+    labels = map_leaves(trainable_mask(params, adapter_name=adapter_name), lambda _, train: TRAIN if train else FREEZE)
     wrapped = optax.multi_transform({TRAIN: tx, FREEZE: optax.set_to_zero()}, labels)
     if loraplus_ratio is None:
         return wrapped

@@ -20,6 +20,9 @@ import numpy as np
 LORA_A, LORA_B, LORA_SCALE = "lora_a", "lora_b", "lora_scale"
 ADAPTER_LEAVES = (LORA_A, LORA_B, LORA_SCALE)
 TRAINABLE_LEAVES = (LORA_A, LORA_B)
+# Several named adapters (lora_jax.named): the "default" adapter's leaves sit beside the kernel
+# as above; any other adapter's leaves sit in `module[NAMED][name]` under the same leaf names.
+NAMED, DEFAULT_ADAPTER = "lora_named", "default"
 
 Params = dict[str, Any]
 
