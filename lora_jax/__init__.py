@@ -11,8 +11,14 @@
              CheckpointMismatch, check_destination (what overwrite may replace)
     export   export_peft, import_peft, peft_lora_config, export_merged, load_merged
     nnx      lora_jax.nnx: inject, merge, params, load for Flax NNX models (same files)
+    named    several adapters by name: adapter_names, delete_adapter, rename_adapter,
+             add_weighted_adapter, export_peft_adapters, import_peft_adapters (the rest,
+             select / isolate / put_adapter, in `lora_jax.named`); inject/apply/merge/save/
+             load/export/import and the optimizer take adapter names
 """
-from lora_jax import nnx, outputs
+from lora_jax import named, nnx, outputs
+from lora_jax.named import adapter_names, delete_adapter, rename_adapter
+from lora_jax.weighted import add_weighted_adapter
 from lora_jax.checkpoint import adapter_config, load_adapter, save_adapter
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
@@ -24,6 +30,7 @@ from lora_jax.layout import KernelLayout, kernel_layouts
 from lora_jax.merge import merge
 from lora_jax.optim import optimizer
 from lora_jax.peft_io import export_peft, import_peft, peft_lora_config
+from lora_jax.peft_io import export_peft_adapters, import_peft_adapters
 from lora_jax.partition import combine, lora_params, split, trainable_mask
 from lora_jax.remat import remat_policy
 from lora_jax.summary import Summary, summary
@@ -39,4 +46,6 @@ __all__ = [
     "save_adapter", "load_adapter", "adapter_config", "TrainCheckpointer", "Restored",
     "CheckpointMismatch", "check_destination", "outputs", "nnx",
     "export_peft", "import_peft", "peft_lora_config", "export_merged", "load_merged",
+    "named", "adapter_names", "delete_adapter", "rename_adapter", "add_weighted_adapter",
+    "export_peft_adapters", "import_peft_adapters",
 ]

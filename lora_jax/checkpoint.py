@@ -20,14 +20,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lora_jax import atomic, fingerprint, outputs
+from lora_jax import atomic, fingerprint, named, outputs
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
 from lora_jax.finite import check_finite
 from lora_jax.partition import combine, lora_params
 from lora_jax.placement import Shardings, adapter_sharding
 from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, Params, filter_leaves
-from lora_jax.tree import modules_of, nest, unwrap_variables
+from lora_jax.tree import DEFAULT_ADAPTER, modules_of, nest, unwrap_variables
 
 FORMAT = "lora_jax.adapter"
 VERSION = 1
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 def save_adapter(path: str | Path, params: Mapping, config: LoraConfig, *,
                  base_model: str | None = None, overwrite: bool = False,
-                 allow_non_finite: bool = False) -> Path:
+                 allow_non_finite: bool = False, adapter_name: str | None = None) -> Path:
     """Save the adapter sub-tree of `params` and its config as an orbax checkpoint, atomically.
 
     Args:
@@ -49,6 +49,8 @@ def save_adapter(path: str | Path, params: Mapping, config: LoraConfig, *,
       overwrite: replace an earlier adapter checkpoint at `path` (anything else there is
         refused: `lora_jax.outputs.check_destination`).
       allow_non_finite: write adapters holding NaN/inf (refused by default).
+      adapter_name: which named adapter to save (`lora_jax.named`); None: the tree's only one.
+        The name is stored, and `load_adapter` gives it back.
 
     Returns:
       The absolute checkpoint path.
@@ -56,9 +58,11 @@ def save_adapter(path: str | Path, params: Mapping, config: LoraConfig, *,
     Example:
       >>> save_adapter("ckpt/adapter", params, config, base_model="meta-llama/Llama-3.2-1B")
       >>> params = load_adapter("ckpt/adapter", base_params)
+      >>> save_adapter("ckpt/b", params, config_b, adapter_name="b")
     """
     outputs.check_destination(path, outputs.ADAPTER, overwrite=overwrite)
-    adapters = lora_params(unwrap_variables(params)[0])
+    adapter_name, view = named.one_adapter(params, adapter_name, "save_adapter")
+    adapters = lora_params(view)
     if not adapters:
         raise LoraError("save_adapter: the tree holds no lora_a/lora_b/lora_scale leaves; "
                         "pass the injected params (lora_jax.inject).")
@@ -67,6 +71,8 @@ def save_adapter(path: str | Path, params: Mapping, config: LoraConfig, *,
     meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(),
             "base_model": base_model, "modules": describe(adapters),
             "checksums": fingerprint.checksums(adapters)}
+    if adapter_name != DEFAULT_ADAPTER:
+        meta["adapter_name"] = adapter_name
 
     def write(tmp: Path) -> None:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
@@ -76,7 +82,8 @@ def save_adapter(path: str | Path, params: Mapping, config: LoraConfig, *,
     return atomic.atomic_directory(path, write, overwrite=overwrite, kind=outputs.ADAPTER)
 
 
-def load_adapter(path: str | Path, params: Mapping, *, shardings: Shardings = None) -> Params:
+def load_adapter(path: str | Path, params: Mapping, *, shardings: Shardings = None,
+                 adapter_name: str | None = None) -> Params:
     """Load a `save_adapter` checkpoint into `params` (a base tree, or one with adapters).
 
     Every stored module must exist in `params` with the kernel shape the adapter implies, and if
@@ -92,6 +99,9 @@ def load_adapter(path: str | Path, params: Mapping, *, shardings: Shardings = No
       shardings: where the adapter leaves go: a tree of `jax.sharding.Sharding`s shaped like the
         adapters (or the whole params), one Sharding, or a function `(dotted_path, shape) ->
         Sharding | None`, as `models.load_hf(..., shardings=)` takes.
+      adapter_name: the name the loaded adapter gets in the tree (`lora_jax.named`; an
+        adapter of that name is replaced, the others kept); None: the name it was saved under
+        ("default" for checkpoints without one).
 
     Returns:
       `params` with the stored adapters (including their scales) in place.
@@ -103,6 +113,10 @@ def load_adapter(path: str | Path, params: Mapping, *, shardings: Shardings = No
     """
     path = resolve(path)
     meta = read_meta(path)
+    name = adapter_name or meta.get("adapter_name", DEFAULT_ADAPTER)
+    if name != DEFAULT_ADAPTER or named.has_named(params):
+        return named.via_default(params, name, lambda view: load_adapter(
+            path, view, shardings=shardings, adapter_name=DEFAULT_ADAPTER))
     tree, rewrap = unwrap_variables(params)
     problems = fit_problems(meta["modules"], modules_of(tree))
     if problems:

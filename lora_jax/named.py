@@ -274,6 +274,27 @@ def via_default(params: Mapping, name: str, fn: Callable[[Params], Params]) -> P
     return rewrap(put_adapter(tree, name, fn(view)))
 
 
+def one_adapter(params: Mapping, adapter_name: str | None, what: str) -> tuple[str, Params]:
+    """`(name, view)` for a function that writes one adapter (`what`: its name, for messages):
+    `adapter_name`, or the tree's only adapter when None, and `isolate`'s view of it (the tree
+    itself when that adapter is the default one and alone).
+
+    Example:
+      >>> name, view = one_adapter(params, "b", "export_peft")
+    """
+    tree = unwrap_variables(params)[0]
+    names = adapter_names(tree)
+    if adapter_name is None:
+        if len(names) > 1:
+            raise LoraError(f"{what}: the tree holds several adapters {list(names)}; pass "
+                            "adapter_name= to choose one (export_peft_adapters writes them all "
+                            "in PEFT's layout).")
+        adapter_name = names[0] if names else DEFAULT_ADAPTER
+    if names == (DEFAULT_ADAPTER,) and adapter_name == DEFAULT_ADAPTER:
+        return adapter_name, tree
+    return adapter_name, isolate(tree, adapter_name)
+
+
 # ---------------------------------------------------------------------------------------------
 # leaves, with the adapter each belongs to
 # ---------------------------------------------------------------------------------------------

@@ -310,6 +310,7 @@ def load(model: nnx.Module, tree: Mapping) -> nnx.Module:
     Example:
       >>> lj.nnx.load(model, lj.load_adapter("ckpt/adapter", lj.nnx.params(model)))
     """
+    refuse_named(tree)
     layers, stored = adaptable(model), modules_of(tree)
     with_adapters = {p: m for p, m in stored.items() if LORA_A in m}
     missing = [p for p, layer in layers.items() if hasattr(layer, LORA_A)
@@ -321,6 +322,16 @@ def load(model: nnx.Module, tree: Mapping) -> nnx.Module:
     for path, module in with_adapters.items():
         _attach(layers[path], {k: module[k] for k in ADAPTER_LEAVES})
     return model
+
+
+def refuse_named(tree: Mapping) -> None:
+    """NNX layers hold one adapter each: a tree with several named adapters is refused."""
+    from lora_jax.named import adapter_names
+    names = adapter_names(tree)
+    if len(names) > 1 or (names and names[0] != "default"):
+        raise LoraError(f"lora_jax.nnx layers hold one adapter, the tree holds {list(names)}. "
+                        "Choose one: lora_jax.named.isolate(tree, name) puts it in the default "
+                        "place (or use the Linen path, which runs several by name).")
 
 
 def merge(model: nnx.Module, *, check_finite_values: bool = True) -> nnx.Module:

@@ -116,6 +116,12 @@ def _adapter_problem(path: Path, entries: set[str]) -> str | None:
 
 
 def _peft_problem(path: Path, entries: set[str]) -> str | None:
+    # PEFT's save_pretrained of several adapters puts each non-default one in a sub-folder.
+    subs = {e for e in entries if (path / e).is_dir() and (path / e / "adapter_config.json")
+            .is_file() and not _peft_problem(path / e, {p.name for p in (path / e).iterdir()})}
+    if subs and "adapter_config.json" not in entries:
+        return _unknown(entries - subs, set())
+    entries = entries - subs
     extra = _unknown(entries, _PEFT_ENTRIES)
     if extra:
         return extra

@@ -32,7 +32,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from lora_jax import atomic, hf_names, outputs
+from lora_jax import atomic, hf_names, named, outputs
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
 from lora_jax.finite import check_finite
@@ -40,7 +40,7 @@ from lora_jax.layout import KernelLayout, default_layout
 from lora_jax.partition import combine
 from lora_jax.placement import Shardings, adapter_sharding
 from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, Params, filter_leaves
-from lora_jax.tree import host_array, modules_of, nest, unwrap_variables
+from lora_jax.tree import DEFAULT_ADAPTER, host_array, modules_of, nest, unwrap_variables
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -77,7 +77,7 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
                 base_model_name_or_path: str | None = None, task_type: str = "CAUSAL_LM",
                 layer_container: str | None = None, fan_in_fan_out: bool = False,
                 uniform_scale: bool = False, overwrite: bool = False,
-                allow_non_finite: bool = False) -> Path:
+                allow_non_finite: bool = False, adapter_name: str | None = None) -> Path:
     """Write the adapters of `params` as a PEFT LoRA adapter directory, atomically.
 
     Args:
@@ -99,6 +99,9 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
       overwrite: replace an earlier PEFT adapter at `path` (anything else there is refused:
         `lora_jax.outputs.check_destination`).
       allow_non_finite: write adapters holding NaN/inf (refused by default).
+      adapter_name: which named adapter to write (`lora_jax.named`), in `path` itself (PEFT's
+        `load_adapter(path, adapter_name=...)` reads it); None: the tree's only adapter.
+        `export_peft_adapters` writes several in PEFT's `save_pretrained` layout.
 
     Returns:
       The absolute output path.
@@ -108,7 +111,7 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
       >>> # torch: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(...), "out/peft")
     """
     outputs.check_destination(path, outputs.PEFT, overwrite=overwrite)
-    tree = unwrap_variables(params)[0]
+    tree = named.one_adapter(params, adapter_name, "export_peft")[1]
     if not allow_non_finite:
         check_finite(filter_leaves(tree, lambda key: key in ADAPTER_LEAVES), "export_peft")
     adapters = torch_adapters(tree, layer_container)
@@ -241,7 +244,8 @@ def _patterns(values: Mapping[str, Any], default: Any, names: list[str]) -> dict
 
 def import_peft(path: str | Path, params: Mapping, *, layer_container: str | None = None,
                 layouts: Mapping[str, KernelLayout] | None = None,
-                adapter_dtype: str = "float32", shardings: Shardings = None) -> Params:
+                adapter_dtype: str = "float32", shardings: Shardings = None,
+                adapter_name: str | None = None) -> Params:
     """Load a PEFT LoRA adapter directory into `params` (a base tree, or one with adapters).
 
     Per-layer keys are restacked for scanned trees. Each adapter's scale is PEFT's: `alpha / r`
@@ -258,6 +262,9 @@ def import_peft(path: str | Path, params: Mapping, *, layer_container: str | Non
       shardings: where the adapter leaves go, as in `load_adapter` (a tree, one Sharding or a
         function `(dotted_path, shape) -> Sharding`); default: an existing adapter leaf's
         sharding, else replicated over its kernel's devices.
+      adapter_name: the name the adapter gets in the tree (`lora_jax.named`; an adapter of that
+        name is replaced, the others kept); None: "default". `import_peft_adapters` reads a
+        directory of several in PEFT's `save_pretrained` layout.
 
     Returns:
       `params` with the adapter leaves (`lora_a`, `lora_b`, `lora_scale`).
@@ -266,6 +273,10 @@ def import_peft(path: str | Path, params: Mapping, *, layer_container: str | Non
       >>> params = import_peft("peft_adapter/", base_params)
       >>> logits = lora_jax.apply(model, {"params": params}, tokens)
     """
+    if (adapter_name or DEFAULT_ADAPTER) != DEFAULT_ADAPTER or named.has_named(params):
+        return named.via_default(params, adapter_name or DEFAULT_ADAPTER, lambda view: import_peft(
+            path, view, layer_container=layer_container, layouts=layouts,
+            adapter_dtype=adapter_dtype, shardings=shardings))
     path = Path(path)
     peft = read_peft_config(path)
     tensors = _read_weights(path)
@@ -505,3 +516,83 @@ def _place_leaves(path: str, module: Mapping, host: Mapping[str, np.ndarray],
         value = np.asarray(value, dtype)
         out[leaf] = jax.make_array_from_callback(value.shape, sharding, lambda i, v=value: v[i])
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# several named adapters: PEFT's save_pretrained layout
+# ---------------------------------------------------------------------------------------------
+
+def export_peft_adapters(path: str | Path, params: Mapping,
+                         configs: Mapping[str, LoraConfig | None] | None = None, *,
+                         overwrite: bool = False, **kwargs: Any) -> Path:
+    """Write several named adapters as `PeftModel.save_pretrained` does: "default" in `path`,
+    every other adapter in `path/<name>/`, each a PEFT adapter directory. Atomic as a whole.
+
+    Args:
+      path: the output directory.
+      params: a tree with named adapters (`lora_jax.named`), or variables.
+      configs: `{adapter name: its LoraConfig or None}`; the adapters to write (default: every
+        adapter of the tree, without configs).
+      overwrite: replace an earlier PEFT export at `path`.
+      **kwargs: passed to `export_peft` for each adapter (`base_model_name_or_path`,
+        `layer_container`, `fan_in_fan_out`, ...).
+
+    Returns:
+      The absolute output path.
+
+    Example:
+      >>> export_peft_adapters("out/peft", params, {"default": cfg_a, "b": cfg_b})
+      >>> # torch: m = PeftModel.from_pretrained(base, "out/peft")
+      >>> #        m.load_adapter("out/peft/b", adapter_name="b")
+    """
+    tree = unwrap_variables(params)[0]
+    configs = dict(configs) if configs is not None else {n: None for n in named.adapter_names(tree)}
+    names = named.check_selection(tree, configs)
+    if not names:
+        raise LoraError("export_peft_adapters: no adapters to write; pass configs= naming them.")
+
+    def write(tmp: Path) -> None:
+        if DEFAULT_ADAPTER in names:
+            export_peft(tmp, tree, configs[DEFAULT_ADAPTER], adapter_name=DEFAULT_ADAPTER,
+                        **kwargs)
+        elif atomic.is_primary():
+            tmp.mkdir(parents=True)
+        for name in names:
+            if name != DEFAULT_ADAPTER:
+                export_peft(tmp / name, tree, configs[name], adapter_name=name, **kwargs)
+
+    outputs.check_destination(path, outputs.PEFT, overwrite=overwrite)
+    return atomic.atomic_directory(path, write, overwrite=overwrite, kind=outputs.PEFT)
+
+
+def peft_adapter_dirs(path: str | Path) -> dict[str, Path]:
+    """`{adapter name: directory}` of a PEFT `save_pretrained` output: "default" if `path`
+    holds an adapter itself, plus every sub-folder that holds one.
+
+    Example:
+      >>> peft_adapter_dirs("out/peft")
+      {'default': PosixPath('out/peft'), 'b': PosixPath('out/peft/b')}
+    """
+    path = Path(path)
+    found = {DEFAULT_ADAPTER: path} if (path / CONFIG_FILE).is_file() else {}
+    if path.is_dir():
+        found.update({sub.name: sub for sub in sorted(path.iterdir())
+                      if sub.is_dir() and (sub / CONFIG_FILE).is_file()})
+    if not found:
+        raise LoraError(f"no PEFT adapter at {path}: neither it nor a sub-folder holds "
+                        f"{CONFIG_FILE} (save it with PeftModel.save_pretrained).")
+    return found
+
+
+def import_peft_adapters(path: str | Path, params: Mapping, **kwargs: Any) -> Params:
+    """Load every adapter of a PEFT `save_pretrained` output (`path` itself as "default",
+    each sub-folder under its name) into `params`, each as `import_peft(..., adapter_name=)`.
+
+    Example:
+      >>> params = import_peft_adapters("out/peft", base_params)
+      >>> lora_jax.named.adapter_names(params)
+      ('default', 'b')
+    """
+    for name, directory in peft_adapter_dirs(path).items():
+        params = import_peft(directory, params, adapter_name=named.check_name(name), **kwargs)
+    return params

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, dotted
+from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, NAMED, dotted
 from sharding.mesh import FSDP, TP, MeshError, axis_size
 
 
@@ -60,6 +60,9 @@ def spec_for(path: str, ndim: int, rules: Rules = DEFAULT_RULES) -> P:
         return _match(path, ndim, rules)
     if leaf == LORA_SCALE:
         return P()
+    # A named adapter (lora_jax.named) sits at `<module>.lora_named.<name>.<leaf>`: its kernel
+    # is the module's, so it is placed exactly like the default adapter.
+    module = re.sub(rf"(^|\.){NAMED}\.[^.]+$", "", module)
     kernel = _match(f"{module}.kernel" if module else "kernel", ndim, rules)
     return derive_adapter_spec(kernel, leaf)
 
