@@ -45,6 +45,7 @@ class TrainConfig:
     targets: str | tuple[str, ...] = "all-linear"
     rslora: bool = False
     loraplus_ratio: float | None = None
+    adapter_name: str = "default"
     # adapters, checkpoints, exports
     adapter_in: str | None = None
     adapter_out: str | None = None
@@ -166,6 +167,10 @@ def _lora_flags(g, d: TrainConfig) -> None:
     g.add_argument("--rslora", action="store_true", help="scale = alpha / sqrt(rank)")
     g.add_argument("--loraplus-ratio", type=float, default=d.loraplus_ratio,
                    help="LoRA+: B's learning rate = this x --lr (e.g. 16); default: plain LoRA")
+    g.add_argument("--adapter-name", default=d.adapter_name,
+                   help="the trained adapter's name in --adapter-out and --export-peft (PEFT "
+                        "puts a non-default name in <export-peft>/<name>/, as save_pretrained "
+                        "does); default: 'default'")
 
 
 def _output_dir_flags(g, d: TrainConfig) -> None:
@@ -266,6 +271,8 @@ def check(cfg: TrainConfig) -> None:
         if value < 0:
             raise ValueError(f"{flag} must be >= 0, got {value}")
     _check_reals(cfg)
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", cfg.adapter_name):
+        raise ValueError(f"--adapter-name {cfg.adapter_name!r}: use letters, digits, '_' or '-'")
     if cfg.dp < 1 and cfg.dp != -1:
         raise ValueError(f"--dp must be >= 1 or -1 (the devices left), got {cfg.dp}")
     if cfg.batch_size % cfg.grad_accum:

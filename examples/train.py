@@ -132,7 +132,9 @@ def train(cfg: TrainConfig) -> Trained:
         _, base = models.load_hf(cfg.model_path, shardings=base_sh,
                                  **modeling.runtime_options(cfg))
     if cfg.adapter_in:  # placed by the adapter rule of sharding.rules, as it is read
-        adapters = lj.split(lj.load_adapter(cfg.adapter_in, base,
+        # Trained in the default place whatever name it was saved under (--adapter-name names
+        # the outputs).
+        adapters = lj.split(lj.load_adapter(cfg.adapter_in, base, adapter_name="default",
                                             shardings=leaf_sharding(mesh)))[1]
         say(f"adapter: loaded {cfg.adapter_in} (r={lora_cfg.r}, alpha={lora_cfg.lora_alpha}, "
             f"targets={lora_cfg.target_modules})")
@@ -358,13 +360,17 @@ def save_outputs(cfg: TrainConfig, params, lora_cfg: lj.LoraConfig, plain,
                  base_name: str) -> dict[str, Path]:
     """The adapter (orbax), the PEFT adapter and the merged model, as the flags ask."""
     out = {}
+    if cfg.adapter_name != "default":  # the one trained adapter, under its name
+        params = lj.rename_adapter(params, "default", cfg.adapter_name)
     if cfg.adapter_out:
         out["adapter"] = lj.save_adapter(cfg.adapter_out, params, lora_cfg, base_model=base_name,
                                          overwrite=cfg.overwrite)
-    if cfg.export_peft:
-        out["peft"] = lj.export_peft(cfg.export_peft, params, lora_cfg,
-                                     base_model_name_or_path=base_name, overwrite=cfg.overwrite,
-                                     **models.peft_naming(plain))
+    if cfg.export_peft:  # "default" in the directory itself, another name in <dir>/<name>
+        out["peft"] = lj.export_peft_adapters(cfg.export_peft, params,
+                                              {cfg.adapter_name: lora_cfg},
+                                              base_model_name_or_path=base_name,
+                                              overwrite=cfg.overwrite,
+                                              **models.peft_naming(plain))
     if cfg.export_merged:
         out["merged"] = lj.export_merged(cfg.export_merged, params,
                                          hf_writer_with_tokenizer(plain, cfg.model_path),

@@ -303,3 +303,34 @@ def test_save_load_by_name_and_errors(tmp_path):
         lj.add_weighted_adapter(params, ["default", "b"], [1], "t")
     with pytest.raises(lj.LoraError, match="nnx layers hold one adapter"):
         lj.nnx.refuse_named(params)
+
+
+def test_cli_adapter_name_names_the_outputs(tmp_path):
+    """--adapter-name math: the orbax adapter loads back as "math", the PEFT export sits where
+    save_pretrained puts a non-default adapter (<dir>/math/), both bit-equal to the trained one;
+    --adapter-in of that checkpoint trains on in the default place."""
+    from examples import train as train_lib
+    from examples.cli import parse_args
+    from models import GPT2Config
+    from tests.test_examples_train import flags
+    model = models.build(GPT2Config.tiny())
+    models.save_hf(tmp_path / "gpt2", model, models.init_params(model, jax.random.key(0)))
+    cfg = parse_args(flags(str(tmp_path / "gpt2"), tmp_path, "--dp", "1", "--adapter-name",
+                           "math", "--adapter-out", str(tmp_path / "adapter"), "--export-peft",
+                           str(tmp_path / "peft"), "--eval-interval", "0", steps=1))
+    out = train_lib.train(cfg)
+    base, trained = lj.split(out.params)
+    want = jax.tree.leaves(trained)
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["math"]
+    for restored in (lj.load_adapter(tmp_path / "adapter", base),
+                     lj.import_peft_adapters(tmp_path / "peft", base)):
+        assert lj.adapter_names(restored) == ("math",)
+        for got, w in zip(jax.tree.leaves(lj.lora_params(restored)), want, strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
+    (tmp_path / "again").mkdir()
+    again = train_lib.train(parse_args(flags(
+        str(tmp_path / "gpt2"), tmp_path / "again", "--dp", "1", "--adapter-in",
+        str(tmp_path / "adapter"), "--eval-interval", "0", steps=1)))
+    assert lj.adapter_names(again.params) == ("default",)
+    with pytest.raises(ValueError, match="--adapter-name 'a/b'"):
+        parse_args(flags(str(tmp_path / "gpt2"), tmp_path, "--adapter-name", "a/b"))
