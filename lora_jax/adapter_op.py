@@ -7,7 +7,9 @@ shard_map layers (`sharding.layers`) both build the adapter term from the pieces
 math, the dropout draw, the dtype rule and the remat names exist once. The pieces are cut where
 a sharded layer puts its collectives between them:
 
-    read_adapter(module)           the layer's adapter leaves (`Adapter`), or None
+    read_adapter(module)           the layer's adapter leaves (`Adapter`), or None; several
+                                   named adapters (`lora_jax.named`) as one, concatenated on
+                                   the rank axis, filtered by `adapter_selection`
     compute_dtype(dtype, x, k)     the dtype the adapter runs in: the layer's compute dtype
     dropout(module, x)             LoRA dropout of the adapter input, as `lora_jax.apply` set it
     adapter_in(x, a, scale)        input half: x @ A (gathered), scaled at rank r, named

@@ -290,8 +290,8 @@ def one_adapter(params: Mapping, adapter_name: str | None, what: str) -> tuple[s
                             "adapter_name= to choose one (export_peft_adapters writes them all "
                             "in PEFT's layout).")
         adapter_name = names[0] if names else DEFAULT_ADAPTER
-    if names == (DEFAULT_ADAPTER,) and adapter_name == DEFAULT_ADAPTER:
-        return adapter_name, tree
+    if adapter_name == DEFAULT_ADAPTER and names in ((), (DEFAULT_ADAPTER,)):
+        return adapter_name, tree  # today's single-adapter tree (or none: the caller says so)
     return adapter_name, isolate(tree, adapter_name)
 
 

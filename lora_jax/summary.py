@@ -5,7 +5,8 @@ import dataclasses
 from collections import Counter
 from typing import Mapping
 
-from lora_jax.tree import LORA_A, LORA_B, LORA_SCALE, count, filter_leaves, iter_modules
+from lora_jax.tree import (LORA_A, LORA_B, LORA_SCALE, NAMED, count, filter_leaves,
+                           iter_modules)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,5 +38,7 @@ def summary(params: Mapping) -> Summary:
     for path, module in iter_modules(params.get("params", params)):
         if LORA_A in module:
             per_target[path.rsplit(".", 1)[-1]] += module[LORA_A].size + module[LORA_B].size
+        for leaves in (module.get(NAMED) or {}).values():  # named adapters (lora_jax.named)
+            per_target[path.rsplit(".", 1)[-1]] += leaves[LORA_A].size + leaves[LORA_B].size
     total = count(filter_leaves(params.get("params", params), lambda key: key != LORA_SCALE))
     return Summary(trainable=sum(per_target.values()), total=total, per_target=dict(per_target))
