@@ -12,8 +12,9 @@ from lora_jax.config import ALL_LINEAR, LoraConfig, matches_modules, pattern_key
 from lora_jax.errors import LoraError
 from lora_jax import named
 from lora_jax.layout import KernelLayout, default_layout
-from lora_jax.tree import (DEFAULT_ADAPTER, LORA_A, LORA_B, LORA_SCALE, Params, has_adapter, iter_modules,
+from lora_jax.tree import (LORA_A, LORA_B, LORA_SCALE, Params, has_adapter, iter_modules,
                            map_modules, unwrap_variables)
+from lora_jax.tree import DEFAULT_ADAPTER
 
 
 def inject(params: Mapping, config: LoraConfig, rng: jax.Array, *,

@@ -336,7 +336,8 @@ def filter_adapter_leaves(tree: Mapping, keep: Callable[[str, str], bool],
 
 
 def adapter_leaves_of(params: Mapping, name: str) -> Params:
-    """The leaves of adapter `name` where they sit in the tree (`lora_params(..., adapter_name=)`)."""
+    """The leaves of adapter `name` where they sit in the tree
+    (`lora_params(..., adapter_name=)`)."""
     _require(params, name)
     return filter_adapter_leaves(params, lambda o, k: o == name and k in ADAPTER_LEAVES)
 

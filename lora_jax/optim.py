@@ -41,7 +41,8 @@ def optimizer(tx: optax.GradientTransformation, params: Mapping, *,
       >>> opt_state = tx.init(adapters)
       >>> tx = optimizer(optax.adamw(1e-4), adapters, loraplus_ratio=16)   # LoRA+
     """
-    labels = map_leaves(trainable_mask(params, adapter_name=adapter_name), lambda _, train: TRAIN if train else FREEZE)
+    labels = map_leaves(trainable_mask(params, adapter_name=adapter_name),
+                        lambda _, train: TRAIN if train else FREEZE)
     wrapped = optax.multi_transform({TRAIN: tx, FREEZE: optax.set_to_zero()}, labels)
     if loraplus_ratio is None:
         return wrapped
