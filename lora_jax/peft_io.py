@@ -41,14 +41,14 @@ from lora_jax.partition import combine
 from lora_jax.placement import Shardings, adapter_sharding
 from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, Params, filter_leaves
 from lora_jax.tree import host_array, modules_of, nest, unwrap_variables
+from lora_jax import peft_targets
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 # PEFT options whose adapters are not plain LoRA on Linear weights (or that change the base).
 UNSUPPORTED = {
-    "use_dora": "DoRA (weight-decomposed LoRA)", "modules_to_save": "modules_to_save (fully "
-    "trained extra modules)", "lora_bias": "LoRA bias terms", "layer_replication":
+    "use_dora": "DoRA (weight-decomposed LoRA)", "lora_bias": "LoRA bias terms", "layer_replication":
     "layer_replication", "trainable_token_indices": "trainable tokens (embedding rows)",
     "target_parameters": "target_parameters (adapters on raw parameters)", "use_qalora":
     "QA-LoRA", "alora_invocation_tokens": "activated LoRA", "use_bdlora": "BD-LoRA",
@@ -119,6 +119,7 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
         adapters = _fold_scales(adapters)
     alphas = {ad.name: alpha_for(ad, rslora, config) for ad in adapters}
     universe = all_module_names(tree, layer_container)
+    universe += [p for p in peft_targets.embedding_paths(tree) if p not in universe]
     peft_config = build_config(adapters, alphas, universe, config, rslora=rslora,
                                fan_in_fan_out=fan_in_fan_out, task_type=task_type,
                                base_model_name_or_path=base_model_name_or_path,
@@ -127,6 +128,7 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
     for ad in adapters:
         tensors[f"{PREFIX}{ad.name}.lora_A.weight"] = np.ascontiguousarray(ad.a)
         tensors[f"{PREFIX}{ad.name}.lora_B.weight"] = np.ascontiguousarray(ad.b)
+    _add_extra_targets(tensors, peft_config, adapters, tree, config, fan_in_fan_out)
 
     def write(tmp: Path) -> None:
         if atomic.is_primary():
@@ -135,6 +137,25 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
             (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
 
     return atomic.atomic_directory(path, write, overwrite=overwrite, kind=outputs.PEFT)
+
+
+def _add_extra_targets(tensors: dict, peft_config: dict, adapters: list[TorchAdapter],
+                       tree: Mapping, config: LoraConfig | None, fan_in_fan_out: bool) -> None:
+    """Embedding adapters under PEFT's `lora_embedding_A/B` keys; `modules_to_save` copies under
+    `<name>.weight` / `.bias` and in the config (`peft_targets`)."""
+    embeds = set(peft_targets.embedding_paths(tree))
+    for ad in adapters:
+        if ad.name in embeds:
+            del tensors[f"{PREFIX}{ad.name}.lora_A.weight"], tensors[f"{PREFIX}{ad.name}.lora_B.weight"]
+            tensors.update(peft_targets.embedding_tensors(ad.name, ad.a, ad.b))
+    heads = tuple(config.output_head_names) if config else ("lm_head",)
+    saved, names = peft_targets.saved_tensors(tree, fan_in_fan_out=fan_in_fan_out,
+                                              head_names=heads)
+    tensors.update(saved)
+    peft_config["modules_to_save"] = names or None
+    # A saved embedding serves a tied head too (lora_jax runs one table): PEFT's tying flag.
+    peft_config["ensure_weight_tying"] = bool(config and config.ensure_weight_tying) or any(
+        n in embeds for n in names)
 
 
 def torch_adapters(tree: Mapping, container: str | None) -> list[TorchAdapter]:
@@ -269,6 +290,7 @@ def import_peft(path: str | Path, params: Mapping, *, layer_container: str | Non
     path = Path(path)
     peft = read_peft_config(path)
     tensors = _read_weights(path)
+    tensors, extra = peft_targets.split_tensors(tensors, peft.get("modules_to_save"))
     pairs = _pair_keys(tensors, path)
     tree, rewrap = unwrap_variables(params)
     modules = modules_of(tree)
@@ -281,6 +303,7 @@ def import_peft(path: str | Path, params: Mapping, *, layer_container: str | Non
             problems.append(built)
         else:
             leaves[tree_path] = built
+    placed.update(_extra_leaves(extra, peft, tree, leaves, problems, adapter_dtype, shardings))
     problems += [f"{p}: the model has an adapter here, the PEFT adapter has none"
                  for p, m in modules.items() if LORA_A in m and p not in placed]
     problems += _replaced_shapes(leaves, modules)
@@ -292,13 +315,56 @@ def import_peft(path: str | Path, params: Mapping, *, layer_container: str | Non
     return rewrap(combine(base, nest(leaves)))
 
 
+def _extra_leaves(extra: "peft_targets.ExtraTensors", peft: Mapping, tree: Mapping,
+                  leaves: dict, problems: list, adapter_dtype: str,
+                  shardings: Shardings) -> dict[str, dict[None, str]]:
+    """Build the embedding adapters and `modules_to_save` copies of a PEFT file into `leaves`
+    (problems into `problems`); return them as `placed` entries."""
+    modules = dict(peft_targets.iter_modules(tree, leaves=peft_targets.MODULE_LEAVES))
+    problems += peft_targets.check_base_tables(extra.base_tables, modules)
+    placed = {}
+    for name, ab in extra.embeddings.items():
+        module = modules.get(name)
+        if module is None or not peft_targets.is_embedding(module):
+            problems.append(f"{name}: the PEFT adapter has an embedding adapter here, the model "
+                            "has no embedding table of that name")
+            continue
+        built = peft_targets.embedding_leaves(name, ab, module, _peft_scale(
+            peft, name, ab["A"].shape[0] if "A" in ab else None))
+        if isinstance(built, str):
+            problems.append(built)
+            continue
+        leaves[name] = _place_leaves(name, module, built, adapter_dtype, shardings)
+        placed[name] = {None: name}
+    for name, torch_leaves in extra.saved.items():
+        module = modules.get(name)
+        built = (f"{name}: modules_to_save names it, the model has no such module"
+                 if module is None else peft_targets.saved_leaves_from(name, torch_leaves, module))
+        if isinstance(built, str):
+            problems.append(built)
+            continue
+        leaves[name] = {leaf: _place_array(module, leaf, name, np.asarray(
+            value, np.dtype(module[leaf[len("saved_"):]].dtype)), shardings)
+            for leaf, value in built.items()}
+    problems += [f"{p}: the model has a modules_to_save copy here, the PEFT adapter has none"
+                 for p, m in modules.items()
+                 if any(k.startswith("saved_") for k in m) and p not in extra.saved]
+    return placed
+
+
+def _place_array(module: Mapping, leaf: str, path: str, value: np.ndarray,
+                 shardings: Shardings) -> jax.Array:
+    sharding = adapter_sharding(module, leaf, path, value.shape, shardings)
+    return jax.make_array_from_callback(value.shape, sharding, lambda i, v=value: v[i])
+
+
 def _replaced_shapes(leaves: Mapping[str, Mapping], modules: Mapping[str, Mapping]) -> list[str]:
     """Adapters already in the tree may be replaced only by ones of the same shapes, as
     `load_adapter` requires (a different rank is a different adapter: inject into the base)."""
     problems = []
     for path, new in leaves.items():
         for leaf in (LORA_A, LORA_B):
-            if leaf in modules[path] and np.shape(modules[path][leaf]) != np.shape(new[leaf]):
+            if leaf in modules.get(path, {}) and np.shape(modules[path][leaf]) != np.shape(new[leaf]):
                 problems.append(f"{path}.{leaf}: the model's adapter has shape "
                                 f"{list(np.shape(modules[path][leaf]))}, the PEFT adapter "
                                 f"{list(np.shape(new[leaf]))} (load into the base tree, "
@@ -365,6 +431,8 @@ def peft_lora_config(path: str | Path) -> LoraConfig:
     """
     cfg = read_peft_config(path)
     return LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
+                      modules_to_save=cfg.get("modules_to_save"),
+                      ensure_weight_tying=bool(cfg.get("ensure_weight_tying", False)),
                       lora_dropout=cfg.get("lora_dropout", 0.0),
                       target_modules=cfg["target_modules"],
                       exclude_modules=cfg.get("exclude_modules"),
