@@ -291,6 +291,8 @@ def import_peft(path: str | Path, params: Mapping, *, layer_container: str | Non
     peft = read_peft_config(path)
     tensors = _read_weights(path)
     tensors, extra = peft_targets.split_tensors(tensors, peft.get("modules_to_save"))
+    if peft.get("ensure_weight_tying"):
+        peft_targets.drop_tied_heads(tensors, extra)
     pairs = _pair_keys(tensors, path)
     tree, rewrap = unwrap_variables(params)
     modules = modules_of(tree)

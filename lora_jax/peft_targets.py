@@ -91,6 +91,7 @@ class ExtraTensors:
     embeddings: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     saved: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     base_tables: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    tied_heads: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def split_tensors(tensors: Mapping[str, np.ndarray],
@@ -109,6 +110,23 @@ def split_tensors(tensors: Mapping[str, np.ndarray],
         else:
             dense[key] = value
     return dense, extra
+
+
+def drop_tied_heads(dense: dict[str, np.ndarray], extra: ExtraTensors) -> None:
+    """With `ensure_weight_tying`, PEFT also saves the tied head's adapter (`lm_head.lora_A`
+    = lora_embedding_B.T, `lora_B` = lora_embedding_A.T: the same storage) and its base weight.
+    lora_jax's tied head is the table's `attend`, so those keys are dropped here, after checking
+    that they are the embedding adapter's, transposed (anything else stays and is reported)."""
+    for key in [k for k in dense if k.endswith(".lora_A.weight")]:
+        name = key[len(PREFIX):-len(".lora_A.weight")]
+        b_key = f"{PREFIX}{name}.lora_B.weight"
+        for table, ab in extra.embeddings.items():
+            if b_key in dense and {"A", "B"} <= set(ab) and np.array_equal(
+                    dense[key], ab["B"].T) and np.array_equal(dense[b_key], ab["A"].T):
+                del dense[key], dense[b_key]
+                extra.base_tables.pop(name, None)
+                extra.tied_heads[name] = table
+                break
 
 
 def embedding_leaves(name: str, ab: Mapping[str, np.ndarray], module: Mapping,
