@@ -45,6 +45,7 @@ class TrainConfig:
     targets: str | tuple[str, ...] = "all-linear"
     rslora: bool = False
     loraplus_ratio: float | None = None
+    modules_to_save: tuple[str, ...] | None = None
     # adapters, checkpoints, exports
     adapter_in: str | None = None
     adapter_out: str | None = None
@@ -110,6 +111,14 @@ class TrainConfig:
             else None
 
 
+def parse_names(text: str) -> tuple[str, ...]:
+    """`--modules-to-save`: comma-separated module-name suffixes ("lm_head,embed_tokens")."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names:
+        raise ValueError("--modules-to-save is empty: pass module names such as lm_head")
+    return names
+
+
 def parse_targets(text: str) -> str | tuple[str, ...]:
     """`--targets`: "all-linear"; a comma-separated list of module-name suffixes
     ("q_proj,v_proj", PEFT's list semantics); or a regex matched with fullmatch on the whole
@@ -166,6 +175,9 @@ def _lora_flags(g, d: TrainConfig) -> None:
     g.add_argument("--rslora", action="store_true", help="scale = alpha / sqrt(rank)")
     g.add_argument("--loraplus-ratio", type=float, default=d.loraplus_ratio,
                    help="LoRA+: B's learning rate = this x --lr (e.g. 16); default: plain LoRA")
+    g.add_argument("--modules-to-save", type=parse_names, default=d.modules_to_save,
+                   help="comma-separated modules trained in full beside the adapters (PEFT's "
+                        "modules_to_save), e.g. lm_head; a tied head: the embedding's name")
 
 
 def _output_dir_flags(g, d: TrainConfig) -> None:

@@ -398,3 +398,28 @@ def test_nnx_refuses_embedding_targets_and_modules_to_save():
         lj.nnx.inject(Tiny(nnx.Rngs(0)), lj.LoraConfig(target_modules=["q_proj"],
                                                        modules_to_save=["q_proj"]),
                       jax.random.key(0))
+
+
+def test_cli_trains_an_embedding_adapter_and_a_saved_head(tmp_path):
+    """`--targets q_proj,embed_tokens --modules-to-save lm_head`: both train (the embedding's A
+    leaves zero, the head copy leaves the frozen head), and the PEFT export carries them."""
+    from examples import train as train_lib
+    from examples.cli import parse_args
+    from models import LlamaConfig
+    model = models.build(LlamaConfig.tiny())
+    models.save_hf(tmp_path / "llama", model, models.init_params(model, jax.random.key(0)))
+    cfg = parse_args(["--model-path", str(tmp_path / "llama"), "--tokenizer", "bytes",
+                      "--batch-size", "4", "--seq-len", "32", "--steps", "2", "--dp", "1",
+                      "--rank", "4", "--alpha", "8", "--lr", "1e-2", "--no-progress",
+                      "--targets", "q_proj,embed_tokens", "--modules-to-save", "lm_head",
+                      "--export-peft", str(tmp_path / "peft")])
+    assert cfg.modules_to_save == ("lm_head",)
+    out = train_lib.train(cfg)
+    emb, head = out.params["model"]["embed_tokens"], out.params["lm_head"]
+    assert np.abs(np.asarray(emb["lora_a"])).max() > 0
+    assert np.abs(np.asarray(head["saved_kernel"]) - np.asarray(head["kernel"])).max() > 0
+    peft_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert peft_cfg["modules_to_save"] == ["lm_head"]
+    assert "embed_tokens" in peft_cfg["target_modules"]
+    back = lj.import_peft(tmp_path / "peft", lj.split(out.params)[0])
+    jax.tree.map(np.testing.assert_array_equal, lj.lora_params(back), lj.lora_params(out.params))
