@@ -16,6 +16,7 @@ a sharded layer puts its collectives between them:
                                    partial product, before its one reduction)
     name_output(y)                 the adapted output, named for remat
     adapt(module, x, y, adapter)   all of it, for a layer that is not split
+    adapt_embedding / adapt_attend an `nn.Embed` table's adapter: the lookup, and a tied head
 
 A variant (DoRA's magnitude, a per-row adapter index, a quantised base) is a change to
 `Adapter`, `read_adapter` and these functions, and to their tests; the callers stay as they are.

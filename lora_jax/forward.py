@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.adapter_op import adapt, compute_dtype, dropout_context, read_adapter
@@ -24,7 +25,9 @@ from lora_jax.errors import LoraError
 from lora_jax.inject import inject
 from lora_jax.layout import dense_input_axes, kernel_layouts
 from lora_jax.tree import TRAINABLE_LEAVES, map_leaves, unwrap_variables
-from lora_jax.tree import EMBEDDING, use_saved
+from lora_jax.tree import EMBEDDING, SAVED_PREFIX, use_saved
+
+SAVED_EMBEDDING = SAVED_PREFIX + EMBEDDING
 
 
 def _intercept(next_fun, args, kwargs, context):
@@ -52,13 +55,18 @@ def _intercept_tied(next_fun, args, kwargs, context):
 
 
 def _intercept_embed(next_fun, args, kwargs, context, *, tie_head: bool):
-    """An `nn.Embed` lookup adds its table's adapter; `attend` (a tied head) only with
-    `tie_head`: without it the head stays on the base table, as PEFT's tied `lm_head` does."""
-    module = context.module
-    adapted = context.method_name == "__call__" or (tie_head and context.method_name == "attend")
-    if not adapted or (adapter := read_adapter(module)) is None:
+    """An `nn.Embed` lookup runs its `modules_to_save` copy and adds its adapter; `attend` (a
+    tied head) only with `tie_head`: without it the head stays on the base table, as PEFT's
+    tied `lm_head` does (it shares only the original weight)."""
+    module, method = context.module, context.method_name
+    if method not in ("__call__", "attend") or (method == "attend" and not tie_head):
         return next_fun(*args, **kwargs)
-    y = next_fun(*args, **kwargs)
+    if module.has_variable("params", SAVED_EMBEDDING):
+        y = _embed_with(module, module.get_variable("params", SAVED_EMBEDDING), args[0], method)
+    else:
+        y = next_fun(*args, **kwargs)
+    if (adapter := read_adapter(module)) is None:
+        return y
     table = module.get_variable("params", EMBEDDING)
     if adapter.a.shape[0] != table.shape[0] or np.ndim(adapter.b) != 2 or (
             adapter.b.shape != (adapter.a.shape[-1], table.shape[-1])):
@@ -66,9 +74,18 @@ def _intercept_embed(next_fun, args, kwargs, context, *, tie_head: bool):
                         f"{tuple(table.shape)}: lora_a {tuple(adapter.a.shape)}, lora_b "
                         f"{tuple(adapter.b.shape)} (expected [V, r] and [r, D]).")
     dtype = module.dtype or table.dtype
-    if context.method_name == "attend":
+    if method == "attend":
         return adapt_attend(args[0], y, adapter, dtype=dtype)
     return adapt_embedding(args[0], y, adapter, dtype=dtype)
+
+
+def _embed_with(module, table, x, method: str):
+    """`nn.Embed`'s own lookup / attend (same dtype promotion), on another table: the trained
+    copy of a `modules_to_save` embedding."""
+    if method == "attend":
+        dtype = module.dtype or jnp.result_type(x, table)
+        return jnp.dot(x.astype(dtype), table.astype(dtype).T)
+    return jnp.take(table.astype(module.dtype or table.dtype), x, axis=0)
 
 
 def _check_fit(module, x, a, b, in_axes) -> None:
@@ -113,7 +130,9 @@ def apply(model: nn.Module, variables: Mapping, *args, rngs: Any = None,
     if freeze_base:
         variables = freeze_non_adapters(variables)
     params, rewrap = unwrap_variables(variables)
-    variables = rewrap(use_saved(params))  # modules_to_save: the model runs the trained copies
+    # modules_to_save: the model runs the trained copies (an embedding's in the interceptor,
+    # which knows whether a tied head reads the copy or the original)
+    variables = rewrap(use_saved(params, keep=(EMBEDDING,)))
     interceptor = _intercept_tied if ensure_weight_tying else _intercept
     # The rate is read by the adapter op wherever an adapter runs: in the interceptor and in
     # layers that add their own (the tensor-parallel ones), by one rule.

@@ -153,9 +153,11 @@ def _add_extra_targets(tensors: dict, peft_config: dict, adapters: list[TorchAda
                                               head_names=heads)
     tensors.update(saved)
     peft_config["modules_to_save"] = names or None
-    # A saved embedding serves a tied head too (lora_jax runs one table): PEFT's tying flag.
-    peft_config["ensure_weight_tying"] = bool(config and config.ensure_weight_tying) or any(
-        n in embeds for n in names)
+    peft_config["ensure_weight_tying"] = bool(config and config.ensure_weight_tying)
+    if peft_config["ensure_weight_tying"]:
+        # PEFT ties the head to a saved embedding's copy and loads it under the head's name.
+        for name in (n for n in names if n in embeds):
+            tensors[f"{PREFIX}{heads[0]}.weight"] = tensors[f"{PREFIX}{name}.weight"]
 
 
 def torch_adapters(tree: Mapping, container: str | None) -> list[TorchAdapter]:

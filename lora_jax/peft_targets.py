@@ -114,9 +114,15 @@ def split_tensors(tensors: Mapping[str, np.ndarray],
 
 def drop_tied_heads(dense: dict[str, np.ndarray], extra: ExtraTensors) -> None:
     """With `ensure_weight_tying`, PEFT also saves the tied head's adapter (`lm_head.lora_A`
-    = lora_embedding_B.T, `lora_B` = lora_embedding_A.T: the same storage) and its base weight.
+    = lora_embedding_B.T, `lora_B` = lora_embedding_A.T: the same storage) and its base weight,
+    or a saved embedding copy again as `lm_head.weight`.
     lora_jax's tied head is the table's `attend`, so those keys are dropped here, after checking
     that they are the embedding adapter's, transposed (anything else stays and is reported)."""
+    for key in [k for k in dense if PLAIN_KEY.fullmatch(k) and ".lora_" not in k]:
+        # the tied head's view of a saved embedding copy (PEFT writes it under the head's name)
+        if any(np.array_equal(dense[key], leaves.get("weight")) for leaves in extra.saved.values()):
+            extra.tied_heads[key[len(PREFIX):].rsplit(".", 1)[0]] = "saved"
+            del dense[key]
     for key in [k for k in dense if k.endswith(".lora_A.weight")]:
         name = key[len(PREFIX):-len(".lora_A.weight")]
         b_key = f"{PREFIX}{name}.lora_B.weight"

@@ -14,8 +14,10 @@ so `lora_params`, `split`, `trainable_mask`, `optimizer`, the checkpoints and
 `tree.use_saved(params)` (the copies in place of the originals) and `merge` keeps the copies.
 
 On a model whose head is tied to its embedding (the head is `nn.Embed.attend`, there is no
-`lm_head` kernel), a saved copy of the embedding serves the lookup and the head alike: PEFT's
-`ensure_weight_tying=True`, which `export_peft` then records.
+`lm_head` kernel), a saved copy of the embedding serves the lookup; the head reads the original
+table (PEFT's default: its tied `lm_head` keeps the original weight) or, with
+`ensure_weight_tying`, the copy (PEFT then ties its head to the copy). `merge` has one table to
+write: the copy, so a merged tied model's head is the copy's in both cases.
 """
 from __future__ import annotations
 

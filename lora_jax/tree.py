@@ -132,10 +132,11 @@ def saved_leaves(module: Mapping) -> dict[str, Any]:
     return {k[len(SAVED_PREFIX):]: v for k, v in module.items() if is_saved_leaf(k)}
 
 
-def use_saved(params: Mapping) -> Params:
+def use_saved(params: Mapping, keep: Sequence[str] = ()) -> Params:
     """The tree with every `modules_to_save` copy in place of its original (`saved_kernel`
     becomes `kernel`, and so on): what the model runs and what `merge` keeps. Differentiable:
-    gradients reach the copies.
+    gradients reach the copies. Copies of the leaves named in `keep` stay beside their
+    originals (`lora_jax.apply` keeps `saved_embedding`: a tied head may read the original).
 
     Example:
       >>> use_saved({"lm_head": {"kernel": k0, "saved_kernel": k1}})
@@ -144,10 +145,11 @@ def use_saved(params: Mapping) -> Params:
     out = {}
     for key, value in params.items():
         if isinstance(value, Mapping):
-            value = use_saved(value)
-            saved = saved_leaves(value)
+            value = use_saved(value, keep)
+            saved = {k: v for k, v in saved_leaves(value).items() if k not in keep}
             if saved:
-                value = {**{k: v for k, v in value.items() if not is_saved_leaf(k)}, **saved}
+                value = {**{k: v for k, v in value.items()
+                            if not is_saved_leaf(k) or k[len(SAVED_PREFIX):] in keep}, **saved}
         out[key] = value
     return out
 

@@ -423,3 +423,27 @@ def test_cli_trains_an_embedding_adapter_and_a_saved_head(tmp_path):
     assert "embed_tokens" in peft_cfg["target_modules"]
     back = lj.import_peft(tmp_path / "peft", lj.split(out.params)[0])
     jax.tree.map(np.testing.assert_array_equal, lj.lora_params(back), lj.lora_params(out.params))
+
+
+@pytest.mark.parametrize("case,saved,tied", [("gpt2_tied", "wte", False),
+                                             ("llama_tied", "embed_tokens", False),
+                                             ("llama_tied", "embed_tokens", True)])
+def test_saved_embedding_of_a_tied_model_equals_peft(checkpoints, tmp_path, case, saved, tied):
+    """modules_to_save of a tied table: the lookup runs the trained copy; the head reads the
+    original (PEFT's default) or, with ensure_weight_tying, the copy (PEFT ties its head to the
+    copy). Export -> PEFT and PEFT's save -> import both give PEFT's logits."""
+    model, base = models.load_hf(checkpoints / case)
+    config = lj.LoraConfig(r=4, lora_alpha=8, target_modules=CASES[case][1][:1],
+                           modules_to_save=[saved], ensure_weight_tying=tied)
+    params = trained_like(lj.inject(base, config, jax.random.key(0)), 1)
+    out = lj.export_peft(tmp_path / "p", params, config, **models.peft_naming(model))
+    pm = peft.PeftModel.from_pretrained(torch_model(checkpoints / case), out).eval()
+    with torch.no_grad():
+        theirs = pm(torch.tensor(IDS, dtype=torch.long)).logits.numpy()
+    ids = jnp.asarray(IDS)
+    assert rel_err(_apply(model, {"params": params}, ids, ensure_weight_tying=tied), theirs) < RTOL
+    assert rel_err(_apply(model, {"params": params}, ids, ensure_weight_tying=not tied),
+                   theirs) > 1e-2  # the head's choice of table matters
+    pm.save_pretrained(tmp_path / "theirs")
+    back = lj.import_peft(tmp_path / "theirs", base)
+    assert rel_err(_apply(model, {"params": back}, ids, ensure_weight_tying=tied), theirs) < RTOL
