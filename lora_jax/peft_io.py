@@ -48,12 +48,16 @@ PREFIX = "base_model.model."
 KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 # PEFT options whose adapters are not plain LoRA on Linear weights (or that change the base).
 UNSUPPORTED = {
-    "use_dora": "DoRA (weight-decomposed LoRA)", "lora_bias": "LoRA bias terms", "layer_replication":
+    "use_dora": "DoRA (weight-decomposed LoRA)", "modules_to_save": "modules_to_save (fully "
+    "trained extra modules)", "lora_bias": "LoRA bias terms", "layer_replication":
     "layer_replication", "trainable_token_indices": "trainable tokens (embedding rows)",
     "target_parameters": "target_parameters (adapters on raw parameters)", "use_qalora":
     "QA-LoRA", "alora_invocation_tokens": "activated LoRA", "use_bdlora": "BD-LoRA",
     "arrow_config": "Arrow routing", "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA",
 }
+# modules_to_save loads now (lora_jax.saved, lora_jax.peft_targets); kept as its own line so the
+# table above stays as it was.
+UNSUPPORTED.pop("modules_to_save", None)
 # Initialisations after which the adapter is only right on a *changed* base (PEFT stores the base
 # change separately or expects a conversion): loading them onto the original base is wrong.
 BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
