@@ -42,6 +42,8 @@ from lora_jax.placement import Shardings, adapter_sharding
 from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, Params, filter_leaves
 from lora_jax.tree import host_array, modules_of, nest, unwrap_variables
 from lora_jax import peft_targets
+from lora_jax.saved import MODULE_LEAVES
+from lora_jax.tree import SAVED_PREFIX, is_embedding, is_saved_leaf, iter_modules
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -328,12 +330,12 @@ def _extra_leaves(extra: "peft_targets.ExtraTensors", peft: Mapping, tree: Mappi
                   shardings: Shardings) -> dict[str, dict[None, str]]:
     """Build the embedding adapters and `modules_to_save` copies of a PEFT file into `leaves`
     (problems into `problems`); return them as `placed` entries."""
-    modules = dict(peft_targets.iter_modules(tree, leaves=peft_targets.MODULE_LEAVES))
+    modules = dict(iter_modules(tree, leaves=MODULE_LEAVES))
     problems += peft_targets.check_base_tables(extra.base_tables, modules)
     placed = {}
     for name, ab in extra.embeddings.items():
         module = modules.get(name)
-        if module is None or not peft_targets.is_embedding(module):
+        if module is None or not is_embedding(module):
             problems.append(f"{name}: the PEFT adapter has an embedding adapter here, the model "
                             "has no embedding table of that name")
             continue
@@ -352,11 +354,11 @@ def _extra_leaves(extra: "peft_targets.ExtraTensors", peft: Mapping, tree: Mappi
             problems.append(built)
             continue
         leaves[name] = {leaf: _place_array(module, leaf, name, np.asarray(
-            value, np.dtype(module[leaf[len("saved_"):]].dtype)), shardings)
+            value, np.dtype(module[leaf[len(SAVED_PREFIX):]].dtype)), shardings)
             for leaf, value in built.items()}
     problems += [f"{p}: the model has a modules_to_save copy here, the PEFT adapter has none"
                  for p, m in modules.items()
-                 if any(k.startswith("saved_") for k in m) and p not in extra.saved]
+                 if any(map(is_saved_leaf, m)) and p not in extra.saved]
     return placed
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from lora_jax.errors import LoraError
 from lora_jax.tree import (EMBEDDING, LORA_A, SAVED_PREFIX, host_array, is_embedding,
                            iter_modules, saved_leaves)
-from lora_jax.saved import MODULE_LEAVES  # noqa: F401  (peft_io reads it here)
+from lora_jax.saved import MODULE_LEAVES
 
 PREFIX = "base_model.model."
 EMBED_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_embedding_(?P<ab>[AB])")
