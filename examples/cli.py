@@ -46,6 +46,7 @@ class TrainConfig:
     rslora: bool = False
     loraplus_ratio: float | None = None
     adapter_name: str = "default"
+    modules_to_save: tuple[str, ...] | None = None
     # adapters, checkpoints, exports
     adapter_in: str | None = None
     adapter_out: str | None = None
@@ -111,6 +112,14 @@ class TrainConfig:
             else None
 
 
+def parse_names(text: str) -> tuple[str, ...]:
+    """`--modules-to-save`: comma-separated module-name suffixes ("lm_head,embed_tokens")."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names:
+        raise ValueError("--modules-to-save is empty: pass module names such as lm_head")
+    return names
+
+
 def parse_targets(text: str) -> str | tuple[str, ...]:
     """`--targets`: "all-linear"; a comma-separated list of module-name suffixes
     ("q_proj,v_proj", PEFT's list semantics); or a regex matched with fullmatch on the whole
@@ -171,6 +180,9 @@ def _lora_flags(g, d: TrainConfig) -> None:
                    help="the trained adapter's name in --adapter-out and --export-peft (PEFT "
                         "puts a non-default name in <export-peft>/<name>/, as save_pretrained "
                         "does); default: 'default'")
+    g.add_argument("--modules-to-save", type=parse_names, default=d.modules_to_save,
+                   help="comma-separated modules trained in full beside the adapters (PEFT's "
+                        "modules_to_save), e.g. lm_head; a tied head: the embedding's name")
 
 
 def _output_dir_flags(g, d: TrainConfig) -> None:

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 
 import lora_jax as lj
@@ -101,8 +102,9 @@ def check_vocab(tokenizer: Any, config: Any) -> None:
 
 
 def module_paths(params: Mapping) -> list[str]:
-    """Dotted paths of every module holding a `kernel` (the Dense layers LoRA can target)."""
-    return [path for path, _ in iter_modules(params)]
+    """Dotted paths of every module holding a `kernel` or an `embedding` table (the Dense and
+    Embed layers LoRA can target)."""
+    return [path for path, _ in iter_modules(params, leaves=("kernel", "embedding"))]
 
 
 def check_targets(targets: str | tuple[str, ...], paths: list[str]) -> None:
@@ -114,18 +116,22 @@ def check_targets(targets: str | tuple[str, ...], paths: list[str]) -> None:
     if missing:
         names = sorted({p.rsplit(".", 1)[-1] for p in paths})
         raise lj.LoraError(f"--targets {','.join(missing)}: no such linear module in this model; "
-                           f"its linear modules are {', '.join(names)} (or use all-linear, or a "
+                           f"its linear and embedding modules are {', '.join(names)} (or use all-linear, or a "
                            "regex on the full path)")
 
 
 def lora_config(cfg: TrainConfig) -> lj.LoraConfig:
     return lj.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                         target_modules=cfg.targets, use_rslora=cfg.rslora)
+                         target_modules=cfg.targets, use_rslora=cfg.rslora,
+                         modules_to_save=getattr(cfg, "modules_to_save", None))
 
 
 def head_has_adapter(params: Mapping) -> bool:
-    """LoRA on an untied output head (`lm_head` listed in --targets)."""
-    return "lora_a" in params.get("lm_head", {})
+    """LoRA on an untied output head (`lm_head` listed in --targets), or a modules_to_save copy
+    (of the head, or of an embedding a tied head reads): the loss then needs the logits."""
+    saved = any(str(getattr(path[-1], "key", "")).startswith("saved_")
+                for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+    return "lora_a" in params.get("lm_head", {}) or saved
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ a sharded layer puts its collectives between them:
                                    partial product, before its one reduction)
     name_output(y)                 the adapted output, named for remat
     adapt(module, x, y, adapter)   all of it, for a layer that is not split
+    adapt_embedding / adapt_attend an `nn.Embed` table's adapter: the lookup, and a tied head
 
 A variant (DoRA's magnitude, a per-row adapter index, a quantised base) is a change to
 `Adapter`, `read_adapter` and these functions, and to their tests; the callers stay as they are.
@@ -295,3 +296,43 @@ def adapt(module: Any, x: jax.Array, y: jax.Array, adapter: Adapter, *,
     dropped = dropout(module, x)
     x_in = x if dropped is None else dropped
     return name_output(add_delta(y, lora_delta(x_in, *adapter, in_axes, dtype)))
+
+
+def embedding_delta(ids: jax.Array, adapter: Adapter, dtype: Any) -> jax.Array:
+    """An embedding adapter's term for token ids: `scale * lora_a[ids] @ lora_b`.
+
+    Shapes: ids `[...]` (integers), `lora_a [V, r]`, `lora_b [r, D]` -> `[..., D]` in `dtype`.
+    The row lookup is the one-hot `x @ A` of a Dense adapter; the rank-r rows are scaled and
+    named like `adapter_in`'s output.
+
+    Example:
+      >>> delta = embedding_delta(ids, Adapter(a, b, jnp.float32(2.0)), jnp.float32)
+    """
+    h = jnp.take(adapter.a, ids, axis=0).astype(dtype)
+    h = name_hidden(h * jax.lax.stop_gradient(jnp.asarray(adapter.scale, dtype)))
+    return adapter_out(h, adapter.b, dtype)
+
+
+def adapt_embedding(ids: jax.Array, y: jax.Array, adapter: Adapter, *, dtype: Any) -> jax.Array:
+    """An adapted `nn.Embed` lookup: `y + scale * lora_a[ids] @ lora_b`, named. No dropout: PEFT
+    applies none to embedding adapters.
+
+    Example:
+      >>> y = adapt_embedding(ids, table[ids], read_adapter(self), dtype=jnp.float32)
+    """
+    return name_output(add_delta(y, embedding_delta(ids, adapter, dtype)))
+
+
+def adapt_attend(x: jax.Array, y: jax.Array, adapter: Adapter, *, dtype: Any) -> jax.Array:
+    """An adapted tied head `nn.Embed.attend`: `y + scale * (x @ lora_b.T) @ lora_a.T`, the
+    transposed table delta (PEFT's `ensure_weight_tying` head: lora_A = B_emb, lora_B = A_emb).
+
+    Shapes: x `[..., D]`, `lora_a [V, r]`, `lora_b [r, D]` -> `[..., V]`.
+
+    Example:
+      >>> logits = adapt_attend(h, h @ table.T, read_adapter(self), dtype=jnp.float32)
+    """
+    h = jnp.tensordot(x.astype(dtype), adapter.b.astype(dtype), axes=((x.ndim - 1,), (1,)))
+    h = name_hidden(h * jax.lax.stop_gradient(jnp.asarray(adapter.scale, dtype)))
+    delta = jnp.tensordot(h, adapter.a.astype(dtype), axes=((h.ndim - 1,), (1,)))
+    return name_output(add_delta(y, delta))

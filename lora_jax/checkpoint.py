@@ -27,7 +27,8 @@ from lora_jax.finite import check_finite
 from lora_jax.partition import combine, lora_params
 from lora_jax.placement import Shardings, adapter_sharding
 from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, Params, filter_leaves
-from lora_jax.tree import DEFAULT_ADAPTER, modules_of, nest, unwrap_variables
+from lora_jax.tree import DEFAULT_ADAPTER, nest, unwrap_variables
+from lora_jax.tree import SAVED_PREFIX, adapter_modules, is_saved_leaf
 
 FORMAT = "lora_jax.adapter"
 VERSION = 1
@@ -118,13 +119,13 @@ def load_adapter(path: str | Path, params: Mapping, *, shardings: Shardings = No
         return named.via_default(params, name, lambda view: load_adapter(
             path, view, shardings=shardings, adapter_name=DEFAULT_ADAPTER))
     tree, rewrap = unwrap_variables(params)
-    problems = fit_problems(meta["modules"], modules_of(tree))
+    problems = fit_problems(meta["modules"], adapter_modules(tree))
     if problems:
         raise LoraError(f"the adapter at {path} (base model {meta.get('base_model')!r}) does not "
                         "fit this model:\n  - " + "\n  - ".join(problems) +
                         "\nLoad it into the base model it was trained on, or inject a new "
                         "adapter for this one. Nothing was loaded.")
-    target = abstract_adapters(meta["modules"], modules_of(tree), shardings)
+    target = abstract_adapters(meta["modules"], adapter_modules(tree), shardings)
     restored = _restore(path, target)
     bad = fingerprint.mismatches(meta["checksums"], restored)
     if bad:
@@ -182,8 +183,8 @@ def describe(adapters: Mapping) -> dict[str, dict]:
     """`{module_path: {leaf: {"shape": [...], "dtype": "float32"}}}` for the adapter leaves."""
     return {path: {leaf: {"shape": list(np.shape(module[leaf])),
                           "dtype": str(np.dtype(module[leaf].dtype))}
-                   for leaf in ADAPTER_LEAVES if leaf in module}
-            for path, module in modules_of(adapters).items()}
+                   for leaf in module if leaf in ADAPTER_LEAVES}
+            for path, module in adapter_modules(adapters).items()}
 
 
 def implied_kernel_shape(record: Mapping) -> tuple[int, ...]:
@@ -201,16 +202,31 @@ def fit_problems(stored: Mapping[str, Mapping], modules: Mapping[str, Mapping]) 
         if module is None:
             problems.append(f"{path}: no such module in the model")
             continue
-        want = implied_kernel_shape(record)
-        if "kernel" in module and tuple(np.shape(module["kernel"])) != want:
+        problems += _saved_problems(path, record, module)
+        want = implied_kernel_shape(record) if LORA_A in record else None
+        if want is not None and "kernel" in module and tuple(np.shape(module["kernel"])) != want:
             problems.append(f"{path}: the adapter fits a kernel of shape {list(want)}, the model's "
                             f"kernel is {list(np.shape(module['kernel']))}")
         for leaf in ADAPTER_LEAVES:
-            if leaf in module and list(np.shape(module[leaf])) != record[leaf]["shape"]:
+            if leaf in module and leaf in record and (
+                    list(np.shape(module[leaf])) != record[leaf]["shape"]):
                 problems.append(f"{path}.{leaf}: checkpoint shape {record[leaf]['shape']}, model "
                                 f"shape {list(np.shape(module[leaf]))}")
     extra = [p for p, m in modules.items() if LORA_A in m and p not in stored]
     problems += [f"{p}: the model has an adapter here, the checkpoint has none" for p in extra]
+    return problems
+
+
+def _saved_problems(path: str, record: Mapping, module: Mapping) -> list[str]:
+    """A stored `modules_to_save` copy needs its original leaf, of the same shape."""
+    problems = []
+    for leaf in filter(is_saved_leaf, record):
+        original = leaf[len(SAVED_PREFIX):]
+        if original not in module:
+            problems.append(f"{path}.{leaf}: the model's module has no {original!r}")
+        elif list(np.shape(module[original])) != record[leaf]["shape"]:
+            problems.append(f"{path}.{leaf}: checkpoint shape {record[leaf]['shape']}, the "
+                            f"model's {original} is {list(np.shape(module[original]))}")
     return problems
 
 
@@ -220,7 +236,7 @@ def abstract_adapters(stored: Mapping[str, Mapping], modules: Mapping[str, Mappi
     out = {}
     for path, record in stored.items():
         leaves = {}
-        for leaf in ADAPTER_LEAVES:
+        for leaf in record:  # lora_a, lora_b, lora_scale; saved_* copies
             # The stored dtype, so checksums can be verified; `load_adapter` casts afterwards.
             shape, dtype = tuple(record[leaf]["shape"]), np.dtype(record[leaf]["dtype"])
             sharding = adapter_sharding(modules[path], leaf, path, shape, shardings)

@@ -34,6 +34,12 @@ class LoraConfig:
         zero B) or `False` (random B too: for tests only, the model output changes at init).
       adapter_dtype: dtype of the `lora_a`/`lora_b` leaves (float32 as PEFT keeps them).
       output_head_names: module names that `"all-linear"` skips.
+      modules_to_save: module names (suffixes, as `target_modules`) of modules trained in full:
+        each gets a trainable copy of its leaves (`saved_kernel`, `saved_embedding`, ...) that
+        the model runs instead of the frozen original, as PEFT's `modules_to_save`.
+      ensure_weight_tying: PEFT's flag: with an embedding adapter, the tied output head
+        (`nn.Embed.attend`) runs the adapted table too (the transposed delta). Off, as in PEFT,
+        a tied head stays on the base table.
 
     Example:
       >>> cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
@@ -52,12 +58,16 @@ class LoraConfig:
     init_lora_weights: bool | str = True
     adapter_dtype: str = "float32"
     output_head_names: Sequence[str] = ("lm_head",)
+    modules_to_save: Sequence[str] | None = None
+    ensure_weight_tying: bool = False
 
     def __post_init__(self):
-        for name in ("target_modules", "exclude_modules", "output_head_names"):
+        for name in ("target_modules", "exclude_modules", "output_head_names", "modules_to_save"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 object.__setattr__(self, name, tuple(value))
+        if isinstance(self.modules_to_save, str):  # one name, as PEFT's CLI-style configs give
+            object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
         # numpy scalars (np.int64(8), np.float32(16)) are accepted and stored as Python numbers,
         # so the config stays JSON-able and hashable.
         object.__setattr__(self, "r", _rank("r", self.r))
@@ -109,7 +119,7 @@ class LoraConfig:
     def to_dict(self) -> dict:
         """A JSON-able dict (lists for tuples) that `from_dict` turns back into this config."""
         out = dataclasses.asdict(self)
-        for name in ("target_modules", "exclude_modules", "output_head_names"):
+        for name in ("target_modules", "exclude_modules", "output_head_names", "modules_to_save"):
             if isinstance(out[name], tuple):
                 out[name] = list(out[name])
         return out

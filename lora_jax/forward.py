@@ -15,21 +15,28 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.adapter_op import (adapt, adapter_selection, compute_dtype, dropout_context,
                                  read_adapter)
+from lora_jax.adapter_op import adapt_attend, adapt_embedding
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
 from lora_jax.inject import inject
 from lora_jax.layout import dense_input_axes, kernel_layouts
 from lora_jax.named import check_selection
 from lora_jax.tree import TRAINABLE_LEAVES, map_leaves, unwrap_variables
+from lora_jax.tree import EMBEDDING, SAVED_PREFIX, use_saved
+
+SAVED_EMBEDDING = SAVED_PREFIX + EMBEDDING
 
 
 def _intercept(next_fun, args, kwargs, context):
     """Adds the adapter in an `nn.Dense` / `nn.DenseGeneral` call's scope to its output."""
     module = context.module
+    if isinstance(module, nn.Embed):
+        return _intercept_embed(next_fun, args, kwargs, context, tie_head=False)
     if (context.method_name != "__call__"
             or not isinstance(module, (nn.Dense, nn.DenseGeneral))
             or (adapter := read_adapter(module)) is None):
@@ -40,6 +47,47 @@ def _intercept(next_fun, args, kwargs, context):
     _check_fit(module, x, adapter.a, adapter.b, in_axes)
     dtype = compute_dtype(module.dtype, x, module.get_variable("params", "kernel"))
     return adapt(module, x, y, adapter, in_axes=in_axes, dtype=dtype)
+
+
+def _intercept_tied(next_fun, args, kwargs, context):
+    """`_intercept`, and a tied head (`nn.Embed.attend`) runs its table's adapter too."""
+    if isinstance(context.module, nn.Embed):
+        return _intercept_embed(next_fun, args, kwargs, context, tie_head=True)
+    return _intercept(next_fun, args, kwargs, context)
+
+
+def _intercept_embed(next_fun, args, kwargs, context, *, tie_head: bool):
+    """An `nn.Embed` lookup runs its `modules_to_save` copy and adds its adapter; `attend` (a
+    tied head) only with `tie_head`: without it the head stays on the base table, as PEFT's
+    tied `lm_head` does (it shares only the original weight)."""
+    module, method = context.module, context.method_name
+    if method not in ("__call__", "attend") or (method == "attend" and not tie_head):
+        return next_fun(*args, **kwargs)
+    if module.has_variable("params", SAVED_EMBEDDING):
+        y = _embed_with(module, module.get_variable("params", SAVED_EMBEDDING), args[0], method)
+    else:
+        y = next_fun(*args, **kwargs)
+    if (adapter := read_adapter(module)) is None:
+        return y
+    table = module.get_variable("params", EMBEDDING)
+    if adapter.a.shape[0] != table.shape[0] or np.ndim(adapter.b) != 2 or (
+            adapter.b.shape != (adapter.a.shape[-1], table.shape[-1])):
+        raise LoraError(f"adapter of {'.'.join(module.path)!r} does not fit its embedding table "
+                        f"{tuple(table.shape)}: lora_a {tuple(adapter.a.shape)}, lora_b "
+                        f"{tuple(adapter.b.shape)} (expected [V, r] and [r, D]).")
+    dtype = module.dtype or table.dtype
+    if method == "attend":
+        return adapt_attend(args[0], y, adapter, dtype=dtype)
+    return adapt_embedding(args[0], y, adapter, dtype=dtype)
+
+
+def _embed_with(module, table, x, method: str):
+    """`nn.Embed`'s own lookup / attend (same dtype promotion), on another table: the trained
+    copy of a `modules_to_save` embedding."""
+    if method == "attend":
+        dtype = module.dtype or jnp.result_type(x, table)
+        return jnp.dot(x.astype(dtype), table.astype(dtype).T)
+    return jnp.take(table.astype(module.dtype or table.dtype), x, axis=0)
 
 
 def _check_fit(module, x, a, b, in_axes) -> None:
@@ -54,7 +102,8 @@ def _check_fit(module, x, a, b, in_axes) -> None:
 
 def apply(model: nn.Module, variables: Mapping, *args, rngs: Any = None,
           deterministic: bool = True, lora_dropout: float = 0.0, method: Any = None,
-          freeze_base: bool = True, adapters: Any = None, **kwargs) -> Any:
+          freeze_base: bool = True, adapters: Any = None, ensure_weight_tying: bool = False,
+          **kwargs) -> Any:
     """`model.apply(variables, *args, **kwargs)` with every adapter in `variables` honoured.
 
     Args:
@@ -74,6 +123,9 @@ def apply(model: nn.Module, variables: Mapping, *args, rngs: Any = None,
         a name or a tuple of names those (their terms summed, as PEFT's several active
         adapters), `()` none (the base model, as PEFT's `disable_adapter()`). An unknown name
         is a `LoraError`.
+      ensure_weight_tying: a tied output head (`nn.Embed.attend`) runs its table's LoRA too
+        (`LoraConfig.ensure_weight_tying`, PEFT's flag); by default it stays on the base table,
+        as in PEFT. `modules_to_save` copies (`saved_*` leaves) always replace their originals.
 
     Example:
       >>> logits = apply(model, {"params": params}, tokens)
@@ -85,10 +137,15 @@ def apply(model: nn.Module, variables: Mapping, *args, rngs: Any = None,
         raise LoraError("lora_dropout > 0 with deterministic=False needs rngs={'dropout': key}.")
     if freeze_base:
         variables = freeze_non_adapters(variables)
+    params, rewrap = unwrap_variables(variables)
+    # modules_to_save: the model runs the trained copies (an embedding's in the interceptor,
+    # which knows whether a tied head reads the copy or the original)
+    variables = rewrap(use_saved(params, keep=(EMBEDDING,)))
+    interceptor = _intercept_tied if ensure_weight_tying else _intercept
     # The rate is read by the adapter op wherever an adapter runs: in the interceptor and in
     # layers that add their own (the tensor-parallel ones), by one rule.
     selection = None if adapters is None else check_selection(variables, adapters)
-    with (nn.intercept_methods(_intercept), dropout_context(lora_dropout, deterministic),
+    with (nn.intercept_methods(interceptor), dropout_context(lora_dropout, deterministic),
           adapter_selection(selection)):
         return model.apply(variables, *args, rngs=rngs, method=method, **kwargs)
 
@@ -134,4 +191,5 @@ class LoraModel:
     def apply(self, variables: Mapping, *args, rngs: Any = None, deterministic: bool = True,
               **kwargs) -> Any:
         return apply(self.model, variables, *args, rngs=rngs, deterministic=deterministic,
-                     lora_dropout=self.config.lora_dropout, **kwargs)
+                     lora_dropout=self.config.lora_dropout,
+                     ensure_weight_tying=self.config.ensure_weight_tying, **kwargs)

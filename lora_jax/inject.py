@@ -15,6 +15,9 @@ from lora_jax.layout import KernelLayout, default_layout
 from lora_jax.tree import (LORA_A, LORA_B, LORA_SCALE, Params, has_adapter, iter_modules,
                            map_modules, unwrap_variables)
 from lora_jax.tree import DEFAULT_ADAPTER
+from lora_jax.tree import EMBEDDING, is_embedding
+from lora_jax.embedding import embedding_adapter_leaves
+from lora_jax.saved import MODULE_LEAVES, saved_copies, select_saved
 
 
 def inject(params: Mapping, config: LoraConfig, rng: jax.Array, *,
@@ -46,18 +49,25 @@ def inject(params: Mapping, config: LoraConfig, rng: jax.Array, *,
         return named.inject_named(params, adapter_name, rng,
                                   lambda base, key: inject(base, config, key, layouts=layouts))
     tree, rewrap = unwrap_variables(params)
-    modules = dict(iter_modules(tree))
+    # Embedding tables are targets too (by name; "all-linear" skips them, as PEFT's does).
+    modules = dict(iter_modules(tree, leaves=("kernel", EMBEDDING)))
     targets = select_targets(modules, config)
     _check_patterns(config, targets)
+    saved = select_saved(dict(iter_modules(tree, leaves=MODULE_LEAVES)), config, targets)
     layouts = dict(layouts or {})
 
     def add(path: str, module: Params) -> Params:
+        if path in saved:
+            module = {**module, **saved_copies(module)}
         if path not in targets:
             return module
+        if is_embedding(module):
+            return {**module, **embedding_adapter_leaves(path, tuple(module[EMBEDDING].shape),
+                                                         config, rng)}
         layout = layouts.get(path) or default_layout(path, tuple(module["kernel"].shape))
         return {**module, **adapter_leaves(path, module["kernel"].shape, layout, config, rng)}
 
-    return rewrap(map_modules(tree, add))
+    return rewrap(map_modules(tree, add, leaves=MODULE_LEAVES))
 
 
 def select_targets(modules: Mapping[str, Mapping], config: LoraConfig) -> list[str]:
@@ -65,7 +75,8 @@ def select_targets(modules: Mapping[str, Mapping], config: LoraConfig) -> list[s
     paths = list(modules)
     if config.target_modules == ALL_LINEAR:
         heads = tuple(config.output_head_names)
-        chosen = [p for p in paths if p.rsplit(".", 1)[-1] not in heads]
+        chosen = [p for p in paths if p.rsplit(".", 1)[-1] not in heads
+                  and not is_embedding(modules[p])]
     else:
         chosen = [p for p in paths if matches_modules(config.target_modules, p)]
     kept = [p for p in chosen if not matches_modules(config.exclude_modules, p)]

@@ -11,12 +11,16 @@ from lora_jax import named
 from lora_jax.errors import LoraError
 from lora_jax.tree import (ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, NAMED, Params,
                            has_adapter, map_modules, unwrap_variables)
+from lora_jax.tree import EMBEDDING, is_embedding, use_saved
+from lora_jax.embedding import merged_embedding
 
 
 def merge(params: Mapping, *, check_finite: bool = True,
           adapter_names: str | Sequence[str] | None = None) -> Params:
     """Return a plain tree: `kernel + scale * A @ B` (float32 math, the kernel's dtype kept),
-    adapter leaves dropped. The result runs with the model's own `apply`.
+    adapter leaves dropped. The result runs with the model's own `apply`. Embedding adapters
+    fold into their table (`table + scale * A @ B`); `modules_to_save` copies replace their
+    originals.
 
     Args:
       params: an injected params tree or variables dict.
@@ -33,10 +37,19 @@ def merge(params: Mapping, *, check_finite: bool = True,
     tree, rewrap = unwrap_variables(params)
     if adapter_names is not None:
         tree = named.select(tree, adapter_names)
+    tree = use_saved(tree)
 
     def fold(path: str, module: Params) -> Params:
         if not has_adapter(module) and NAMED not in module:
             return module
+        if is_embedding(module):
+            if NAMED in module:
+                raise LoraError(f"{path!r}: merging named adapters of an embedding table is not "
+                                "supported; merge one at a time (adapter_names=...).")
+            table = merged_embedding(module)
+            _check_merged(table, path, check_finite)
+            return {**{k: v for k, v in module.items() if k not in ADAPTER_LEAVES},
+                    EMBEDDING: table}
         kernel = merged_kernel(module) if NAMED not in module else merged_kernel_all(module)
         if check_finite and not isinstance(kernel, jax.core.Tracer):
             if not bool(jnp.isfinite(kernel).all()):
@@ -45,7 +58,14 @@ def merge(params: Mapping, *, check_finite: bool = True,
         rest = {k: v for k, v in module.items() if k not in ADAPTER_LEAVES and k != NAMED}
         return {**rest, "kernel": kernel}
 
-    return rewrap(map_modules(tree, fold))
+    return rewrap(map_modules(tree, fold, leaves=("kernel", EMBEDDING)))
+
+
+def _check_merged(value: jax.Array, path: str, check_finite: bool) -> None:
+    if check_finite and not isinstance(value, jax.core.Tracer):
+        if not bool(jnp.isfinite(value).all()):
+            raise LoraError(f"merging the adapter of {path!r} produced NaN/inf; the adapter "
+                            "(or table) holds non-finite values; nothing was changed.")
 
 
 def delta(a: jax.Array, b: jax.Array, kernel_ndim: int) -> jax.Array:

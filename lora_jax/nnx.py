@@ -42,6 +42,7 @@ from flax import nnx
 
 from lora_jax.adapter_op import add_delta, compute_dtype, lora_delta, name_output
 from lora_jax.config import LoraConfig
+from lora_jax.config import ALL_LINEAR, matches_modules
 from lora_jax.errors import LoraError
 from lora_jax.finite import check_finite
 from lora_jax.inject import _check_patterns, adapter_leaves, select_targets
@@ -218,6 +219,7 @@ def inject(model: nnx.Module, config: LoraConfig, rng: jax.Array, *,
       >>> model = lj.nnx.inject(model, lj.LoraConfig(r=8, target_modules=["q_proj"]), key)
       >>> nnx.state(model, lj.nnx.LoraParam)       # the adapters, nothing else
     """
+    _refuse_beyond_linear(model, config)
     layers = adaptable(model)
     view = {path: _module_view(layer) for path, layer in layers.items()}
     targets = select_targets(view, config)
@@ -233,6 +235,24 @@ def inject(model: nnx.Module, config: LoraConfig, rng: jax.Array, *,
         if config.lora_dropout > 0:
             layer.lora_dropout = nnx.Dropout(config.lora_dropout, rngs=rngs)
     return model
+
+
+def _refuse_beyond_linear(model: nnx.Module, config: LoraConfig) -> None:
+    """Embedding adapters and modules_to_save exist for Linen trees only (`lora_jax.inject`):
+    refuse them here rather than silently leave a named target out."""
+    if config.modules_to_save:
+        raise LoraError(f"modules_to_save={list(config.modules_to_save)}: not supported for NNX "
+                        "models; train those modules with your own nnx.Param filter, or use "
+                        "the Linen path (lora_jax.inject / lora_jax.apply).")
+    if config.target_modules == ALL_LINEAR:
+        return
+    embeds = [".".join(str(k) for k in path) for path, m in nnx.iter_modules(model)
+              if isinstance(m, nnx.Embed)]
+    named = [p for p in embeds if matches_modules(config.target_modules, p)]
+    if named:
+        raise LoraError(f"target_modules names the embedding(s) {named}: LoRA on embeddings is "
+                        "supported for Linen models (lora_jax.inject / apply), not NNX; drop "
+                        "them from target_modules.")
 
 
 def adaptable(model: nnx.Module) -> dict[str, nnx.Module]:

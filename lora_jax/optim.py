@@ -31,8 +31,9 @@ def optimizer(tx: optax.GradientTransformation, params: Mapping, *,
         at `loraplus_ratio` times A's learning rate. Applied as a factor on B's final update,
         which for Adam(W), SGD and other optimizers whose update is proportional to the learning
         rate equals a per-group learning rate (decoupled weight decay scales with it, as in
-        PEFT's groups); a global clip inside `tx` still sees every gradient. (LoRA+'s embedding
-        rate has nothing to apply to: lora_jax has no embedding adapters yet.)
+        PEFT's groups); a global clip inside `tx` still sees every gradient. (PEFT's separate
+        embedding rate, `loraplus_lr_embedding`, is not modelled: an embedding adapter's
+        `lora_b` gets the same ratio as every other B.)
       adapter_name: train only this named adapter (`lora_jax.named`); the others get zero
         updates and no state, like the base.
 

@@ -41,6 +41,9 @@ from lora_jax.partition import combine
 from lora_jax.placement import Shardings, adapter_sharding
 from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, Params, filter_leaves
 from lora_jax.tree import DEFAULT_ADAPTER, host_array, modules_of, nest, unwrap_variables
+from lora_jax import peft_targets
+from lora_jax.saved import MODULE_LEAVES
+from lora_jax.tree import SAVED_PREFIX, is_embedding, is_saved_leaf, iter_modules
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -54,6 +57,9 @@ UNSUPPORTED = {
     "QA-LoRA", "alora_invocation_tokens": "activated LoRA", "use_bdlora": "BD-LoRA",
     "arrow_config": "Arrow routing", "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA",
 }
+# modules_to_save loads now (lora_jax.saved, lora_jax.peft_targets); kept as its own line so the
+# table above stays as it was.
+UNSUPPORTED.pop("modules_to_save", None)
 # Initialisations after which the adapter is only right on a *changed* base (PEFT stores the base
 # change separately or expects a conversion): loading them onto the original base is wrong.
 BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
@@ -122,6 +128,7 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
         adapters = _fold_scales(adapters)
     alphas = {ad.name: alpha_for(ad, rslora, config) for ad in adapters}
     universe = all_module_names(tree, layer_container)
+    universe += [p for p in peft_targets.embedding_paths(tree) if p not in universe]
     peft_config = build_config(adapters, alphas, universe, config, rslora=rslora,
                                fan_in_fan_out=fan_in_fan_out, task_type=task_type,
                                base_model_name_or_path=base_model_name_or_path,
@@ -130,6 +137,7 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
     for ad in adapters:
         tensors[f"{PREFIX}{ad.name}.lora_A.weight"] = np.ascontiguousarray(ad.a)
         tensors[f"{PREFIX}{ad.name}.lora_B.weight"] = np.ascontiguousarray(ad.b)
+    _add_extra_targets(tensors, peft_config, adapters, tree, config, fan_in_fan_out)
 
     def write(tmp: Path) -> None:
         if atomic.is_primary():
@@ -138,6 +146,27 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
             (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
 
     return atomic.atomic_directory(path, write, overwrite=overwrite, kind=outputs.PEFT)
+
+
+def _add_extra_targets(tensors: dict, peft_config: dict, adapters: list[TorchAdapter],
+                       tree: Mapping, config: LoraConfig | None, fan_in_fan_out: bool) -> None:
+    """Embedding adapters under PEFT's `lora_embedding_A/B` keys; `modules_to_save` copies under
+    `<name>.weight` / `.bias` and in the config (`peft_targets`)."""
+    embeds = set(peft_targets.embedding_paths(tree))
+    for ad in adapters:
+        if ad.name in embeds:
+            del tensors[f"{PREFIX}{ad.name}.lora_A.weight"], tensors[f"{PREFIX}{ad.name}.lora_B.weight"]
+            tensors.update(peft_targets.embedding_tensors(ad.name, ad.a, ad.b))
+    heads = tuple(config.output_head_names) if config else ("lm_head",)
+    saved, names = peft_targets.saved_tensors(tree, fan_in_fan_out=fan_in_fan_out,
+                                              head_names=heads)
+    tensors.update(saved)
+    peft_config["modules_to_save"] = names or None
+    peft_config["ensure_weight_tying"] = bool(config and config.ensure_weight_tying)
+    if peft_config["ensure_weight_tying"]:
+        # PEFT ties the head to a saved embedding's copy and loads it under the head's name.
+        for name in (n for n in names if n in embeds):
+            tensors[f"{PREFIX}{heads[0]}.weight"] = tensors[f"{PREFIX}{name}.weight"]
 
 
 def torch_adapters(tree: Mapping, container: str | None) -> list[TorchAdapter]:
@@ -280,6 +309,9 @@ def import_peft(path: str | Path, params: Mapping, *, layer_container: str | Non
     path = Path(path)
     peft = read_peft_config(path)
     tensors = _read_weights(path)
+    tensors, extra = peft_targets.split_tensors(tensors, peft.get("modules_to_save"))
+    if peft.get("ensure_weight_tying"):
+        peft_targets.drop_tied_heads(tensors, extra)
     pairs = _pair_keys(tensors, path)
     tree, rewrap = unwrap_variables(params)
     modules = modules_of(tree)
@@ -292,6 +324,7 @@ def import_peft(path: str | Path, params: Mapping, *, layer_container: str | Non
             problems.append(built)
         else:
             leaves[tree_path] = built
+    placed.update(_extra_leaves(extra, peft, tree, leaves, problems, adapter_dtype, shardings))
     problems += [f"{p}: the model has an adapter here, the PEFT adapter has none"
                  for p, m in modules.items() if LORA_A in m and p not in placed]
     problems += _replaced_shapes(leaves, modules)
@@ -303,13 +336,56 @@ def import_peft(path: str | Path, params: Mapping, *, layer_container: str | Non
     return rewrap(combine(base, nest(leaves)))
 
 
+def _extra_leaves(extra: "peft_targets.ExtraTensors", peft: Mapping, tree: Mapping,
+                  leaves: dict, problems: list, adapter_dtype: str,
+                  shardings: Shardings) -> dict[str, dict[None, str]]:
+    """Build the embedding adapters and `modules_to_save` copies of a PEFT file into `leaves`
+    (problems into `problems`); return them as `placed` entries."""
+    modules = dict(iter_modules(tree, leaves=MODULE_LEAVES))
+    problems += peft_targets.check_base_tables(extra.base_tables, modules)
+    placed = {}
+    for name, ab in extra.embeddings.items():
+        module = modules.get(name)
+        if module is None or not is_embedding(module):
+            problems.append(f"{name}: the PEFT adapter has an embedding adapter here, the model "
+                            "has no embedding table of that name")
+            continue
+        built = peft_targets.embedding_leaves(name, ab, module, _peft_scale(
+            peft, name, ab["A"].shape[0] if "A" in ab else None))
+        if isinstance(built, str):
+            problems.append(built)
+            continue
+        leaves[name] = _place_leaves(name, module, built, adapter_dtype, shardings)
+        placed[name] = {None: name}
+    for name, torch_leaves in extra.saved.items():
+        module = modules.get(name)
+        built = (f"{name}: modules_to_save names it, the model has no such module"
+                 if module is None else peft_targets.saved_leaves_from(name, torch_leaves, module))
+        if isinstance(built, str):
+            problems.append(built)
+            continue
+        leaves[name] = {leaf: _place_array(module, leaf, name, np.asarray(
+            value, np.dtype(module[leaf[len(SAVED_PREFIX):]].dtype)), shardings)
+            for leaf, value in built.items()}
+    problems += [f"{p}: the model has a modules_to_save copy here, the PEFT adapter has none"
+                 for p, m in modules.items()
+                 if any(map(is_saved_leaf, m)) and p not in extra.saved]
+    return placed
+
+
+def _place_array(module: Mapping, leaf: str, path: str, value: np.ndarray,
+                 shardings: Shardings) -> jax.Array:
+    sharding = adapter_sharding(module, leaf, path, value.shape, shardings)
+    return jax.make_array_from_callback(value.shape, sharding, lambda i, v=value: v[i])
+
+
 def _replaced_shapes(leaves: Mapping[str, Mapping], modules: Mapping[str, Mapping]) -> list[str]:
     """Adapters already in the tree may be replaced only by ones of the same shapes, as
     `load_adapter` requires (a different rank is a different adapter: inject into the base)."""
     problems = []
     for path, new in leaves.items():
         for leaf in (LORA_A, LORA_B):
-            if leaf in modules[path] and np.shape(modules[path][leaf]) != np.shape(new[leaf]):
+            if leaf in modules.get(path, {}) and np.shape(modules[path][leaf]) != np.shape(new[leaf]):
                 problems.append(f"{path}.{leaf}: the model's adapter has shape "
                                 f"{list(np.shape(modules[path][leaf]))}, the PEFT adapter "
                                 f"{list(np.shape(new[leaf]))} (load into the base tree, "
@@ -376,6 +452,8 @@ def peft_lora_config(path: str | Path) -> LoraConfig:
     """
     cfg = read_peft_config(path)
     return LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
+                      modules_to_save=cfg.get("modules_to_save"),
+                      ensure_weight_tying=bool(cfg.get("ensure_weight_tying", False)),
                       lora_dropout=cfg.get("lora_dropout", 0.0),
                       target_modules=cfg["target_modules"],
                       exclude_modules=cfg.get("exclude_modules"),

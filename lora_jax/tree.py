@@ -23,6 +23,27 @@ TRAINABLE_LEAVES = (LORA_A, LORA_B)
 # Several named adapters (lora_jax.named): the "default" adapter's leaves sit beside the kernel
 # as above; any other adapter's leaves sit in `module[NAMED][name]` under the same leaf names.
 NAMED, DEFAULT_ADAPTER = "lora_named", "default"
+EMBEDDING = "embedding"  # an `nn.Embed` table [num, dim]; LoRA on it keeps the leaf names above
+# `modules_to_save`: a trained copy of a module's leaf `x` sits beside it as `saved_x`.
+SAVED_PREFIX = "saved_"
+
+
+def is_saved_leaf(key: Any) -> bool:
+    """True for a `modules_to_save` copy (`saved_kernel`, `saved_embedding`, `saved_bias`...)."""
+    return isinstance(key, str) and key.startswith(SAVED_PREFIX)
+
+
+class LeafNames(tuple):
+    """The adapter / trainable leaf names, whose `in` also holds every `saved_*` copy: a
+    `modules_to_save` copy is trained, split, checkpointed and stripped like `lora_a`, so the
+    `key in ADAPTER_LEAVES` tests everywhere carry it; iterating gives the named leaves only."""
+
+    def __contains__(self, key: object) -> bool:
+        return tuple.__contains__(self, key) or is_saved_leaf(key)
+
+
+ADAPTER_LEAVES = LeafNames(ADAPTER_LEAVES)
+TRAINABLE_LEAVES = LeafNames(TRAINABLE_LEAVES)
 
 Params = dict[str, Any]
 
@@ -66,16 +87,35 @@ def modules_of(tree: Mapping) -> dict[str, Mapping]:
     return dict(iter_modules(tree, leaves=("kernel", *ADAPTER_LEAVES)))
 
 
-def map_modules(params: Mapping, fn: Callable[[str, Params], Params], prefix: str = "") -> Params:
-    """Rebuild the tree, replacing each kernel-holding module dict by `fn(path, module)`."""
+def adapter_modules(tree: Mapping) -> dict[str, Mapping]:
+    """`{dotted_path: module_dict}` for every module a checkpoint may concern: dicts holding a
+    kernel, an embedding table, a norm scale or bias, or any adapter leaf (`saved_*` copies
+    included)."""
+    def holds(module: Mapping) -> bool:
+        return any(not isinstance(v, Mapping) and (k in ADAPTER_LEAVES or k in (
+            "kernel", EMBEDDING, "scale", "bias")) for k, v in module.items())
+
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            sub = {f"{key}.{p}": m for p, m in adapter_modules(value).items()}
+            out.update({str(key): value} if holds(value) else {})
+            out.update(sub)
+    return out
+
+
+def map_modules(params: Mapping, fn: Callable[[str, Params], Params], prefix: str = "", *,
+                leaves: Sequence[str] = ("kernel",)) -> Params:
+    """Rebuild the tree, replacing each module dict holding a leaf named in `leaves` (default: a
+    `kernel`) by `fn(path, module)`."""
     out = {}
     for key, value in params.items():
         if not isinstance(value, Mapping):
             out[key] = value
             continue
         path = f"{prefix}.{key}" if prefix else str(key)
-        value = map_modules(value, fn, path)
-        if "kernel" in value and not isinstance(value["kernel"], Mapping):
+        value = map_modules(value, fn, path, leaves=leaves)
+        if any(k in value and not isinstance(value[k], Mapping) for k in leaves):
             value = fn(path, value)
         out[key] = value
     return out
@@ -83,6 +123,38 @@ def map_modules(params: Mapping, fn: Callable[[str, Params], Params], prefix: st
 
 def has_adapter(module: Mapping) -> bool:
     return LORA_A in module and LORA_B in module
+
+
+def is_embedding(module: Mapping) -> bool:
+    """An `nn.Embed` module dict: an `embedding` table and no `kernel`."""
+    return EMBEDDING in module and "kernel" not in module
+
+
+def saved_leaves(module: Mapping) -> dict[str, Any]:
+    """`{leaf name: trained copy}` of a module's `modules_to_save` copies (`saved_x` -> `x`)."""
+    return {k[len(SAVED_PREFIX):]: v for k, v in module.items() if is_saved_leaf(k)}
+
+
+def use_saved(params: Mapping, keep: Sequence[str] = ()) -> Params:
+    """The tree with every `modules_to_save` copy in place of its original (`saved_kernel`
+    becomes `kernel`, and so on): what the model runs and what `merge` keeps. Differentiable:
+    gradients reach the copies. Copies of the leaves named in `keep` stay beside their
+    originals (`lora_jax.apply` keeps `saved_embedding`: a tied head may read the original).
+
+    Example:
+      >>> use_saved({"lm_head": {"kernel": k0, "saved_kernel": k1}})
+      {'lm_head': {'kernel': k1}}
+    """
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            value = use_saved(value, keep)
+            saved = {k: v for k, v in saved_leaves(value).items() if k not in keep}
+            if saved:
+                value = {**{k: v for k, v in value.items()
+                            if not is_saved_leaf(k) or k[len(SAVED_PREFIX):] in keep}, **saved}
+        out[key] = value
+    return out
 
 
 def map_leaves(tree: Mapping, fn: Callable[[str, Any], Any]) -> Params:

@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, NAMED, dotted
+from lora_jax.tree import EMBEDDING, SAVED_PREFIX, is_saved_leaf
 from sharding.mesh import FSDP, TP, MeshError, axis_size
 
 
@@ -56,6 +57,8 @@ def spec_for(path: str, ndim: int, rules: Rules = DEFAULT_RULES) -> P:
       PartitionSpec(None, None, 'tp')
     """
     module, _, leaf = path.rpartition(".")
+    if is_saved_leaf(leaf):  # a modules_to_save copy sits where its original does
+        return _match(f"{module}.{leaf[len(SAVED_PREFIX):]}" if module else leaf, ndim, rules)
     if leaf not in ADAPTER_LEAVES:
         return _match(path, ndim, rules)
     if leaf == LORA_SCALE:
@@ -64,6 +67,8 @@ def spec_for(path: str, ndim: int, rules: Rules = DEFAULT_RULES) -> P:
     # is the module's, so it is placed exactly like the default adapter.
     module = re.sub(rf"(^|\.){NAMED}\.[^.]+$", "", module)
     kernel = _match(f"{module}.kernel" if module else "kernel", ndim, rules)
+    if all(s is None for s in kernel):  # an embedding table [V, D] is a kernel [in, out] too
+        kernel = _match(f"{module}.{EMBEDDING}" if module else EMBEDDING, ndim, rules)
     return derive_adapter_spec(kernel, leaf)
 
 

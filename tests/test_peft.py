@@ -239,7 +239,7 @@ def test_per_layer_alpha_into_scanned_tree(checkpoints, tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     ({"use_dora": True}, "DoRA"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    # modules_to_save is supported now: tests/test_embedding_lora.py
     ({"bias": "lora_only"}, "bias='lora_only'"),
 ])
 def test_unsupported_peft_features_are_errors(checkpoints, tmp_path, extra, message):
@@ -249,12 +249,17 @@ def test_unsupported_peft_features_are_errors(checkpoints, tmp_path, extra, mess
         lj.import_peft(tmp_path / "p", base)
 
 
-def test_embedding_adapter_is_an_error(checkpoints, tmp_path):
+def test_embedding_adapter_needs_the_embedding(checkpoints, tmp_path):
+    """Embedding adapters import (tests/test_embedding_lora.py); into a model whose table is
+    named otherwise they are refused, naming the module."""
     cfg = peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"])
     peft.get_peft_model(torch_model(checkpoints / "llama"), cfg).save_pretrained(tmp_path / "p")
     _, base = models.load_hf(checkpoints / "llama")
-    with pytest.raises(lj.LoraError, match="embedding"):
-        lj.import_peft(tmp_path / "p", base)
+    assert lj.import_peft(tmp_path / "p", base)["model"]["embed_tokens"]["lora_a"].shape == (96, 4)
+    renamed = {**base, "model": {k if k != "embed_tokens" else "tok": v
+                                 for k, v in base["model"].items()}}
+    with pytest.raises(lj.LoraError, match="model.embed_tokens.*no embedding"):
+        lj.import_peft(tmp_path / "p", renamed)
 
 
 def test_wrong_base_missing_and_corrupt_files(checkpoints, tmp_path):
