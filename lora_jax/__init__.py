@@ -11,8 +11,9 @@
              CheckpointMismatch, check_destination (what overwrite may replace)
     export   export_peft, import_peft, peft_lora_config, export_merged, load_merged
     nnx      lora_jax.nnx: inject, merge, params, load for Flax NNX models (same files)
+    inits    lora_jax.inits: PiSSA / OLoRA (base-changing inits); residual_base, to_plain_lora
 """
-from lora_jax import nnx, outputs
+from lora_jax import inits, nnx, outputs
 from lora_jax.checkpoint import adapter_config, load_adapter, save_adapter
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
@@ -20,6 +21,7 @@ from lora_jax.export import export_merged, load_merged
 from lora_jax.adapter_op import lora_delta
 from lora_jax.forward import LoraModel, apply
 from lora_jax.inject import inject
+from lora_jax.inits import residual_base, to_plain_lora
 from lora_jax.layout import KernelLayout, kernel_layouts
 from lora_jax.merge import merge
 from lora_jax.optim import optimizer
@@ -38,5 +40,6 @@ __all__ = [
     "merge", "summary", "Summary",
     "save_adapter", "load_adapter", "adapter_config", "TrainCheckpointer", "Restored",
     "CheckpointMismatch", "check_destination", "outputs", "nnx",
+    "inits", "residual_base", "to_plain_lora",
     "export_peft", "import_peft", "peft_lora_config", "export_merged", "load_merged",
 ]

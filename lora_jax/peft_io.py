@@ -32,7 +32,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from lora_jax import atomic, hf_names, outputs
+from lora_jax import atomic, hf_names, inits, outputs
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
 from lora_jax.finite import check_finite
@@ -77,7 +77,8 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
                 base_model_name_or_path: str | None = None, task_type: str = "CAUSAL_LM",
                 layer_container: str | None = None, fan_in_fan_out: bool = False,
                 uniform_scale: bool = False, overwrite: bool = False,
-                allow_non_finite: bool = False) -> Path:
+                allow_non_finite: bool = False,
+                initial_adapters: Mapping | None = None) -> Path:
     """Write the adapters of `params` as a PEFT LoRA adapter directory, atomically.
 
     Args:
@@ -99,6 +100,11 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
       overwrite: replace an earlier PEFT adapter at `path` (anything else there is refused:
         `lora_jax.outputs.check_destination`).
       allow_non_finite: write adapters holding NaN/inf (refused by default).
+      initial_adapters: for a PiSSA / OLoRA run (`init_lora_weights` "pissa", "pissa_niter_K",
+        "olora"), `lora_params` of the tree right after `inject`: the adapter is then written as
+        plain LoRA of rank 2r for the ORIGINAL base, its config rewritten as PEFT's
+        `path_initial_model_for_weight_conversion` does (`lora_jax.inits`). Such a run's adapter
+        without them is refused (it is only right over the residual base).
 
     Returns:
       The absolute output path.
@@ -108,6 +114,7 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
       >>> # torch: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(...), "out/peft")
     """
     outputs.check_destination(path, outputs.PEFT, overwrite=overwrite)
+    params, config = inits.for_export(params, config, initial_adapters)
     tree = unwrap_variables(params)[0]
     if not allow_non_finite:
         check_finite(filter_leaves(tree, lambda key: key in ADAPTER_LEAVES), "export_peft")

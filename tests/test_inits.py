@@ -1,0 +1,393 @@
+"""Initialisations against the real HF PEFT library (torch CPU, float32, tiny GPT-2 and Llama):
+PiSSA, pissa_niter_K, OLoRA and gaussian, and PEFT's conversion of a PiSSA/OLoRA adapter back
+to plain LoRA for the original base (`export_peft(..., initial_adapters=)`).
+
+Why products, not raw A and B: an SVD's singular pairs (and a QR's columns) are defined only up
+to a sign per pair, and torch's and XLA's LAPACK calls may choose different signs (or rotate
+within a repeated singular value). What PiSSA and OLoRA *mean* is sign-free: the product
+`scale * A @ B` (the rank-r truncated SVD, or the projection of W onto its first r columns' span)
+and the residual kernel `W - scale * A @ B`. Those, and the logits, are compared.
+
+Tolerances: 1e-5 relative (max |diff| / max |ref|) on residual kernels, products and logits:
+both sides run float32 SVD/QR (LAPACK gesdd/geqrf, different builds and blocking) on 32x32 to
+32x128 matrices, whose results agree to a few ulps of the largest singular value; the base
+models alone agree to ~3e-7 (tests/test_peft.py) and the injected model computes the same
+function as the base up to one float32 rounding of the residual per weight.
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import peft
+import pytest
+import torch
+from peft.tuners.lora import LoraLayer
+from safetensors.numpy import load_file
+
+import lora_jax as lj
+import models
+from lora_jax import inits
+from lora_jax.merge import delta
+from lora_jax.tree import modules_of
+from tests.test_models_fixtures import VOCAB, rel_err
+from tests.test_peft import (FAMILIES, checkpoints, our_logits, torch_logits,  # noqa: F401
+                             torch_model)
+
+RTOL = 1e-5
+
+
+def configs(family: str, init, **kw):
+    """Our LoraConfig and PEFT's, with rank and alpha patterns (so scales differ per module)."""
+    targets, ranks, alphas = FAMILIES[family]
+    fields = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=init, **kw)
+    return (lj.LoraConfig(rank_pattern=ranks, alpha_pattern=alphas, **fields),
+            peft.LoraConfig(rank_pattern=dict(ranks), alpha_pattern=dict(alphas), **fields))
+
+
+def peft_modules(pm) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """`{HF module name: (residual kernel [in, out], scale * A @ B [in, out])}` of a PEFT model,
+    in our layout (Linear weights are [out, in]; GPT-2's Conv1D weights are [in, out])."""
+    out = {}
+    for name, module in pm.base_model.model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        weight = module.get_base_layer().weight.detach().numpy()
+        conv1d = type(module.get_base_layer()).__name__ == "Conv1D"
+        a = module.lora_A["default"].weight.detach().numpy()
+        b = module.lora_B["default"].weight.detach().numpy()
+        prod = module.scaling["default"] * (b @ a).T
+        out[name] = (weight if conv1d else weight.T, prod)
+    return out
+
+
+def our_modules(params) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The same for an unscanned tree of ours (its dotted paths are the HF names)."""
+    out = {}
+    for path, m in modules_of(params).items():
+        if "lora_a" in m:
+            prod = np.asarray(m["lora_scale"]) * np.asarray(delta(m["lora_a"], m["lora_b"], 2))
+            out[path] = (np.asarray(m["kernel"]), prod)
+    return out
+
+
+def svd_tolerance(w: np.ndarray, rank: int) -> float:
+    """1e-5, or the float32 conditioning of the rank-r truncated SVD if that is worse: by
+    Wedin's theorem a perturbation E of W moves the top-r singular subspaces by about
+    |E| / (S_r - S_{r+1}), and float32 LAPACK leaves |E| ~ eps * S_1 (times a small constant; 8
+    here). The tiny random checkpoints have close singular values (gaps down to 1% of S_1), where
+    torch's and XLA's SVDs, each correct to that bound, differ from each other (and from a
+    float64 SVD) by up to ~1.5e-5 relative; the sum, residual + product, still equals W, so the
+    logits keep 1e-5."""
+    s = np.linalg.svd(np.asarray(w, np.float64), compute_uv=False)
+    eps = float(np.finfo(np.float32).eps)
+    return max(RTOL, 8 * eps * s[0] / (s[rank - 1] - s[rank]))
+
+
+# ---------------------------------------------------------------------------------------------
+# PiSSA / OLoRA at init: equal to PEFT's, model output unchanged
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,init", [("llama", "pissa"), ("llama", "olora"),
+                                         ("gpt2", "pissa")])
+def test_init_equals_peft(checkpoints, family, init):  # noqa: F811
+    ours_cfg, peft_cfg = configs(family, init)
+    pm = peft.get_peft_model(torch_model(checkpoints / family), peft_cfg).eval()
+    model, base = models.load_hf(checkpoints / family)
+    params = lj.inject(base, ours_cfg, jax.random.key(0))
+    theirs, ours = peft_modules(pm), our_modules(params)
+    assert sorted(theirs) == sorted(ours) and len(ours) == 2 * len(FAMILIES[family][0])
+    worst = 0.0
+    for name, (kernel, prod) in theirs.items():
+        w = np.asarray(modules_of(base)[name]["kernel"])
+        tol = RTOL if init == "olora" else svd_tolerance(w, ours_cfg.rank_for(name))
+        err = max(rel_err(ours[name][0], kernel), rel_err(ours[name][1], prod))
+        worst = max(worst, err / tol)
+        assert err < tol, (name, err, tol)
+        # the kernel did change: by the whole rank-r part (far more than the tolerance)
+        assert rel_err(ours[name][0], w) > 1e-2, name
+    logits, base_logits = our_logits(model, params), our_logits(model, base)
+    peft_logits = torch_logits(pm)
+    print(f"{family} {init}: residual/product max rel err / tolerance {worst:.2f}; logits vs "
+          f"PEFT {rel_err(logits, peft_logits):.1e}, vs base {rel_err(logits, base_logits):.1e}")
+    assert rel_err(logits, peft_logits) < RTOL and rel_err(logits, base_logits) < RTOL
+
+
+@pytest.mark.parametrize("init", ["pissa"])
+def test_scanned_stack_equals_per_layer(checkpoints, init):  # noqa: F811
+    """A scanned Llama's `[L, in, out]` kernels are factorised per layer (batched SVD/QR): the
+    same residuals and products as the unscanned tree's, layer by layer (batched LAPACK calls
+    may round differently: 1e-6 of each array's max), and the output is the base's."""
+    config = configs("llama", init)[0]
+    model, base = models.load_hf(checkpoints / "llama", scan_layers=True)
+    flat = our_modules(lj.inject(models.load_hf(checkpoints / "llama")[1], config,
+                                 jax.random.key(0)))
+    params = lj.inject(base, config, jax.random.key(0))
+    for path, m in modules_of(params).items():
+        if "lora_a" not in m:
+            continue
+        prods = np.asarray(m["lora_scale"])[:, None, None] * np.asarray(
+            delta(m["lora_a"], m["lora_b"], 3))
+        for i in range(2):
+            name = path.replace("model.layers.", f"model.layers.{i}.")
+            assert rel_err(np.asarray(m["kernel"][i]), flat[name][0]) < 1e-6, name
+            assert rel_err(prods[i], flat[name][1]) < 1e-6, name
+    assert rel_err(our_logits(model, params), our_logits(model, base)) < RTOL
+
+
+def test_gpt2_olora_is_the_qr_of_the_torch_weight(checkpoints):  # noqa: F811
+    """PEFT's olora_init runs QR on `base_layer.weight` without undoing Conv1D's `[in, out]`
+    layout, so on GPT-2 it builds A/B of the wrong shapes and its forward fails (peft 0.21). We
+    apply OLoRA's definition to the `[out, in]` weight as for Linear: checked against numpy's QR,
+    and the model's output is unchanged."""
+    config = configs("gpt2", "olora")[0]
+    model, base = models.load_hf(checkpoints / "gpt2")
+    params = lj.inject(base, config, jax.random.key(0))
+    for name, (kernel, prod) in our_modules(params).items():
+        w = np.asarray(modules_of(base)[name]["kernel"], np.float64)
+        q, r = np.linalg.qr(w.T)
+        rank = config.rank_for(name)
+        want = config.scale_for(name) * (q[:, :rank] @ r[:rank]).T
+        assert rel_err(prod, want) < RTOL and rel_err(kernel, w - want) < RTOL, name
+    assert rel_err(our_logits(model, params), our_logits(model, base)) < RTOL
+
+
+# ---------------------------------------------------------------------------------------------
+# Training, then export for the ORIGINAL base (PEFT's path_initial_model_for_weight_conversion)
+# ---------------------------------------------------------------------------------------------
+
+def train(model, params, steps=3):
+    """A few AdamW steps on the adapters (lr 1e-2: they move visibly)."""
+    base, adapters = lj.split(params)
+    tx = lj.optimizer(optax.adamw(1e-2), adapters)
+    ids = jnp.asarray(np.random.RandomState(0).randint(3, VOCAB, (2, 12)), jnp.int32)
+
+    @jax.jit
+    def step(adapters, opt_state):
+        def loss(a):
+            logits = lj.apply(model, {"params": lj.combine(base, a)}, ids)
+            return models.cross_entropy(logits, ids, shift=True)
+        grads = jax.grad(loss)(adapters)
+        updates, opt_state = tx.update(grads, opt_state, adapters)
+        return optax.apply_updates(adapters, updates), opt_state
+
+    opt_state = tx.init(adapters)
+    for _ in range(steps):
+        adapters, opt_state = step(adapters, opt_state)
+    return lj.combine(base, adapters)
+
+
+@pytest.mark.parametrize("family,scan,init,rslora", [("llama", True, "olora", True),
+                                                     ("gpt2", False, "pissa", False)])
+def test_trained_export_loads_on_the_original_base(checkpoints, tmp_path, family, scan, init,
+                                                   rslora):  # noqa: F811
+    config = configs(family, init, use_rslora=rslora)[0]
+    model, original = models.load_hf(checkpoints / family, scan_layers=scan)
+    injected = lj.inject(original, config, jax.random.key(0))
+    initial = lj.lora_params(injected)
+    trained = train(model, injected)
+    naming = models.peft_naming(model)
+    with pytest.raises(lj.LoraError, match="initial_adapters="):
+        lj.export_peft(tmp_path / "refused", trained, config, **naming)
+    assert not (tmp_path / "refused").exists()
+    out = lj.export_peft(tmp_path / "peft", trained, config, initial_adapters=initial, **naming)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["init_lora_weights"] is True and cfg["r"] == 8
+    read = lj.LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=["x"],
+                         use_rslora=cfg["use_rslora"], rank_pattern=cfg["rank_pattern"],
+                         alpha_pattern=cfg["alpha_pattern"])
+    for name in our_modules(lj.inject(models.load_hf(checkpoints / family)[1],
+                                      config.__class__(**{**config.to_dict(),
+                                                          "init_lora_weights": True}),
+                                      jax.random.key(0))):
+        assert read.rank_for(name) == 2 * config.rank_for(name), name  # PEFT's doubling
+        np.testing.assert_allclose(read.scale_for(name), config.scale_for(name), rtol=1e-7)
+    pm = peft.PeftModel.from_pretrained(torch_model(checkpoints / family), out).eval()
+    ours, theirs = our_logits(model, trained), torch_logits(pm)
+    moved = rel_err(ours, our_logits(model, original))
+    print(f"{family} scan={scan} {init} rslora={rslora}: trained moved logits by {moved:.1e}; "
+          f"PEFT over the original base vs ours: {rel_err(ours, theirs):.1e}")
+    assert moved > 1e-3  # training changed the model, so the check below means something
+    assert rel_err(ours, theirs) < RTOL
+
+
+def test_conversion_tensors_equal_peft_save_pretrained(checkpoints, tmp_path):  # noqa: F811
+    """PEFT's own conversion of the same initial and trained adapters writes the same tensors,
+    bit for bit, and an equivalent config (same rank and scale for every module)."""
+    ours_cfg, peft_cfg = configs("llama", "pissa")
+    model, original = models.load_hf(checkpoints / "llama")
+    injected = lj.inject(original, ours_cfg, jax.random.key(0))
+    initial, trained = lj.lora_params(injected), train(model, injected, steps=1)
+    pm = peft.get_peft_model(torch_model(checkpoints / "llama"), peft_cfg).eval()
+
+    def load(tree):  # our adapters into PEFT's modules (A [r, in], B [out, r])
+        mods = modules_of(tree)
+        with torch.no_grad():
+            for name, module in pm.base_model.model.named_modules():
+                if isinstance(module, LoraLayer):
+                    module.lora_A["default"].weight.copy_(torch.from_numpy(
+                        np.asarray(mods[name]["lora_a"]).T.copy()))
+                    module.lora_B["default"].weight.copy_(torch.from_numpy(
+                        np.asarray(mods[name]["lora_b"]).T.copy()))
+
+    load(initial)
+    pm.peft_config["default"].init_lora_weights = True  # PEFT's documented step
+    pm.save_pretrained(tmp_path / "init")
+    pm.peft_config["default"].init_lora_weights = "pissa"
+    load(trained)
+    pm.save_pretrained(tmp_path / "theirs",
+                       path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    out = lj.export_peft(tmp_path / "ours", trained, ours_cfg, initial_adapters=initial)
+    theirs, ours = (load_file(str(d / "adapter_model.safetensors"))
+                    for d in (tmp_path / "theirs", out))
+    assert sorted(theirs) == sorted(ours)
+    for key in theirs:
+        np.testing.assert_array_equal(ours[key], theirs[key])
+    a, b = (json.loads((d / "adapter_config.json").read_text()) for d in (tmp_path / "theirs", out))
+    for name in our_modules(trained):
+        pa, pb = (lj.LoraConfig(r=c["r"], lora_alpha=c["lora_alpha"], target_modules=["x"],
+                                rank_pattern=c["rank_pattern"], alpha_pattern=c["alpha_pattern"])
+                  for c in (a, b))
+        assert (pa.rank_for(name), pa.scale_for(name)) == (pb.rank_for(name), pb.scale_for(name))
+    assert a["init_lora_weights"] is True and b["init_lora_weights"] is True
+
+
+def test_residual_base_and_conversion_contracts(checkpoints):  # noqa: F811
+    """`residual_base(original, initial)` rebuilds inject's kernels bit for bit (what a resume
+    relies on); `to_plain_lora` refuses initial adapters of another shape; an untrained
+    conversion is a zero change (B' A' = B0 A0 - B0 A0, to float32 rounding)."""
+    config = configs("llama", "pissa")[0]
+    _, original = models.load_hf(checkpoints / "llama", scan_layers=True)
+    injected = lj.inject(original, config, jax.random.key(0))
+    initial = lj.lora_params(injected)
+    rebuilt = lj.residual_base(original, initial)
+    for got, want in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(lj.split(injected)[0])):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    plain, start = modules_of(lj.to_plain_lora(injected, initial)), modules_of(initial)
+    for path, m in plain.items():
+        if "lora_a" in m:
+            assert m["lora_a"].shape[-1] == m["lora_b"].shape[1] == 2 * start[path]["lora_a"].shape[-1]
+            # A B - A0 B0 in one float32 matmul: zero up to the accumulation's rounding
+            zero = float(jnp.abs(delta(m["lora_a"], m["lora_b"], 3)).max())
+            assert zero < 1e-6 * float(jnp.abs(delta(*(start[path][k] for k in ("lora_a", "lora_b")),
+                                                      3)).max()), path
+    other = lj.lora_params(lj.inject(original, config.__class__(
+        **{**config.to_dict(), "r": 2, "rank_pattern": {}}), jax.random.key(0)))
+    with pytest.raises(lj.LoraError, match="initial adapters do not fit"):
+        lj.to_plain_lora(injected, other)
+
+
+# ---------------------------------------------------------------------------------------------
+# pissa_niter_K and gaussian
+# ---------------------------------------------------------------------------------------------
+
+def test_pissa_niter_recovers_the_exact_svd():
+    """A kernel with a decaying spectrum S_i = 0.7**i (64 x 48, r = 4): the randomized SVD's
+    product `A @ B` (and its residual) against the exact SVD's. Halko et al.: the error of the
+    rank-r range found with K subspace iterations shrinks like (S_r / S_{r-1})**(2K+1) = 0.7**(2K+1)
+    times a modest constant; we allow 20x that (or float32's 1e-5 floor) and check it falls with K."""
+    rng = np.random.RandomState(0)
+    u, _ = np.linalg.qr(rng.randn(64, 48))
+    v, _ = np.linalg.qr(rng.randn(48, 48))
+    w = jnp.asarray((u * 0.7 ** np.arange(48)) @ v.T, jnp.float32)
+    scale = jnp.float32(2.0)
+    a, b = inits.pissa_factors(w, 4, scale)
+    exact = scale * a @ b
+    errors = []
+    for k in (1, 2, 4, 8):
+        a, b = inits.pissa_factors(w, 4, scale, niter=k, key=jax.random.key(k))
+        err = rel_err(scale * a @ b, exact)
+        errors.append(err)
+        assert err < max(20 * 0.7 ** (2 * k + 1), RTOL), (k, err)
+    print("pissa_niter_K rel err of the rank-4 part, K = 1, 2, 4, 8:",
+          ", ".join(f"{e:.1e}" for e in errors))
+    assert errors[-1] < errors[0] / 10
+    # wide kernels take the transposed route (torch's m < n branch): the same bound
+    a, b = inits.pissa_factors(w.T, 4, scale, niter=8, key=jax.random.key(8))
+    assert rel_err(scale * a @ b, exact.T) < 20 * 0.7 ** 17
+
+
+def test_gaussian_a_std_is_one_over_r_and_b_zero():
+    """PEFT: `nn.init.normal_(lora_A, std=1/r)`, B zeros. A [512, 8] holds n = 4096 draws: the
+    sample std's relative standard error is 1/sqrt(2n) = 1.1%; we allow 5 sigma (5.5%), and the
+    mean 5 standard errors (5 * (1/r) / sqrt(n))."""
+    r = 8
+    base = {"fc": {"kernel": jnp.zeros((512, 256))}}
+    params = lj.inject(base, lj.LoraConfig(r=r, target_modules=["fc"],
+                                           init_lora_weights="gaussian"), jax.random.key(0))
+    a = np.asarray(params["fc"]["lora_a"], np.float64)
+    assert abs(a.std() * r - 1) < 5 / np.sqrt(2 * a.size)
+    assert abs(a.mean()) < 5 / r / np.sqrt(a.size)
+    assert not np.asarray(params["fc"]["lora_b"]).any()
+
+
+# ---------------------------------------------------------------------------------------------
+# config, NNX, mesh
+# ---------------------------------------------------------------------------------------------
+
+def test_config_validates_init_names():
+    for good in (True, False, "gaussian", "pissa", "olora", "pissa_niter_0", "pissa_niter_16"):
+        lj.LoraConfig(target_modules=["q"], init_lora_weights=good)
+    for bad in ("loftq", "PiSSA", "pissa_niter_", "pissa_niter_x", 1, None):
+        with pytest.raises(lj.LoraError, match="'pissa_niter_K'.*'olora'"):
+            lj.LoraConfig(target_modules=["q"], init_lora_weights=bad)
+    with pytest.raises(lj.LoraError, match="positive scale"):
+        lj.inject({"q": {"kernel": jnp.ones((8, 8))}},
+                  lj.LoraConfig(r=2, lora_alpha=-2, target_modules=["q"],
+                                init_lora_weights="pissa"), jax.random.key(0))
+
+
+@pytest.mark.parametrize("init", ["pissa"])
+def test_nnx_inject_replaces_the_kernel_as_linen(init):
+    """`lj.nnx.inject` rewrites each targeted layer's kernel in place: the same tree as the
+    Linen `inject` (same float32 code, so equal to 1e-6 of each array's max; the Linen tree's
+    logits equal the base's, tested above)."""
+    from examples.nnx_llama import from_linen
+    config = models.LlamaConfig.tiny()
+    linen = models.build(config)
+    params = models.init_params(linen, jax.random.key(0))
+    lora = lj.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=init)
+    model = lj.nnx.inject(from_linen(config, params), lora, jax.random.key(1))
+    want = lj.inject(params, lora, jax.random.key(1))
+    got = lj.nnx.params(model)
+    assert jax.tree.structure(want) == jax.tree.structure(got)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
+        assert rel_err(x, y) < 1e-6, path
+    original = modules_of(params)
+    changed = [p for p, m in modules_of(got).items() if "lora_a" in m]
+    assert changed and all(rel_err(modules_of(got)[p]["kernel"], original[p]["kernel"]) > 1e-2
+                           for p in changed)  # the model's own kernels were replaced
+
+
+def test_sharded_inject_equals_one_device(checkpoints):  # noqa: F811
+    """pissa_niter_2 injected under jit on a (dp2, fsdp2, tp2) mesh with the partition rules' output
+    shardings (`sharding.init_sharded`, as the CLI does): the SVD runs on the mesh (XLA gathers
+    each kernel for LAPACK) and the residual kernels come back split like the base. Same tree
+    as the same jitted inject on one device to 1e-5 of each array's max (measured ~5e-6): the
+    subspace iterations' matmuls `W @ Q` run split over the mesh, so their float32 sums are
+    reordered (~1e-7), and the QR/SVD amplify that by the spectrum's conditioning (the gaps of
+    these random kernels are a few % of S_1, see svd_tolerance); same logits to 1e-5."""
+    from sharding import init_sharded, make_mesh, param_shardings
+    # q_proj is column-parallel (kernel split on out), down_proj row-parallel (split on in)
+    config = lj.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                           init_lora_weights="pissa_niter_2")
+    model, base = models.load_hf(checkpoints / "llama", scan_layers=True)
+    mesh = make_mesh(dp=2, fsdp=2, tp=2)
+    sharded_base = jax.device_put(base, param_shardings(base, mesh))
+    inject = lambda p: lj.inject(p, config, jax.random.key(0))  # noqa: E731
+    sharded = init_sharded(inject, sharded_base, mesh=mesh)
+    single = jax.jit(inject)(base)
+    worst = 0.0
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(sharded),
+                            jax.tree.leaves(single)):
+        worst = max(worst, rel_err(np.asarray(x), np.asarray(y)))
+    print(f"pissa_niter_2 sharded vs one device: max rel err {worst:.1e}")
+    assert worst < RTOL
+    q = sharded["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding == sharded_base["model"]["layers"]["self_attn"]["q_proj"]["kernel"].sharding
+    logits = our_logits(model, sharded)
+    assert rel_err(logits, our_logits(model, single)) < RTOL
+    assert rel_err(logits, our_logits(model, base)) < RTOL  # the model is unchanged at init
