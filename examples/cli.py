@@ -45,6 +45,7 @@ class TrainConfig:
     targets: str | tuple[str, ...] = "all-linear"
     rslora: bool = False
     loraplus_ratio: float | None = None
+    init: str = "default"
     # adapters, checkpoints, exports
     adapter_in: str | None = None
     adapter_out: str | None = None
@@ -124,6 +125,14 @@ def parse_targets(text: str) -> str | tuple[str, ...]:
     return names
 
 
+def parse_init(text: str) -> str:
+    """`--init`: default, gaussian, pissa, pissa_niter_K (K >= 0) or olora."""
+    if text in ("default", "gaussian", "pissa", "olora") or re.fullmatch(r"pissa_niter_\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use default, gaussian, pissa, pissa_niter_K (K "
+                                     "an integer, e.g. pissa_niter_4) or olora")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m examples.train",
@@ -166,6 +175,11 @@ def _lora_flags(g, d: TrainConfig) -> None:
     g.add_argument("--rslora", action="store_true", help="scale = alpha / sqrt(rank)")
     g.add_argument("--loraplus-ratio", type=float, default=d.loraplus_ratio,
                    help="LoRA+: B's learning rate = this x --lr (e.g. 16); default: plain LoRA")
+    g.add_argument("--init", type=parse_init, default=d.init,
+                   help="adapter initialisation: default (PEFT's kaiming A, zero B), gaussian, "
+                        "pissa, pissa_niter_K (K an integer: randomized SVD) or olora; pissa and "
+                        "olora also change the base (the exports are converted for the original "
+                        "base)")
 
 
 def _output_dir_flags(g, d: TrainConfig) -> None:
@@ -276,6 +290,9 @@ def check(cfg: TrainConfig) -> None:
                          "--tp > 1")
     if cfg.resume and not cfg.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir")
+    if cfg.adapter_in and cfg.init != "default":
+        raise ValueError(f"--init {cfg.init} initialises new adapters; --adapter-in loads "
+                         "trained ones: pass one of them")
     if not 0.0 <= cfg.eval_fraction < 1.0:
         raise ValueError(f"--eval-fraction must be in [0, 1), got {cfg.eval_fraction}")
     if cfg.eval_interval and cfg.eval_fraction == 0.0:

@@ -391,3 +391,66 @@ def test_sharded_inject_equals_one_device(checkpoints):  # noqa: F811
     logits = our_logits(model, sharded)
     assert rel_err(logits, our_logits(model, single)) < RTOL
     assert rel_err(logits, our_logits(model, base)) < RTOL  # the model is unchanged at init
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: --init
+# ---------------------------------------------------------------------------------------------
+
+def test_cli_init_pissa_resume_and_exports(tmp_path, capsys):
+    """`--init pissa` through `examples.train.main` on a tiny Llama: the initial adapters are
+    saved once in the checkpoint dir; a run stopped after 1 of 3 steps and resumed logs the
+    uninterrupted run's losses exactly (same residual base, rebuilt from the saved initial
+    adapters); --init is one of the settings a resume compares; without --resume
+    the saved initial adapters are never replaced; both adapter outputs are converted for the
+    ORIGINAL base (rank 2r) and reproduce the trained model there (1e-5, float32 rounding of
+    W_res + s(AB) vs W + s(AB - A0B0)); the merged export is the trained model."""
+    from examples import train as train_lib
+    from examples.cli import parse_args
+    from tests.test_examples_train import flags, losses
+    config = models.LlamaConfig.tiny()
+    plain = models.build(config)
+    original = models.init_params(plain, jax.random.key(0))
+    models.save_hf(tmp_path / "llama", plain, original)
+    base_flags = lambda tmp, *extra: flags(str(tmp_path / "llama"), tmp, "--dp", "1",  # noqa: E731
+                                           "--init", "pissa", "--eval-interval", "0", *extra,
+                                           steps=3)
+    (tmp_path / "whole").mkdir()
+    out = train_lib.train(parse_args(base_flags(
+        tmp_path / "whole", "--adapter-out", str(tmp_path / "adapter"), "--export-peft",
+        str(tmp_path / "peft"))))
+    parted = base_flags(tmp_path, "--checkpoint-dir", str(tmp_path / "ckpt"), "--save-every", "1")
+    assert train_lib.main(parted + ["--stop-after", "1"]) == 0
+    saved = tmp_path / "ckpt" / "initial_adapters"
+    stamp = sorted((p.name, p.stat().st_mtime_ns) for p in saved.rglob("*"))
+    assert saved.is_dir() and stamp
+    settings = train_lib.run_settings(parse_args(parted), out.lora_config, "x", np.zeros(3))
+    assert settings["--init"] == "pissa"  # a resume with another --init is refused
+    assert train_lib.main(parted + ["--overwrite"]) == 2  # no --resume: the files are kept
+    assert "initial adapters of an earlier run" in capsys.readouterr().err
+    assert train_lib.main(parted + ["--resume"]) == 0
+    np.testing.assert_array_equal(losses(tmp_path / "metrics.jsonl"),
+                                  losses(tmp_path / "whole" / "metrics.jsonl"))
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in saved.rglob("*")) == stamp
+
+    ids = jnp.asarray([list(b"Shall I compare thee to a summer's day?")])
+    want = np.asarray(lj.apply(out.model, {"params": out.params}, ids))
+    assert rel_err(want, plain.apply({"params": original}, ids)) > 1e-3  # it trained
+    for restored in (lj.import_peft(tmp_path / "peft", original),
+                     lj.load_adapter(tmp_path / "adapter", original)):
+        assert rel_err(lj.apply(out.model, {"params": restored}, ids), want) < RTOL
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["init_lora_weights"]) == (8, 16, True)
+    assert lj.adapter_config(tmp_path / "adapter").init_lora_weights is True
+
+
+def test_cli_init_flag_values():
+    from examples.cli import parse_args
+    from examples.modeling import lora_config
+    for flag, want in (("default", True), ("gaussian", "gaussian"), ("olora", "olora"),
+                       ("pissa_niter_4", "pissa_niter_4")):
+        assert lora_config(parse_args(["--init", flag])).init_lora_weights == want
+    with pytest.raises(SystemExit):
+        parse_args(["--init", "loftq"])
+    with pytest.raises(ValueError, match="--adapter-in loads"):
+        parse_args(["--init", "pissa", "--adapter-in", "x"])
