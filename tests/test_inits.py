@@ -454,3 +454,40 @@ def test_cli_init_flag_values():
         parse_args(["--init", "loftq"])
     with pytest.raises(ValueError, match="--adapter-in loads"):
         parse_args(["--init", "pissa", "--adapter-in", "x"])
+
+
+def test_dense_general_and_bf16_kernels():
+    """A DenseGeneral kernel `[d, heads, head_dim]` is factorised as the linear map it is, its
+    flattened `[d, heads * head_dim]` matrix (the same matrix PEFT's export writes), and a
+    bfloat16 kernel keeps its dtype: residual computed in float32 then cast (as PEFT), adapters
+    in float32. Checked against numpy's float64 SVD of the flattened kernel (1e-5; 1e-2 for the
+    bf16 residual, bfloat16's 8-bit mantissa), and the model's output is unchanged."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        dtype: object = jnp.float32
+
+        @nn.compact
+        def __call__(self, x):
+            h = nn.DenseGeneral((4, 8), name="qkv", param_dtype=self.dtype)(x)
+            return nn.Dense(16, name="out", param_dtype=self.dtype)(h.reshape(*h.shape[:-2], 32))
+
+    x = jax.random.normal(jax.random.key(3), (2, 16))
+    for dtype, tol in ((jnp.float32, RTOL), (jnp.bfloat16, 1e-2)):
+        model = Net(dtype)
+        variables = model.init(jax.random.key(0), x)
+        config = lj.LoraConfig(r=3, lora_alpha=6, target_modules=["qkv", "out"],
+                               init_lora_weights="pissa")
+        params = lj.inject(variables, config, jax.random.key(1),
+                           layouts=lj.kernel_layouts(model, variables, x))["params"]
+        qkv = params["qkv"]
+        assert qkv["kernel"].dtype == dtype and qkv["lora_a"].dtype == jnp.float32
+        assert qkv["lora_a"].shape == (16, 3) and qkv["lora_b"].shape == (3, 4, 8)
+        w = np.asarray(variables["params"]["qkv"]["kernel"], np.float64).reshape(16, 32)
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+        top = (u[:, :3] * s[:3]) @ vt[:3]
+        prod = 2.0 * np.asarray(delta(qkv["lora_a"], qkv["lora_b"], 3)).reshape(16, 32)
+        assert rel_err(prod, top) < RTOL
+        assert rel_err(np.asarray(qkv["kernel"], np.float64).reshape(16, 32), w - top) < tol
+        got = lj.apply(model, {"params": params}, x)
+        assert rel_err(got, model.apply(variables, x)) < tol
