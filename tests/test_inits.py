@@ -491,3 +491,18 @@ def test_dense_general_and_bf16_kernels():
         assert rel_err(np.asarray(qkv["kernel"], np.float64).reshape(16, 32), w - top) < tol
         got = lj.apply(model, {"params": params}, x)
         assert rel_err(got, model.apply(variables, x)) < tol
+
+
+def test_inits_benchmark_smoke(capsys):
+    """`python -m benchmarks.inits_time` on the tiny shape (CPU): one JSON row per framework
+    and init, and lora-jax's residual + s·A·B gives each kernel back (1e-5)."""
+    from benchmarks import inits_time
+    assert inits_time.main(["--shape", "tiny", "--layers", "1", "--rank", "4",
+                            "--inits", "pissa_niter_2", "olora"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+            if line.startswith("{")]
+    assert [(r["framework"], r["init"]) for r in rows] == [
+        ("lora-jax", "pissa_niter_2"), ("peft", "pissa_niter_2"), ("lora-jax", "olora"),
+        ("peft", "olora")]
+    assert all(r["seconds"] > 0 for r in rows)
+    assert all(r["residual_check"] < RTOL for r in rows if r["framework"] == "lora-jax")
