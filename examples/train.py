@@ -146,7 +146,8 @@ def train(cfg: TrainConfig) -> Trained:
     if lj.inits.is_base_changing(lora_cfg.init_lora_weights) and not cfg.adapter_in:
         initial = initial_adapters(cfg, adapters, lora_cfg, base, base_name, mesh, say)
         base = jax.jit(lj.residual_base, out_shardings=base_sh)(base, initial)
-        adapters = jax.jit(lambda t: jax.tree.map(jnp.copy, t))(initial)  # the step donates
+        adapters = jax.jit(lambda t: jax.tree.map(jnp.copy, t),  # a copy: the step donates
+                           out_shardings=param_shardings(initial, mesh))(initial)
     adapter_sh = param_shardings(adapters, mesh)
     say(lj.summary(lj.combine(base, adapters)))
     tx = adapter_optimizer(adapters, lr=cfg.learning_rate, schedule=cfg.schedule,

@@ -431,6 +431,12 @@ def test_cli_init_pissa_resume_and_exports(tmp_path, capsys):
     assert train_lib.main(parted + ["--resume"]) == 0
     np.testing.assert_array_equal(losses(tmp_path / "metrics.jsonl"),
                                   losses(tmp_path / "whole" / "metrics.jsonl"))
+    # on a dp2 x tp2 mesh (the SVD on sharded kernels, the residual base split by the rules):
+    # the single-device losses to 1e-5 (tests/test_examples_train.py's float32 bar)
+    (tmp_path / "mesh").mkdir()
+    assert train_lib.main(base_flags(tmp_path / "mesh", "--dp", "2", "--tp", "2")) == 0
+    np.testing.assert_allclose(losses(tmp_path / "mesh" / "metrics.jsonl"),
+                               losses(tmp_path / "whole" / "metrics.jsonl"), rtol=0, atol=1e-5)
     assert sorted((p.name, p.stat().st_mtime_ns) for p in saved.rglob("*")) == stamp
 
     ids = jnp.asarray([list(b"Shall I compare thee to a summer's day?")])
