@@ -48,6 +48,20 @@ def configs(family: str, init, **kw):
             peft.LoraConfig(rank_pattern=dict(ranks), alpha_pattern=dict(alphas), **fields))
 
 
+_INJECTED: dict = {}
+
+
+def injected(checkpoints, family: str, init: str, scan: bool = False):
+    """(model, base, params injected with `configs(family, init)` and key 0), computed once per
+    module run: several tests share the same injected trees (eager SVDs are the slow part)."""
+    key = (str(checkpoints), family, init, scan)
+    if key not in _INJECTED:
+        model, base = models.load_hf(checkpoints / family, scan_layers=scan)
+        _INJECTED[key] = (model, base, lj.inject(base, configs(family, init)[0],
+                                                 jax.random.key(0)))
+    return _INJECTED[key]
+
+
 def peft_modules(pm) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """`{HF module name: (residual kernel [in, out], scale * A @ B [in, out])}` of a PEFT model,
     in our layout (Linear weights are [out, in]; GPT-2's Conv1D weights are [in, out])."""
@@ -96,8 +110,7 @@ def svd_tolerance(w: np.ndarray, rank: int) -> float:
 def test_init_equals_peft(checkpoints, family, init):  # noqa: F811
     ours_cfg, peft_cfg = configs(family, init)
     pm = peft.get_peft_model(torch_model(checkpoints / family), peft_cfg).eval()
-    model, base = models.load_hf(checkpoints / family)
-    params = lj.inject(base, ours_cfg, jax.random.key(0))
+    model, base, params = injected(checkpoints, family, init)
     theirs, ours = peft_modules(pm), our_modules(params)
     assert sorted(theirs) == sorted(ours) and len(ours) == 2 * len(FAMILIES[family][0])
     worst = 0.0
@@ -121,11 +134,8 @@ def test_scanned_stack_equals_per_layer(checkpoints, init):  # noqa: F811
     """A scanned Llama's `[L, in, out]` kernels are factorised per layer (batched SVD/QR): the
     same residuals and products as the unscanned tree's, layer by layer (batched LAPACK calls
     may round differently: 1e-6 of each array's max), and the output is the base's."""
-    config = configs("llama", init)[0]
-    model, base = models.load_hf(checkpoints / "llama", scan_layers=True)
-    flat = our_modules(lj.inject(models.load_hf(checkpoints / "llama")[1], config,
-                                 jax.random.key(0)))
-    params = lj.inject(base, config, jax.random.key(0))
+    flat = our_modules(injected(checkpoints, "llama", init)[2])
+    model, base, params = injected(checkpoints, "llama", init, scan=True)
     for path, m in modules_of(params).items():
         if "lora_a" not in m:
             continue
@@ -199,10 +209,10 @@ def test_trained_export_loads_on_the_original_base(checkpoints, tmp_path, family
     read = lj.LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=["x"],
                          use_rslora=cfg["use_rslora"], rank_pattern=cfg["rank_pattern"],
                          alpha_pattern=cfg["alpha_pattern"])
-    for name in our_modules(lj.inject(models.load_hf(checkpoints / family)[1],
-                                      config.__class__(**{**config.to_dict(),
-                                                          "init_lora_weights": True}),
-                                      jax.random.key(0))):
+    names = {k[len("base_model.model."):].rsplit(".lora_", 1)[0]
+             for k in load_file(str(out / "adapter_model.safetensors"))}
+    assert len(names) == 2 * len(FAMILIES[family][0])
+    for name in names:
         assert read.rank_for(name) == 2 * config.rank_for(name), name  # PEFT's doubling
         np.testing.assert_allclose(read.scale_for(name), config.scale_for(name), rtol=1e-7)
     pm = peft.PeftModel.from_pretrained(torch_model(checkpoints / family), out).eval()
@@ -218,9 +228,8 @@ def test_conversion_tensors_equal_peft_save_pretrained(checkpoints, tmp_path):  
     """PEFT's own conversion of the same initial and trained adapters writes the same tensors,
     bit for bit, and an equivalent config (same rank and scale for every module)."""
     ours_cfg, peft_cfg = configs("llama", "pissa")
-    model, original = models.load_hf(checkpoints / "llama")
-    injected = lj.inject(original, ours_cfg, jax.random.key(0))
-    initial, trained = lj.lora_params(injected), train(model, injected, steps=1)
+    model, _, start = injected(checkpoints, "llama", "pissa")
+    initial, trained = lj.lora_params(start), train(model, start, steps=1)
     pm = peft.get_peft_model(torch_model(checkpoints / "llama"), peft_cfg).eval()
 
     def load(tree):  # our adapters into PEFT's modules (A [r, in], B [out, r])
@@ -260,13 +269,12 @@ def test_residual_base_and_conversion_contracts(checkpoints):  # noqa: F811
     relies on); `to_plain_lora` refuses initial adapters of another shape; an untrained
     conversion is a zero change (B' A' = B0 A0 - B0 A0, to float32 rounding)."""
     config = configs("llama", "pissa")[0]
-    _, original = models.load_hf(checkpoints / "llama", scan_layers=True)
-    injected = lj.inject(original, config, jax.random.key(0))
-    initial = lj.lora_params(injected)
+    _, original, params = injected(checkpoints, "llama", "pissa", scan=True)
+    initial = lj.lora_params(params)
     rebuilt = lj.residual_base(original, initial)
-    for got, want in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(lj.split(injected)[0])):
+    for got, want in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(lj.split(params)[0])):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    plain, start = modules_of(lj.to_plain_lora(injected, initial)), modules_of(initial)
+    plain, start = modules_of(lj.to_plain_lora(params, initial)), modules_of(initial)
     for path, m in plain.items():
         if "lora_a" in m:
             assert m["lora_a"].shape[-1] == m["lora_b"].shape[1] == 2 * start[path]["lora_a"].shape[-1]
@@ -277,7 +285,7 @@ def test_residual_base_and_conversion_contracts(checkpoints):  # noqa: F811
     other = lj.lora_params(lj.inject(original, config.__class__(
         **{**config.to_dict(), "r": 2, "rank_pattern": {}}), jax.random.key(0)))
     with pytest.raises(lj.LoraError, match="initial adapters do not fit"):
-        lj.to_plain_lora(injected, other)
+        lj.to_plain_lora(params, other)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,11 +512,10 @@ def test_inits_benchmark_smoke(capsys):
     and init, and lora-jax's residual + s·A·B gives each kernel back (1e-5)."""
     from benchmarks import inits_time
     assert inits_time.main(["--shape", "tiny", "--layers", "1", "--rank", "4",
-                            "--inits", "pissa_niter_2", "olora"]) == 0
+                            "--inits", "pissa_niter_2"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()
             if line.startswith("{")]
     assert [(r["framework"], r["init"]) for r in rows] == [
-        ("lora-jax", "pissa_niter_2"), ("peft", "pissa_niter_2"), ("lora-jax", "olora"),
-        ("peft", "olora")]
+        ("lora-jax", "pissa_niter_2"), ("peft", "pissa_niter_2")]
     assert all(r["seconds"] > 0 for r in rows)
     assert all(r["residual_check"] < RTOL for r in rows if r["framework"] == "lora-jax")
