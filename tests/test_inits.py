@@ -107,26 +107,32 @@ def svd_tolerance(w: np.ndarray, rank: int) -> float:
 
 @pytest.mark.parametrize("family,init", [("llama", "pissa"), ("llama", "olora"),
                                          ("gpt2", "pissa")])
-def test_init_equals_peft(checkpoints, family, init):  # noqa: F811
+def test_init_equals_peft(checkpoints, tmp_path, family, init):  # noqa: F811
+    """Residual kernels and products equal PEFT's; the injected model equals PEFT's and the
+    base; a PEFT adapter saved with this init (unconverted) is refused by import_peft."""
     ours_cfg, peft_cfg = configs(family, init)
     pm = peft.get_peft_model(torch_model(checkpoints / family), peft_cfg).eval()
     model, base, params = injected(checkpoints, family, init)
     theirs, ours = peft_modules(pm), our_modules(params)
     assert sorted(theirs) == sorted(ours) and len(ours) == 2 * len(FAMILIES[family][0])
-    worst = 0.0
+    worst = worst_err = 0.0
     for name, (kernel, prod) in theirs.items():
         w = np.asarray(modules_of(base)[name]["kernel"])
         tol = RTOL if init == "olora" else svd_tolerance(w, ours_cfg.rank_for(name))
         err = max(rel_err(ours[name][0], kernel), rel_err(ours[name][1], prod))
-        worst = max(worst, err / tol)
+        worst, worst_err = max(worst, err / tol), max(worst_err, err)
         assert err < tol, (name, err, tol)
         # the kernel did change: by the whole rank-r part (far more than the tolerance)
         assert rel_err(ours[name][0], w) > 1e-2, name
     logits, base_logits = our_logits(model, params), our_logits(model, base)
     peft_logits = torch_logits(pm)
-    print(f"{family} {init}: residual/product max rel err / tolerance {worst:.2f}; logits vs "
+    print(f"{family} {init}: residual/product max rel err {worst_err:.1e} ({worst:.2f} of its "
+          f"tolerance); logits vs "
           f"PEFT {rel_err(logits, peft_logits):.1e}, vs base {rel_err(logits, base_logits):.1e}")
     assert rel_err(logits, peft_logits) < RTOL and rel_err(logits, base_logits) < RTOL
+    pm.save_pretrained(tmp_path / "unconverted")
+    with pytest.raises(lj.LoraError, match="path_initial_model_for_weight_conversion"):
+        lj.import_peft(tmp_path / "unconverted", base)
 
 
 @pytest.mark.parametrize("init", ["pissa"])
@@ -277,11 +283,11 @@ def test_residual_base_and_conversion_contracts(checkpoints):  # noqa: F811
     plain, start = modules_of(lj.to_plain_lora(params, initial)), modules_of(initial)
     for path, m in plain.items():
         if "lora_a" in m:
-            assert m["lora_a"].shape[-1] == m["lora_b"].shape[1] == 2 * start[path]["lora_a"].shape[-1]
+            a0, b0 = start[path]["lora_a"], start[path]["lora_b"]
+            assert m["lora_a"].shape[-1] == m["lora_b"].shape[1] == 2 * a0.shape[-1]
             # A B - A0 B0 in one float32 matmul: zero up to the accumulation's rounding
             zero = float(jnp.abs(delta(m["lora_a"], m["lora_b"], 3)).max())
-            assert zero < 1e-6 * float(jnp.abs(delta(*(start[path][k] for k in ("lora_a", "lora_b")),
-                                                      3)).max()), path
+            assert zero < 1e-6 * float(jnp.abs(delta(a0, b0, 3)).max()), path
     other = lj.lora_params(lj.inject(original, config.__class__(
         **{**config.to_dict(), "r": 2, "rank_pattern": {}}), jax.random.key(0)))
     with pytest.raises(lj.LoraError, match="initial adapters do not fit"):
@@ -294,9 +300,9 @@ def test_residual_base_and_conversion_contracts(checkpoints):  # noqa: F811
 
 def test_pissa_niter_recovers_the_exact_svd():
     """A kernel with a decaying spectrum S_i = 0.7**i (64 x 48, r = 4): the randomized SVD's
-    product `A @ B` (and its residual) against the exact SVD's. Halko et al.: the error of the
-    rank-r range found with K subspace iterations shrinks like (S_r / S_{r-1})**(2K+1) = 0.7**(2K+1)
-    times a modest constant; we allow 20x that (or float32's 1e-5 floor) and check it falls with K."""
+    product `A @ B` against the exact SVD's. Halko et al.: the error of the rank-r range found
+    with K subspace iterations shrinks like (S_r / S_{r-1})**(2K+1) = 0.7**(2K+1) times a modest
+    constant; we allow 4x that (or float32's 1e-5 floor) and check that it falls with K."""
     rng = np.random.RandomState(0)
     u, _ = np.linalg.qr(rng.randn(64, 48))
     v, _ = np.linalg.qr(rng.randn(48, 48))
@@ -305,17 +311,17 @@ def test_pissa_niter_recovers_the_exact_svd():
     a, b = inits.pissa_factors(w, 4, scale)
     exact = scale * a @ b
     errors = []
-    for k in (1, 2, 4, 8):
+    for k in (2, 4, 8, 16):
         a, b = inits.pissa_factors(w, 4, scale, niter=k, key=jax.random.key(k))
         err = rel_err(scale * a @ b, exact)
         errors.append(err)
-        assert err < max(20 * 0.7 ** (2 * k + 1), RTOL), (k, err)
-    print("pissa_niter_K rel err of the rank-4 part, K = 1, 2, 4, 8:",
+        assert err < max(4 * 0.7 ** (2 * k + 1), RTOL), (k, err)
+    print("pissa_niter_K rel err of the rank-4 part, K = 2, 4, 8, 16:",
           ", ".join(f"{e:.1e}" for e in errors))
-    assert errors[-1] < errors[0] / 10
+    assert errors[-1] < errors[0] / 100
     # wide kernels take the transposed route (torch's m < n branch): the same bound
     a, b = inits.pissa_factors(w.T, 4, scale, niter=8, key=jax.random.key(8))
-    assert rel_err(scale * a @ b, exact.T) < 20 * 0.7 ** 17
+    assert rel_err(scale * a @ b, exact.T) < 4 * 0.7 ** 17
 
 
 def test_gaussian_a_std_is_one_over_r_and_b_zero():
@@ -388,7 +394,7 @@ def test_sharded_inject_equals_one_device(checkpoints):  # noqa: F811
     inject = lambda p: lj.inject(p, config, jax.random.key(0))  # noqa: E731
     sharded = init_sharded(inject, sharded_base, mesh=mesh)
     single = jax.jit(inject)(base)
-    worst = 0.0
+    worst = worst_err = 0.0
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(sharded),
                             jax.tree.leaves(single)):
         worst = max(worst, rel_err(np.asarray(x), np.asarray(y)))
