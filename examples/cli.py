@@ -47,6 +47,7 @@ class TrainConfig:
     loraplus_ratio: float | None = None
     adapter_name: str = "default"
     modules_to_save: tuple[str, ...] | None = None
+    init: str = "default"
     # adapters, checkpoints, exports
     adapter_in: str | None = None
     adapter_out: str | None = None
@@ -134,6 +135,14 @@ def parse_targets(text: str) -> str | tuple[str, ...]:
     return names
 
 
+def parse_init(text: str) -> str:
+    """`--init`: default, gaussian, pissa, pissa_niter_K (K >= 0) or olora."""
+    if text in ("default", "gaussian", "pissa", "olora") or re.fullmatch(r"pissa_niter_\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use default, gaussian, pissa, pissa_niter_K (K "
+                                     "an integer, e.g. pissa_niter_4) or olora")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m examples.train",
@@ -183,6 +192,11 @@ def _lora_flags(g, d: TrainConfig) -> None:
     g.add_argument("--modules-to-save", type=parse_names, default=d.modules_to_save,
                    help="comma-separated modules trained in full beside the adapters (PEFT's "
                         "modules_to_save), e.g. lm_head; a tied head: the embedding's name")
+    g.add_argument("--init", type=parse_init, default=d.init,
+                   help="adapter initialisation: default (PEFT's kaiming A, zero B), gaussian, "
+                        "pissa, pissa_niter_K (K an integer: randomized SVD) or olora; pissa and "
+                        "olora also change the base (the exports are converted for the original "
+                        "base)")
 
 
 def _output_dir_flags(g, d: TrainConfig) -> None:
@@ -295,6 +309,9 @@ def check(cfg: TrainConfig) -> None:
                          "--tp > 1")
     if cfg.resume and not cfg.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir")
+    if cfg.adapter_in and cfg.init != "default":
+        raise ValueError(f"--init {cfg.init} initialises new adapters; --adapter-in loads "
+                         "trained ones: pass one of them")
     if not 0.0 <= cfg.eval_fraction < 1.0:
         raise ValueError(f"--eval-fraction must be in [0, 1), got {cfg.eval_fraction}")
     if cfg.eval_interval and cfg.eval_fraction == 0.0:

@@ -123,7 +123,8 @@ def check_targets(targets: str | tuple[str, ...], paths: list[str]) -> None:
 def lora_config(cfg: TrainConfig) -> lj.LoraConfig:
     return lj.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                          target_modules=cfg.targets, use_rslora=cfg.rslora,
-                         modules_to_save=getattr(cfg, "modules_to_save", None))
+                         modules_to_save=getattr(cfg, "modules_to_save", None),
+                         init_lora_weights=True if cfg.init == "default" else cfg.init)
 
 
 def head_has_adapter(params: Mapping) -> bool:

@@ -46,6 +46,9 @@ from sharding import (BATCH_AXES, DistributedConfig, MeshError, TensorParallelis
                       leaf_sharding, make_mesh, param_shardings, replicated)
 
 
+INITIAL_ADAPTERS = "initial_adapters"  # a PiSSA / OLoRA run's adapters at init, in --checkpoint-dir
+
+
 @dataclasses.dataclass
 class Trained:
     """What `train` leaves behind, for callers such as the demo.
@@ -141,6 +144,12 @@ def train(cfg: TrainConfig) -> Trained:
     else:
         adapters = init_sharded(lambda p: lj.lora_params(lj.inject(p, lora_cfg, key_lora)),
                                 base, mesh=mesh)
+    initial = None  # PiSSA / OLoRA: the adapters at init, which the exports subtract
+    if lj.inits.is_base_changing(lora_cfg.init_lora_weights) and not cfg.adapter_in:
+        initial = initial_adapters(cfg, adapters, lora_cfg, base, base_name, mesh, say)
+        base = jax.jit(lj.residual_base, out_shardings=base_sh)(base, initial)
+        adapters = jax.jit(lambda t: jax.tree.map(jnp.copy, t),  # a copy: the step donates
+                           out_shardings=param_shardings(initial, mesh))(initial)
     adapter_sh = param_shardings(adapters, mesh)
     say(lj.summary(lj.combine(base, adapters)))
     tx = adapter_optimizer(adapters, lr=cfg.learning_rate, schedule=cfg.schedule,
@@ -232,7 +241,7 @@ def train(cfg: TrainConfig) -> Trained:
     if ckpt is not None:
         ckpt.close()
     params = lj.combine(base, adapters)
-    outputs = save_outputs(cfg, params, lora_cfg, plain, base_name)
+    outputs = save_outputs(cfg, params, lora_cfg, plain, base_name, initial)
     records = log.read()
     if cfg.plot_path and jax.process_index() == 0 and records and plot_loss(records,
                                                                             cfg.plot_path):
@@ -286,6 +295,27 @@ def place_batch(batch: dict, *, sharding: NamedSharding, accum: int) -> dict:
     return jax.tree.map(one, batch)
 
 
+def initial_adapters(cfg: TrainConfig, adapters, lora_cfg: lj.LoraConfig, base, base_name: str,
+                     mesh, say):
+    """A PiSSA / OLoRA run's adapters at init (`adapters`, from inject on the original base).
+    With --checkpoint-dir they are saved once in `<dir>/initial_adapters` and a resumed run reads
+    them back from there, so its residual base and its exports subtract exactly the same
+    adapters; an existing copy is never overwritten."""
+    if not cfg.checkpoint_dir:
+        return adapters
+    path = Path(cfg.checkpoint_dir) / INITIAL_ADAPTERS
+    if path.exists():
+        if not cfg.resume:
+            raise ValueError(f"{path} holds the initial adapters of an earlier run: pass --resume "
+                             "to continue it, or use an empty --checkpoint-dir")
+        say(f"init: {lora_cfg.init_lora_weights}: initial adapters read from {path}")
+        return lj.lora_params(lj.load_adapter(path, base, shardings=leaf_sharding(mesh)))
+    lj.save_adapter(path, adapters, lora_cfg, base_model=base_name)
+    say(f"init: {lora_cfg.init_lora_weights}: the base is now the residual; initial adapters "
+        f"saved in {path}")
+    return adapters
+
+
 def run_settings(cfg: TrainConfig, lora_cfg: lj.LoraConfig, base_name: str,
                  ids: np.ndarray) -> dict:
     """What a resume must share with the run that wrote the checkpoints, keyed by flag: the
@@ -294,6 +324,7 @@ def run_settings(cfg: TrainConfig, lora_cfg: lj.LoraConfig, base_name: str,
     return {"--rank": lora_cfg.r, "--alpha": lora_cfg.lora_alpha,
             "--targets": lora_cfg.to_dict()["target_modules"], "--rslora": lora_cfg.use_rslora,
             "--dropout": lora_cfg.lora_dropout, "--model": base_name,
+            "--init": cfg.init,
             "--scan-layers": cfg.scan_layers, "--batch-size": cfg.batch_size,
             "--seq-len": cfg.seq_len, "--grad-accum": cfg.grad_accum, "--seed": cfg.seed,
             "--data": str(Path(cfg.data).absolute()), "data tokens": token_digest(ids),
@@ -360,17 +391,21 @@ def evaluate(eval_step, adapters, base, eval_batches: list[dict], place) -> floa
 
 
 def save_outputs(cfg: TrainConfig, params, lora_cfg: lj.LoraConfig, plain,
-                 base_name: str) -> dict[str, Path]:
-    """The adapter (orbax), the PEFT adapter and the merged model, as the flags ask."""
+                 base_name: str, initial=None) -> dict[str, Path]:
+    """The adapter (orbax), the PEFT adapter and the merged model, as the flags ask. After a
+    PiSSA / OLoRA init (`initial`: the adapters at init) both adapters are written as plain LoRA
+    of rank 2r for the ORIGINAL base, as PEFT converts them; the merged model is the trained one
+    (residual base + adapters) either way."""
     out = {}
+    plain_params, plain_cfg = lj.inits.for_export(params, lora_cfg, initial)
     if cfg.adapter_name != "default":  # the one trained adapter, under its name
-        params = lj.rename_adapter(params, "default", cfg.adapter_name)
+        plain_params = lj.rename_adapter(plain_params, "default", cfg.adapter_name)
     if cfg.adapter_out:
-        out["adapter"] = lj.save_adapter(cfg.adapter_out, params, lora_cfg, base_model=base_name,
-                                         overwrite=cfg.overwrite)
+        out["adapter"] = lj.save_adapter(cfg.adapter_out, plain_params, plain_cfg,
+                                         base_model=base_name, overwrite=cfg.overwrite)
     if cfg.export_peft:  # "default" in the directory itself, another name in <dir>/<name>
-        out["peft"] = lj.export_peft_adapters(cfg.export_peft, params,
-                                              {cfg.adapter_name: lora_cfg},
+        out["peft"] = lj.export_peft_adapters(cfg.export_peft, plain_params,
+                                              {cfg.adapter_name: plain_cfg},
                                               base_model_name_or_path=base_name,
                                               overwrite=cfg.overwrite,
                                               **models.peft_naming(plain))

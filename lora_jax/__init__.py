@@ -15,8 +15,9 @@
              add_weighted_adapter, export_peft_adapters, import_peft_adapters (the rest,
              select / isolate / put_adapter, in `lora_jax.named`); inject/apply/merge/save/
              load/export/import and the optimizer take adapter names
+    inits    lora_jax.inits: PiSSA / OLoRA (base-changing inits); residual_base, to_plain_lora
 """
-from lora_jax import named, nnx, outputs
+from lora_jax import inits, named, nnx, outputs
 from lora_jax.named import adapter_names, delete_adapter, rename_adapter
 from lora_jax.weighted import add_weighted_adapter
 from lora_jax.checkpoint import adapter_config, load_adapter, save_adapter
@@ -26,6 +27,7 @@ from lora_jax.export import export_merged, load_merged
 from lora_jax.adapter_op import lora_delta
 from lora_jax.forward import LoraModel, apply
 from lora_jax.inject import inject
+from lora_jax.inits import residual_base, to_plain_lora
 from lora_jax.layout import KernelLayout, kernel_layouts
 from lora_jax.merge import merge
 from lora_jax.optim import optimizer
@@ -45,6 +47,7 @@ __all__ = [
     "merge", "summary", "Summary",
     "save_adapter", "load_adapter", "adapter_config", "TrainCheckpointer", "Restored",
     "CheckpointMismatch", "check_destination", "outputs", "nnx",
+    "inits", "residual_base", "to_plain_lora",
     "export_peft", "import_peft", "peft_lora_config", "export_merged", "load_merged",
     "named", "adapter_names", "delete_adapter", "rename_adapter", "add_weighted_adapter",
     "export_peft_adapters", "import_peft_adapters",

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 from lora_jax.errors import LoraError
 
 ALL_LINEAR = "all-linear"
-INIT_SCHEMES = (True, False, "gaussian")
+INIT_SCHEMES = (True, False, "gaussian", "pissa", "olora")
+# "pissa_niter_K" (K >= 0 subspace iterations of a randomized SVD) is accepted as well.
+_PISSA_NITER = re.compile(r"pissa_niter_\d+")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -31,7 +33,9 @@ class LoraConfig:
       rank_pattern / alpha_pattern: `{regex: value}` overrides per module; a key matches a
         module whose dotted path ends with it (PEFT's rule: `(.*\\.)?key` fullmatch).
       init_lora_weights: `True` (PEFT's kaiming-uniform A, zero B), `"gaussian"` (A ~ N(0, 1/r),
-        zero B) or `False` (random B too: for tests only, the model output changes at init).
+        zero B), `False` (random B too: for tests only, the model output changes at init), or
+        the inits that also rewrite the kernels (`lora_jax.inits`): `"pissa"` (exact SVD),
+        `"pissa_niter_K"` (randomized SVD, K subspace iterations) and `"olora"` (QR).
       adapter_dtype: dtype of the `lora_a`/`lora_b` leaves (float32 as PEFT keeps them).
       output_head_names: module names that `"all-linear"` skips.
       modules_to_save: module names (suffixes, as `target_modules`) of modules trained in full:
@@ -92,11 +96,7 @@ class LoraConfig:
             raise LoraError(f"LoraConfig.lora_dropout = {self.lora_dropout}: use a probability "
                             "in [0, 1).")
         _check_adapter_dtype(self.adapter_dtype)
-        if self.init_lora_weights not in INIT_SCHEMES or (
-                self.init_lora_weights is not True and self.init_lora_weights is not False
-                and not isinstance(self.init_lora_weights, str)):
-            raise LoraError(f"LoraConfig.init_lora_weights = {self.init_lora_weights!r} is not "
-                            "supported: use True (kaiming-uniform A, zero B), 'gaussian' or False.")
+        _check_init(self.init_lora_weights)
         for key in (*self.rank_pattern, *self.alpha_pattern):
             _compile("a rank/alpha_pattern key", key)
 
@@ -153,6 +153,16 @@ def _compile(where: str, pattern: str) -> None:
     except re.error as err:
         raise LoraError(f"{where} {pattern!r} is not a valid regular expression ({err}); "
                         "pass module-name suffixes as a list, or fix the regex.") from err
+
+
+def _check_init(init: object) -> None:
+    """True / False (bools only: 1 and 0 are not inits), or one of PEFT's names we implement."""
+    ok = init is True or init is False or (isinstance(init, str) and (
+        init in INIT_SCHEMES or _PISSA_NITER.fullmatch(init) is not None))
+    if not ok:
+        raise LoraError(f"LoraConfig.init_lora_weights = {init!r} is not supported: use True "
+                        "(kaiming-uniform A, zero B), 'gaussian', 'pissa', 'pissa_niter_K' (K an "
+                        "integer >= 0, e.g. 'pissa_niter_4'), 'olora', or False (tests only).")
 
 
 def _check_adapter_dtype(name: str) -> None:

@@ -8,6 +8,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
+from lora_jax import inits
 from lora_jax.config import ALL_LINEAR, LoraConfig, matches_modules, pattern_key
 from lora_jax.errors import LoraError
 from lora_jax import named
@@ -30,6 +31,12 @@ def inject(params: Mapping, config: LoraConfig, rng: jax.Array, *,
     B is zero (with the default init), so the model's output is unchanged. Each adapter's random
     draw is keyed by `fold_in(rng, crc32(path))`: the same `rng` gives the same adapters on every
     host and device and whatever other modules are targeted.
+
+    With `init_lora_weights` "pissa", "pissa_niter_K" or "olora" (`lora_jax.inits`) the
+    adapters come from an SVD / QR of each kernel and the kernel is replaced by the residual
+    `W - scale * A @ B`: the returned base is NOT the original base. Keep
+    `lora_params(<the result>)` to export the trained adapter for the original base
+    (`export_peft(..., initial_adapters=)`).
 
     Args:
       params: a Linen params tree, or variables `{"params": ...}` (returned in the same form).
@@ -65,7 +72,10 @@ def inject(params: Mapping, config: LoraConfig, rng: jax.Array, *,
             return {**module, **embedding_adapter_leaves(path, tuple(module[EMBEDDING].shape),
                                                          config, rng)}
         layout = layouts.get(path) or default_layout(path, tuple(module["kernel"].shape))
-        return {**module, **adapter_leaves(path, module["kernel"].shape, layout, config, rng)}
+        leaves = adapter_leaves(path, module["kernel"].shape, layout, config, rng)
+        if inits.is_base_changing(config.init_lora_weights):  # PiSSA / OLoRA: kernel rewritten
+            return inits.base_changing_module(path, module, leaves, layout, config, rng)
+        return {**module, **leaves}
 
     return rewrap(map_modules(tree, add, leaves=MODULE_LEAVES))
 

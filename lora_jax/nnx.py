@@ -46,6 +46,7 @@ from lora_jax.config import ALL_LINEAR, matches_modules
 from lora_jax.errors import LoraError
 from lora_jax.finite import check_finite
 from lora_jax.inject import _check_patterns, adapter_leaves, select_targets
+from lora_jax.inits import base_changing_module, is_base_changing
 from lora_jax.layout import KernelLayout, default_layout
 from lora_jax.merge import merged_kernel
 from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_SCALE, Params, modules_of
@@ -204,7 +205,8 @@ def inject(model: nnx.Module, config: LoraConfig, rng: jax.Array, *,
     The adapter values are `lora_jax.inject`'s for the same dotted paths, kernel shapes, config
     and `rng`: a model written in NNX and one written in Linen with the same names get the same
     adapters. Stacked layers (`nnx.vmap` / `nnx.scan` over layers: kernels `[L, in, out]`) get
-    stacked adapters.
+    stacked adapters. With a PiSSA / OLoRA `init_lora_weights` each targeted layer's kernel is
+    replaced by the residual (`lora_jax.inits`): the model's base is no longer the original.
 
     Args:
       model: the NNX model.
@@ -231,6 +233,11 @@ def inject(model: nnx.Module, config: LoraConfig, rng: jax.Array, *,
         layer = layers[path]
         kernel = layer.kernel[...]
         leaves = adapter_leaves(path, kernel.shape, layout_of(path, layer), config, rng)
+        if is_base_changing(config.init_lora_weights):  # PiSSA / OLoRA: the kernel is rewritten
+            module = base_changing_module(path, {"kernel": kernel}, leaves,
+                                          layout_of(path, layer), config, rng)
+            layer.kernel[...] = module.pop("kernel")
+            leaves = module
         _attach(layer, leaves)
         if config.lora_dropout > 0:
             layer.lora_dropout = nnx.Dropout(config.lora_dropout, rngs=rngs)

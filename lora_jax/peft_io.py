@@ -32,7 +32,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from lora_jax import atomic, hf_names, named, outputs
+from lora_jax import atomic, hf_names, inits, named, outputs
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
 from lora_jax.finite import check_finite
@@ -83,7 +83,8 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
                 base_model_name_or_path: str | None = None, task_type: str = "CAUSAL_LM",
                 layer_container: str | None = None, fan_in_fan_out: bool = False,
                 uniform_scale: bool = False, overwrite: bool = False,
-                allow_non_finite: bool = False, adapter_name: str | None = None) -> Path:
+                allow_non_finite: bool = False, adapter_name: str | None = None,
+                initial_adapters: Mapping | None = None) -> Path:
     """Write the adapters of `params` as a PEFT LoRA adapter directory, atomically.
 
     Args:
@@ -108,6 +109,11 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
       adapter_name: which named adapter to write (`lora_jax.named`), in `path` itself (PEFT's
         `load_adapter(path, adapter_name=...)` reads it); None: the tree's only adapter.
         `export_peft_adapters` writes several in PEFT's `save_pretrained` layout.
+      initial_adapters: for a PiSSA / OLoRA run (`init_lora_weights` "pissa", "pissa_niter_K",
+        "olora"), `lora_params` of the tree right after `inject`: the adapter is then written as
+        plain LoRA of rank 2r for the ORIGINAL base, its config rewritten as PEFT's
+        `path_initial_model_for_weight_conversion` does (`lora_jax.inits`). Such a run's adapter
+        without them is refused (it is only right over the residual base).
 
     Returns:
       The absolute output path.
@@ -117,6 +123,7 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
       >>> # torch: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(...), "out/peft")
     """
     outputs.check_destination(path, outputs.PEFT, overwrite=overwrite)
+    params, config = inits.for_export(params, config, initial_adapters)
     tree = named.one_adapter(params, adapter_name, "export_peft")[1]
     if not allow_non_finite:
         check_finite(filter_leaves(tree, lambda key: key in ADAPTER_LEAVES), "export_peft")

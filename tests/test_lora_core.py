@@ -253,7 +253,7 @@ def test_bad_inputs():
     with pytest.raises(lj.LoraError, match="already carry LoRA"):
         lj.inject(injected, lj.LoraConfig(r=2, target_modules=["q_proj"]), KEY)
     with pytest.raises(lj.LoraError, match="init_lora_weights"):
-        lj.LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa")
+        lj.LoraConfig(target_modules=["q_proj"], init_lora_weights="loftq")
     with pytest.raises(lj.LoraError, match="rank_pattern key 'k_proj'"):
         lj.inject(variables, lj.LoraConfig(target_modules=["q_proj"], rank_pattern={"k_proj": 2}),
                   KEY)
