@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from lora_jax.tree import LORA_A, LORA_B, LORA_SCALE
+from lora_jax import dora
+from lora_jax.tree import LORA_A, LORA_B, LORA_MAGNITUDE, LORA_SCALE
 
 ADAPTED_OUTPUT = "lora_adapted_output"  # base(x) + delta, the layer's output
 ADAPTER_HIDDEN = "lora_hidden"  # scale * x @ A, [..., r]
@@ -49,11 +50,13 @@ class Adapter(NamedTuple):
       a: `lora_a` [*in, r].
       b: `lora_b` [r, *out].
       scale: `lora_scale` [], frozen (alpha / r, or alpha / sqrt(r) with rsLoRA).
+      magnitude: DoRA's `lora_magnitude` [*out], or None for plain LoRA (`lora_jax.dora`).
     """
 
     a: jax.Array
     b: jax.Array
     scale: jax.Array
+    magnitude: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -108,7 +111,10 @@ def read_adapter(module: Any) -> Adapter | None:
     """The adapter leaves in a Linen module's own parameter scope, or None if it has none."""
     if not module.has_variable("params", LORA_A):
         return None
-    return Adapter(*(module.get_variable("params", n) for n in (LORA_A, LORA_B, LORA_SCALE)))
+    adapter = Adapter(*(module.get_variable("params", n) for n in (LORA_A, LORA_B, LORA_SCALE)))
+    if module.has_variable("params", LORA_MAGNITUDE):
+        adapter = adapter._replace(magnitude=module.get_variable("params", LORA_MAGNITUDE))
+    return adapter
 
 
 def compute_dtype(dtype: Any, x: jax.Array, kernel: jax.Array) -> Any:
@@ -226,4 +232,39 @@ def adapt(module: Any, x: jax.Array, y: jax.Array, adapter: Adapter, *,
     """
     dropped = dropout(module, x)
     x_in = x if dropped is None else dropped
-    return name_output(add_delta(y, lora_delta(x_in, *adapter, in_axes, dtype)))
+    delta = lora_delta(x_in, adapter.a, adapter.b, adapter.scale, in_axes, dtype)
+    if adapter.magnitude is not None:
+        delta = dora_delta(module, y, dropped, adapter, delta, in_axes=in_axes, dtype=dtype)
+    return name_output(add_delta(y, delta))
+
+
+def dora_delta(module: Any, y: jax.Array, dropped: jax.Array | None, adapter: Adapter,
+               delta: jax.Array, *, in_axes: tuple[int, ...], dtype: Any) -> jax.Array:
+    """DoRA's whole addition to a Linen layer's output `y` (PEFT's `DoraLinearLayer.forward`):
+    `(g - 1) * base + g * delta`, `g = m / ||W + s A B||` (`lora_jax.dora`).
+
+    Args:
+      module: the adapted Linen layer: its `kernel` (and `bias`) are read for the norm and base.
+      y: the base output (bias included); dropped: the dropped adapter input, or None.
+      adapter: the layer's `Adapter` (with `magnitude`); delta: `s * (x_d A) B`.
+      in_axes: the input's contracted axes; dtype: the compute dtype.
+
+    Returns:
+      The term to add to `y`, in `dtype`.
+
+    Example:
+      >>> y = add_delta(y, dora_delta(self, y, None, adapter, delta, in_axes=(1,), dtype=f32))
+    """
+    kernel = module.get_variable("params", "kernel")
+    out_shape = kernel.shape[len(in_axes):]
+    dora.check_magnitude(".".join(module.path), adapter.magnitude, out_shape)
+    g = dora.factor(adapter.magnitude,
+                    dora.weight_norm_sq(kernel, adapter.a, adapter.b, adapter.scale))
+    if dropped is None:  # y - bias is x @ W: no second matmul
+        bias = (module.get_variable("params", "bias") if module.has_variable("params", "bias")
+                else None)
+        base = y if bias is None else y - bias.astype(y.dtype)
+    else:  # PEFT runs the base matmul again on the dropped input
+        base = jnp.tensordot(dropped.astype(dtype), kernel.astype(dtype),
+                             axes=(in_axes, tuple(range(len(in_axes)))))
+    return dora.output_term(base, delta, g, dtype)

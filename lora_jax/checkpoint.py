@@ -192,6 +192,10 @@ def fit_problems(stored: Mapping[str, Mapping], modules: Mapping[str, Mapping]) 
             problems.append(f"{path}: the adapter fits a kernel of shape {list(want)}, the model's "
                             f"kernel is {list(np.shape(module['kernel']))}")
         for leaf in ADAPTER_LEAVES:
+            if leaf in module and leaf not in record:  # e.g. a DoRA model, a plain checkpoint
+                problems.append(f"{path}.{leaf}: the model has this leaf, the checkpoint has "
+                                "not (load into the base tree, lora_jax.split(params)[0])")
+                continue
             if leaf in module and list(np.shape(module[leaf])) != record[leaf]["shape"]:
                 problems.append(f"{path}.{leaf}: checkpoint shape {record[leaf]['shape']}, model "
                                 f"shape {list(np.shape(module[leaf]))}")
@@ -206,7 +210,7 @@ def abstract_adapters(stored: Mapping[str, Mapping], modules: Mapping[str, Mappi
     out = {}
     for path, record in stored.items():
         leaves = {}
-        for leaf in ADAPTER_LEAVES:
+        for leaf in (leaf for leaf in ADAPTER_LEAVES if leaf in record):
             # The stored dtype, so checksums can be verified; `load_adapter` casts afterwards.
             shape, dtype = tuple(record[leaf]["shape"]), np.dtype(record[leaf]["dtype"])
             sharding = adapter_sharding(modules[path], leaf, path, shape, shardings)

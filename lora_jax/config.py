@@ -34,6 +34,8 @@ class LoraConfig:
         zero B) or `False` (random B too: for tests only, the model output changes at init).
       adapter_dtype: dtype of the `lora_a`/`lora_b` leaves (float32 as PEFT keeps them).
       output_head_names: module names that `"all-linear"` skips.
+      use_dora: DoRA (weight-decomposed LoRA, PEFT's `use_dora`): a trained `lora_magnitude`
+        leaf per output feature rescales each adapted column (`lora_jax.dora`).
 
     Example:
       >>> cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
@@ -52,6 +54,7 @@ class LoraConfig:
     init_lora_weights: bool | str = True
     adapter_dtype: str = "float32"
     output_head_names: Sequence[str] = ("lm_head",)
+    use_dora: bool = False
 
     def __post_init__(self):
         for name in ("target_modules", "exclude_modules", "output_head_names"):
@@ -89,6 +92,8 @@ class LoraConfig:
                             "supported: use True (kaiming-uniform A, zero B), 'gaussian' or False.")
         for key in (*self.rank_pattern, *self.alpha_pattern):
             _compile("a rank/alpha_pattern key", key)
+        if not isinstance(self.use_dora, bool):
+            raise LoraError(f"LoraConfig.use_dora = {self.use_dora!r}: pass True or False.")
 
     def rank_for(self, path: str) -> int:
         """The rank of the adapter at dotted module `path` (rank_pattern, else `r`)."""

@@ -8,9 +8,11 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
+from lora_jax import dora
 from lora_jax.config import ALL_LINEAR, LoraConfig, matches_modules, pattern_key
 from lora_jax.errors import LoraError
 from lora_jax.layout import KernelLayout, default_layout
+from lora_jax.tree import LORA_MAGNITUDE
 from lora_jax.tree import (LORA_A, LORA_B, LORA_SCALE, Params, has_adapter, iter_modules,
                            map_modules, unwrap_variables)
 
@@ -44,7 +46,10 @@ def inject(params: Mapping, config: LoraConfig, rng: jax.Array, *,
         if path not in targets:
             return module
         layout = layouts.get(path) or default_layout(path, tuple(module["kernel"].shape))
-        return {**module, **adapter_leaves(path, module["kernel"].shape, layout, config, rng)}
+        leaves = adapter_leaves(path, module["kernel"].shape, layout, config, rng)
+        if config.use_dora:
+            leaves = with_magnitude(module["kernel"], leaves, layout, config)
+        return {**module, **leaves}
 
     return rewrap(map_modules(tree, add))
 
@@ -103,6 +108,15 @@ def adapter_leaves(path: str, kernel_shape: tuple[int, ...], layout: KernelLayou
         b = jnp.zeros((*stack, rank, *outs), dtype)
     scale = jnp.full(stack, config.scale_for(path), jnp.float32)
     return {LORA_A: a, LORA_B: b, LORA_SCALE: scale}
+
+
+def with_magnitude(kernel: jax.Array, leaves: Params, layout: KernelLayout,
+                   config: LoraConfig) -> Params:
+    """`leaves` plus DoRA's `lora_magnitude [*S, *out]`, initialised as PEFT does (the norm of
+    each output feature's adapted weight column; `lora_jax.dora.magnitude_leaf`)."""
+    magnitude = dora.magnitude_leaf(kernel, leaves, layout.n_stack,
+                                    jnp.dtype(config.adapter_dtype))
+    return {**leaves, LORA_MAGNITUDE: magnitude}
 
 
 def init_a(scheme, key, shape, fan_in: int, rank: int, dtype) -> jax.Array:

@@ -20,6 +20,11 @@ import numpy as np
 LORA_A, LORA_B, LORA_SCALE = "lora_a", "lora_b", "lora_scale"
 ADAPTER_LEAVES = (LORA_A, LORA_B, LORA_SCALE)
 TRAINABLE_LEAVES = (LORA_A, LORA_B)
+# DoRA's trained magnitude `[*S, *out]` (only with LoraConfig(use_dora=True); optional: code that
+# walks ADAPTER_LEAVES must skip a leaf a module does not hold).
+LORA_MAGNITUDE = "lora_magnitude"
+ADAPTER_LEAVES = ADAPTER_LEAVES + (LORA_MAGNITUDE,)
+TRAINABLE_LEAVES = TRAINABLE_LEAVES + (LORA_MAGNITUDE,)
 
 Params = dict[str, Any]
 

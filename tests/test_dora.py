@@ -1,0 +1,294 @@
+"""DoRA (`LoraConfig(use_dora=True)`) proven equal to HF PEFT's `use_dora=True`.
+
+Tiny random GPT-2 (Conv1D, fan_in_fan_out) and Llama checkpoints, torch CPU float32, adapters
+with random non-zero A, B and a magnitude moved off its initial value, so every term of DoRA
+acts. Tolerances (max |diff| / max |ref|, float32 on both sides):
+  - logits and gradients within 1e-5 (the project's float32 parity threshold): the two sides
+    run the same math in a different order (torch vs XLA matmul blocking; PEFT forms
+    `W + s B A` for the norm, we expand `||W||^2 + 2s<A^T W, B> + s^2 <A^T A B, B>`), which
+    differs by a few float32 ulps per layer (measured: ~1e-6 and below);
+  - the factored norm against the materialised one and a float64 numpy reference: 1e-5 relative
+    (float32 rounding of sums of 8-64 products);
+  - merged against unmerged: 1e-5 (the merged kernel is rounded once more to float32).
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import peft
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import load_file
+
+import lora_jax as lj
+import models
+from lora_jax import dora, peft_io
+from tests.test_models_fixtures import rel_err
+from tests.test_nnx import X, LinenNet, NnxNet
+from tests.test_peft import IDS, checkpoints, random_adapters, torch_logits  # noqa: F401
+from tests.test_peft import torch_model
+from tests import test_peft_training as training
+
+RTOL = 1e-5
+TARGETS = {"gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
+           "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                     "down_proj"]}
+
+
+def dora_config(family: str, **kw) -> lj.LoraConfig:
+    return lj.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[family], use_dora=True,
+                         rank_pattern={TARGETS[family][1]: 2}, **kw)
+
+
+def moved_magnitudes(params, seed: int):
+    """Magnitudes as after training: each column's norm times a factor in [0.7, 1.3]."""
+    rng = np.random.default_rng(seed)
+
+    def move(path, x):
+        if path[-1].key != "lora_magnitude":
+            return x
+        return x * jnp.asarray(rng.uniform(0.7, 1.3, x.shape), x.dtype)
+
+    return jax.tree_util.tree_map_with_path(move, params)
+
+
+def adapted(checkpoints, family, scan):  # noqa: F811
+    model, base = models.load_hf(checkpoints / family, scan_layers=scan)
+    config = dora_config(family)
+    params = lj.inject(base, config, jax.random.key(1))
+    # Random A and B after inject (so the magnitude was initialised from W alone, as PEFT does
+    # with B = 0), then moved magnitudes: g = m / ||W + sAB|| differs from 1 and per column.
+    params = moved_magnitudes(random_adapters(params, seed=2, a_std=0.2, b_std=0.05), seed=3)
+    return model, base, params, config
+
+
+def peft_of(checkpoints, tmp_path, model, params, config, family):  # noqa: F811
+    out = lj.export_peft(tmp_path / "peft", params, config, **models.peft_naming(model))
+    return peft.PeftModel.from_pretrained(torch_model(checkpoints / family), out,
+                                          is_trainable=True).eval(), out
+
+
+def loss_of(model, base, ids):
+    def loss(adapters):
+        logits = lj.apply(model, {"params": lj.combine(base, adapters)}, ids)
+        return models.cross_entropy(logits, ids, shift=True), logits
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# the math
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape_in,shape_out", [((24,), (40,)), ((6, 4), (5,)), ((12,), (2, 8))])
+def test_factored_norm_equals_materialised(shape_in, shape_out):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((*shape_in, *shape_out)).astype(np.float32)
+    a = rng.standard_normal((*shape_in, 3)).astype(np.float32)
+    b = rng.standard_normal((3, *shape_out)).astype(np.float32)
+    factored = np.sqrt(np.asarray(dora.weight_norm_sq(w, a, b, 0.7)))
+    w2 = w.reshape(-1, int(np.prod(shape_out))).astype(np.float64)
+    ref = np.linalg.norm(w2 + 0.7 * a.reshape(len(w2), 3) @ b.reshape(3, -1), axis=0)
+    np.testing.assert_allclose(factored.reshape(-1), ref, rtol=RTOL)
+    np.testing.assert_allclose(np.asarray(dora.materialised_norm(w, a, b, 0.7)).reshape(-1), ref,
+                               rtol=RTOL)
+    # the row split of a row-parallel layer: the partial sums add up to the whole
+    half = shape_in[0] // 2
+    parts = [dora.weight_norm_sq(w[s], a[s], b, 0.7) for s in (slice(0, half), slice(half, None))]
+    np.testing.assert_allclose(np.sqrt(np.asarray(parts[0] + parts[1])).reshape(-1), ref,
+                               rtol=RTOL)
+
+
+def test_dense_output_is_the_hand_formula():
+    """One Dense with bias: `m / ||W + sAB|| * (x (W + sAB)) + bias`; the norm gets no
+    gradient, so d/dA of the output is the plain LoRA gradient times g."""
+    import flax.linen as nn
+    layer = nn.Dense(6, name="q_proj")
+    x = jax.random.normal(jax.random.key(0), (3, 5))
+    params = {"q_proj": layer.init(jax.random.key(1), x)["params"]}
+    params["q_proj"]["bias"] = jnp.linspace(-1, 1, 6)
+    params = moved_magnitudes(random_adapters(lj.inject(
+        params, lj.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj"], use_dora=True),
+        jax.random.key(2)), seed=4, a_std=0.5, b_std=0.5), seed=5)
+    p = jax.tree.map(np.float64, params["q_proj"])
+    adapted = p["kernel"] + 1.5 * p["lora_a"] @ p["lora_b"]
+    g = p["lora_magnitude"] / np.linalg.norm(adapted, axis=0)
+    want = np.asarray(x, np.float64) @ adapted * g + p["bias"]
+
+    class One(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(6, name="q_proj")(x)
+
+    got = lj.apply(One(), {"params": params}, x)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * np.abs(want).max())
+    assert np.abs(g - 1).max() > 0.05  # the magnitude acts
+
+
+# ---------------------------------------------------------------------------------------------
+# against PEFT
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,scan", [("gpt2", False), ("llama", False), ("llama", True)])
+def test_logits_and_gradients_equal_peft(checkpoints, tmp_path, family, scan):  # noqa: F811
+    model, base, params, config = adapted(checkpoints, family, scan)
+    pm, out = peft_of(checkpoints, tmp_path, model, params, config, family)
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    ids = jnp.asarray(IDS)
+    frozen, adapters = lj.split(params)
+    (loss, logits), grads = jax.value_and_grad(loss_of(model, frozen, ids), has_aux=True)(adapters)
+    t_ids = torch.tensor(np.asarray(IDS), dtype=torch.long)
+    t_logits = pm(t_ids).logits
+    t_loss = torch.nn.functional.cross_entropy(t_logits[:, :-1].reshape(-1, t_logits.shape[-1]),
+                                               t_ids[:, 1:].reshape(-1))
+    t_loss.backward()
+    print(f"{family} scan={scan}: logits rel err {rel_err(logits, t_logits.detach()):.2e}")
+    assert rel_err(logits, t_logits.detach()) < RTOL
+    assert rel_err(lj.apply(model, {"params": base}, ids), t_logits.detach()) > 1e-2
+    # our gradients in PEFT's layout, by the exporter's own unstacking and naming
+    ours = {ad.name: ad for ad in peft_io.torch_adapters(
+        _with_scales(grads, adapters),
+        models.layer_container(model) if scan else None)}
+    named = dict(pm.named_parameters())
+    worst = 0.0
+    for name, ad in ours.items():
+        prefix = f"base_model.model.{name}"
+        for ours_g, key in ((ad.a, "lora_A.default.weight"), (ad.b, "lora_B.default.weight"),
+                            (ad.magnitude, "lora_magnitude_vector.default.weight")):
+            theirs = named[f"{prefix}.{key}"].grad.numpy()
+            err = rel_err(ours_g, theirs)
+            worst = max(worst, err)
+            assert err < RTOL, (name, key, err)
+    print(f"{family} scan={scan}: worst gradient rel err {worst:.2e} over {len(ours)} modules")
+    assert len(ours) == 2 * len(TARGETS[family])
+
+
+def _with_scales(grads, adapters):
+    """The gradient tree with the (gradient-free) scale leaves put back, so the exporter's
+    `torch_adapters` can lay it out as PEFT does."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, g, a: a if path[-1].key == "lora_scale" else g, grads, adapters)
+
+
+@pytest.mark.parametrize("family,scan", [("gpt2", False), ("llama", True)])
+def test_adamw_losses_equal_peft(checkpoints, tmp_path, family, scan):  # noqa: F811
+    """20 AdamW steps on A, B and the magnitude, the harness of `test_peft_training`: per-step
+    losses within 1e-5 relative of PEFT's."""
+    model, _, params, config = adapted(checkpoints, family, scan)
+    pm, _ = peft_of(checkpoints, tmp_path, model, params, config, family)
+    assert sum("magnitude" in n for n, p in pm.named_parameters() if p.requires_grad) > 0
+    ours, theirs = training.jax_losses(model, params), training.torch_losses(pm)
+    rel = np.abs(np.array(ours) - np.array(theirs)) / np.abs(np.array(theirs))
+    print(f"DoRA {family} scan={scan}: loss {theirs[0]:.4f} -> {theirs[-1]:.4f}, max per-step "
+          f"relative difference {rel.max():.2e}")
+    assert theirs[-1] < theirs[0] - 0.05
+    assert rel.max() < RTOL, rel
+
+
+def test_peft_saved_dora_imports(checkpoints, tmp_path):  # noqa: F811
+    """PEFT's own DoRA adapter (its init of the magnitude, then moved) loads and gives PEFT's
+    logits; the magnitude is where PEFT keeps it."""
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(torch_model(checkpoints / "gpt2"), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], use_dora=True,
+        init_lora_weights=False, fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(torch.empty_like(p).uniform_(0.7, 1.3))
+    pm.save_pretrained(tmp_path / "theirs")
+    keys = load_file(str(tmp_path / "theirs" / "adapter_model.safetensors"))
+    assert "base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector" in keys
+    model, base = models.load_hf(checkpoints / "gpt2")
+    params = lj.import_peft(tmp_path / "theirs", base)
+    assert params["transformer"]["h"]["1"]["mlp"]["c_fc"]["lora_magnitude"].shape == (128,)
+    assert lj.peft_lora_config(tmp_path / "theirs").use_dora
+    ours, theirs = np.asarray(lj.apply(model, {"params": params}, jnp.asarray(IDS))), \
+        torch_logits(pm.eval())
+    print(f"PEFT-saved DoRA -> lora_jax: logits rel err {rel_err(ours, theirs):.2e}")
+    assert rel_err(ours, theirs) < RTOL
+    # and back: our export of the imported adapter is PEFT's file, tensor for tensor
+    again = lj.export_peft(tmp_path / "again", params, lj.peft_lora_config(tmp_path / "theirs"),
+                           **models.peft_naming(model))
+    mine = load_file(str(again / "adapter_model.safetensors"))
+    assert set(mine) == set(keys)
+    for k in keys:
+        np.testing.assert_array_equal(mine[k], keys[k])
+
+
+# ---------------------------------------------------------------------------------------------
+# merge, NNX, files, refusals
+# ---------------------------------------------------------------------------------------------
+
+def test_merge_equals_unmerged(checkpoints):  # noqa: F811
+    model, base, params, _ = adapted(checkpoints, "llama", True)
+    ids = jnp.asarray(IDS)
+    merged = lj.merge(params)
+    assert "lora_magnitude" not in str(jax.tree_util.tree_structure(merged))
+    err = rel_err(model.apply({"params": merged}, ids), lj.apply(model, {"params": params}, ids))
+    print(f"merged vs unmerged: rel err {err:.2e}")
+    assert err < RTOL
+
+
+def test_nnx_dora_equals_linen():
+    """NNX layers (Linear and multi-axis LinearGeneral) carry the magnitude like A and B, and
+    give the Linen path's outputs and merge."""
+    config = lj.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True,
+                           init_lora_weights=False)
+    model = NnxNet(nnx.Rngs(0))
+    base = lj.nnx.params(model)
+    layouts = lj.kernel_layouts(LinenNet(), {"params": base}, X)
+    linen = lj.inject(base, config, jax.random.key(1), layouts=layouts)
+    model = lj.nnx.inject(model, config, jax.random.key(1))
+    jax.tree.map(np.testing.assert_array_equal, lj.nnx.params(model), linen)
+    assert model.layers[0].v_proj.lora_magnitude[...].shape == (2, 8)
+    state = nnx.to_pure_dict(nnx.state(model, lj.nnx.LoraParam))
+    assert sum("lora_magnitude" in str(p) for p, _ in
+               jax.tree_util.tree_leaves_with_path(state)) == 6
+    moved = moved_magnitudes(linen, seed=7)
+    lj.nnx.load(model, moved)
+    ref = lj.apply(LinenNet(), {"params": moved}, X)
+    np.testing.assert_allclose(model(X), ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    assert not np.allclose(model(X), lj.apply(LinenNet(), {"params": linen}, X), atol=1e-3)
+    np.testing.assert_allclose(lj.nnx.merge(model)(X), ref, rtol=RTOL,
+                               atol=RTOL * np.abs(ref).max())
+
+
+def test_checkpoint_round_trip_and_trainable_leaves(tmp_path):
+    import flax.linen as nn
+    params = {"q_proj": nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 3)))["params"]}
+    config = lj.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)
+    params = moved_magnitudes(lj.inject(params, config, jax.random.key(1)), seed=1)
+    assert lj.trainable_mask(params)["q_proj"]["lora_magnitude"]
+    assert lj.LoraConfig.from_dict(config.to_dict()) == config
+    lj.save_adapter(tmp_path / "ckpt", params, config)
+    back = lj.load_adapter(tmp_path / "ckpt", lj.split(params)[0])
+    np.testing.assert_array_equal(back["q_proj"]["lora_magnitude"],
+                                  params["q_proj"]["lora_magnitude"])
+    assert lj.adapter_config(tmp_path / "ckpt").use_dora
+    plain_config = lj.LoraConfig(r=2, target_modules=["q_proj"])
+    lj.save_adapter(tmp_path / "plain", lj.inject(lj.split(params)[0], plain_config,
+                                                   jax.random.key(1)), plain_config)
+    with pytest.raises(lj.LoraError, match="lora_magnitude: the model has this leaf"):
+        lj.load_adapter(tmp_path / "plain", params)  # a plain checkpoint into a DoRA model
+
+
+def test_refusals(checkpoints, tmp_path):  # noqa: F811
+    model, _, params, config = adapted(checkpoints, "llama", False)
+    with pytest.raises(lj.LoraError, match="vLLM cannot serve DoRA"):
+        lj.export_peft(tmp_path / "vllm", params, config, uniform_scale=True)
+    out = lj.export_peft(tmp_path / "ok", params, config)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": False}))
+    with pytest.raises(lj.LoraError, match="no use_dora: true"):
+        lj.import_peft(out, lj.split(params)[0])
+    with pytest.raises(lj.LoraError, match="use_dora"):
+        lj.LoraConfig(r=2, target_modules=["q_proj"], use_dora="yes")
+    einsum = nnx.Einsum("bi,io->bo", (4, 3), rngs=nnx.Rngs(0))
+    with pytest.raises(lj.LoraError, match="DoRA on nnx.Einsum"):
+        lj.nnx.inject(einsum, lj.LoraConfig(r=2, target_modules=".*", use_dora=True),
+                      jax.random.key(0))
