@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, dotted
+from lora_jax.tree import LORA_MAGNITUDE
 from sharding.mesh import FSDP, TP, MeshError, axis_size
 
 
@@ -60,6 +61,9 @@ def spec_for(path: str, ndim: int, rules: Rules = DEFAULT_RULES) -> P:
         return _match(path, ndim, rules)
     if leaf == LORA_SCALE:
         return P()
+    if leaf == LORA_MAGNITUDE:  # [*S, out]: its kernel has one more axis
+        kernel = _match(f"{module}.kernel" if module else "kernel", ndim + 1, rules)
+        return derive_adapter_spec(kernel, leaf)
     kernel = _match(f"{module}.kernel" if module else "kernel", ndim, rules)
     return derive_adapter_spec(kernel, leaf)
 
@@ -77,6 +81,8 @@ def derive_adapter_spec(kernel_spec: P, leaf: str) -> P:
         return P(*stack, _without(s_in, FSDP), None)
     if leaf == LORA_B:
         return P(*stack, None, _without(s_out, FSDP))
+    if leaf == LORA_MAGNITUDE:  # DoRA's [*S, out]: one value per output feature, like B's out
+        return P(*stack, _without(s_out, FSDP))
     raise ValueError(f"{leaf!r} is not an adapter leaf with a kernel-derived spec")
 
 
