@@ -45,6 +45,7 @@ class TrainConfig:
     targets: str | tuple[str, ...] = "all-linear"
     rslora: bool = False
     loraplus_ratio: float | None = None
+    dora: bool = False
     # adapters, checkpoints, exports
     adapter_in: str | None = None
     adapter_out: str | None = None
@@ -166,6 +167,9 @@ def _lora_flags(g, d: TrainConfig) -> None:
     g.add_argument("--rslora", action="store_true", help="scale = alpha / sqrt(rank)")
     g.add_argument("--loraplus-ratio", type=float, default=d.loraplus_ratio,
                    help="LoRA+: B's learning rate = this x --lr (e.g. 16); default: plain LoRA")
+    g.add_argument("--dora", action="store_true",
+                   help="DoRA (PEFT's use_dora): a trained magnitude per output feature; its "
+                        "PEFT export loads in PEFT, not in vLLM (serve --export-merged)")
 
 
 def _output_dir_flags(g, d: TrainConfig) -> None:

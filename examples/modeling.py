@@ -120,7 +120,8 @@ def check_targets(targets: str | tuple[str, ...], paths: list[str]) -> None:
 
 def lora_config(cfg: TrainConfig) -> lj.LoraConfig:
     return lj.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                         target_modules=cfg.targets, use_rslora=cfg.rslora)
+                         target_modules=cfg.targets, use_rslora=cfg.rslora,
+                         use_dora=cfg.dora)
 
 
 def head_has_adapter(params: Mapping) -> bool:

@@ -295,7 +295,8 @@ def run_settings(cfg: TrainConfig, lora_cfg: lj.LoraConfig, base_name: str,
             "--scan-layers": cfg.scan_layers, "--batch-size": cfg.batch_size,
             "--seq-len": cfg.seq_len, "--grad-accum": cfg.grad_accum, "--seed": cfg.seed,
             "--data": str(Path(cfg.data).absolute()), "data tokens": token_digest(ids),
-            "--eval-fraction": cfg.eval_fraction}
+            "--eval-fraction": cfg.eval_fraction,
+            **({"--dora": True} if lora_cfg.use_dora else {})}
 
 
 def token_digest(ids: np.ndarray) -> str:

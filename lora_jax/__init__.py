@@ -24,6 +24,7 @@ from lora_jax.layout import KernelLayout, kernel_layouts
 from lora_jax.merge import merge
 from lora_jax.optim import optimizer
 from lora_jax.peft_io import export_peft, import_peft, peft_lora_config
+from lora_jax.peft_io import check_vllm_servable
 from lora_jax.partition import combine, lora_params, split, trainable_mask
 from lora_jax.remat import remat_policy
 from lora_jax.summary import Summary, summary
@@ -39,4 +40,5 @@ __all__ = [
     "save_adapter", "load_adapter", "adapter_config", "TrainCheckpointer", "Restored",
     "CheckpointMismatch", "check_destination", "outputs", "nnx",
     "export_peft", "import_peft", "peft_lora_config", "export_merged", "load_merged",
+    "check_vllm_servable",
 ]

@@ -32,6 +32,7 @@ input rows, so under a split of `in` (row-parallel) the local terms add up by on
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
@@ -138,10 +139,17 @@ def magnitude_leaf(kernel: jax.Array, leaves: Mapping[str, jax.Array], n_stack: 
     Example:
       >>> m = magnitude_leaf(kernel, adapter_leaves(...), 0, jnp.float32)
     """
+    return _stacked_norm(kernel, leaves[LORA_A], leaves[LORA_B], leaves[LORA_SCALE],
+                         n_stack=n_stack).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames="n_stack")
+def _stacked_norm(kernel, a, b, scale, *, n_stack: int) -> jax.Array:
+    # one compiled program per shape: eager op-by-op dispatch made inject slow per module
     norm = materialised_norm
     for _ in range(n_stack):
         norm = jax.vmap(norm)
-    return norm(kernel, leaves[LORA_A], leaves[LORA_B], leaves[LORA_SCALE]).astype(dtype)
+    return norm(kernel, a, b, scale)
 
 
 def check_magnitude(path: str, magnitude: jax.Array, out_shape: tuple[int, ...]) -> None:

@@ -367,6 +367,21 @@ def read_peft_config(path: str | Path) -> dict:
     return cfg
 
 
+def check_vllm_servable(path: str | Path) -> None:
+    """Raise `LoraError` if vLLM cannot serve the PEFT adapter at `path` as an adapter: DoRA
+    (vLLM has no magnitude vector; its LoRA kernels add `x A B` only). Serve the merged model.
+
+    Example:
+      >>> check_vllm_servable("runs/x/peft")    # before `vllm serve ... --lora-modules`
+    """
+    cfg = read_peft_config(path)
+    if cfg.get("use_dora"):
+        raise LoraError(f"{Path(path) / CONFIG_FILE} is a DoRA adapter (use_dora: true): vLLM "
+                        "cannot serve DoRA adapters. Serve the merged model instead "
+                        "(lora_jax.export_merged, or the CLI's --export-merged), which folds "
+                        "the magnitude into the kernels.")
+
+
 def _check_config_fields(cfg: Any, file: Path) -> None:
     """The fields lora_jax reads must be there with usable types (PEFT always writes them)."""
     if not isinstance(cfg, dict):
