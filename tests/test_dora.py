@@ -369,3 +369,29 @@ def test_cli_dora_trains_exports_and_is_refused_for_vllm(tmp_path):
     merged_model, merged = models.load_hf(tmp_path / "merged" / "hf")
     want = lj.apply(base_model, {"params": params}, ids)
     assert rel_err(merged_model.apply({"params": merged}, ids), want) < RTOL
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark, on CPU
+# ---------------------------------------------------------------------------------------------
+
+def test_benchmark_smoke_on_the_tiny_shape():
+    """`benchmarks.dora_vs_peft`'s pieces on CPU, in process: the lora-jax worker's DoRA step
+    trains (bf16), PEFT's DoRA worker steps, and the driver builds the four command lines."""
+    from benchmarks import dora_vs_peft, peft_worker
+    from tests.test_benchmarks_worker import first_losses
+    losses = first_losses(["dora=1"], steps=3)
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    torch.manual_seed(0)
+    model, fwd, opt = peft_worker.build("tiny", False, 4, "cpu", dora=True)
+    assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
+    ids = torch.randint(0, 512, (2, 16))
+    assert np.isfinite(float(peft_worker.train_step(fwd, opt, ids)))
+    ns = type("Args", (), dict(tiny=True, shape="1b", batch=0, seq=2048, steps=1))
+    cmds = {c: dora_vs_peft.command(c, ns) for c in dora_vs_peft.CONFIGS}
+    assert "dora=1" in cmds["jax-dora"] and "dora=0" in cmds["jax-lora"]
+    assert "--dora" in cmds["peft+compile-dora"] and "--compile" in cmds["peft+compile-dora"]
+    assert all("tiny" in c for c in cmds.values())
+    ratios = dora_vs_peft.summary({"jax-dora": {"tokens_per_s": 30.0},
+                                   "peft-eager-dora": {"tokens_per_s": 10.0}})
+    assert ratios["jax-dora / peft-eager-dora"] == 3.0
