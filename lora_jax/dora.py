@@ -122,8 +122,9 @@ def output_term(base: jax.Array, delta: jax.Array, g: jax.Array, dtype: Any) -> 
     Example:
       >>> y = y + output_term(y - bias, lora_delta(x, a, b, s, (1,), jnp.float32), g, jnp.float32)
     """
-    g = g.astype(dtype)
-    return (g - 1).astype(dtype) * base.astype(dtype) + g * delta.astype(dtype)
+    # g - 1 in float32, then cast: g is near 1, where bfloat16's spacing (2^-7) would round the
+    # small rescaling away (PEFT keeps this factor in float32 too)
+    return (g - 1).astype(dtype) * base.astype(dtype) + g.astype(dtype) * delta.astype(dtype)
 
 
 def magnitude_leaf(kernel: jax.Array, leaves: Mapping[str, jax.Array], n_stack: int,

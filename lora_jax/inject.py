@@ -113,9 +113,10 @@ def adapter_leaves(path: str, kernel_shape: tuple[int, ...], layout: KernelLayou
 def with_magnitude(kernel: jax.Array, leaves: Params, layout: KernelLayout,
                    config: LoraConfig) -> Params:
     """`leaves` plus DoRA's `lora_magnitude [*S, *out]`, initialised as PEFT does (the norm of
-    each output feature's adapted weight column; `lora_jax.dora.magnitude_leaf`)."""
-    magnitude = dora.magnitude_leaf(kernel, leaves, layout.n_stack,
-                                    jnp.dtype(config.adapter_dtype))
+    each output feature's adapted weight column; `lora_jax.dora.magnitude_leaf`). Always
+    float32, whatever `adapter_dtype`: its values are O(1) norms whose training updates are
+    ~1e-4 relative, below bfloat16's resolution (PEFT keeps it float32 too)."""
+    magnitude = dora.magnitude_leaf(kernel, leaves, layout.n_stack, jnp.float32)
     return {**leaves, LORA_MAGNITUDE: magnitude}
 
 

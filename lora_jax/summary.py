@@ -6,6 +6,7 @@ from collections import Counter
 from typing import Mapping
 
 from lora_jax.tree import LORA_A, LORA_B, LORA_SCALE, count, filter_leaves, iter_modules
+from lora_jax.tree import LORA_MAGNITUDE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,5 +38,7 @@ def summary(params: Mapping) -> Summary:
     for path, module in iter_modules(params.get("params", params)):
         if LORA_A in module:
             per_target[path.rsplit(".", 1)[-1]] += module[LORA_A].size + module[LORA_B].size
+            if LORA_MAGNITUDE in module:  # DoRA's trained magnitude, as PEFT counts it
+                per_target[path.rsplit(".", 1)[-1]] += module[LORA_MAGNITUDE].size
     total = count(filter_leaves(params.get("params", params), lambda key: key != LORA_SCALE))
     return Summary(trainable=sum(per_target.values()), total=total, per_target=dict(per_target))

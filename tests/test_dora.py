@@ -129,6 +129,30 @@ def test_dense_output_is_the_hand_formula():
     assert np.abs(g - 1).max() > 0.05  # the magnitude acts
 
 
+def test_bfloat16_keeps_small_rescalings():
+    """In bfloat16 compute, a magnitude 0.3% above the norm still rescales the output by 0.3%:
+    g - 1 is formed in float32 before the cast (bfloat16's spacing near 1 is 0.8%, which would
+    round g to 1 and drop the rescaling). Tolerance: 5% of the 0.3% change (bfloat16 outputs
+    carry ~0.4% relative rounding; the change is measured on their difference)."""
+    import flax.linen as nn
+
+    class One(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(64, use_bias=False, dtype=jnp.bfloat16, name="q_proj")(x)
+
+    x = jax.random.normal(jax.random.key(0), (4, 32))
+    params = lj.inject(One().init(jax.random.key(1), x)["params"],
+                       lj.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True),
+                       jax.random.key(2))
+    assert params["q_proj"]["lora_magnitude"].dtype == jnp.float32
+    up = jax.tree_util.tree_map_with_path(
+        lambda p, v: v * 1.003 if p[-1].key == "lora_magnitude" else v, params)
+    y0, y1 = (np.asarray(lj.apply(One(), {"params": p}, x), np.float64) for p in (params, up))
+    ratio = np.sum(y1 * y0) / np.sum(y0 * y0) - 1  # least-squares y1 = (1 + ratio) y0
+    assert abs(ratio - 0.003) < 0.05 * 0.003, ratio
+
+
 # ---------------------------------------------------------------------------------------------
 # against PEFT
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +288,7 @@ def test_checkpoint_round_trip_and_trainable_leaves(tmp_path):
     config = lj.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)
     params = moved_magnitudes(lj.inject(params, config, jax.random.key(1)), seed=1)
     assert lj.trainable_mask(params)["q_proj"]["lora_magnitude"]
+    assert lj.summary(params).trainable == 3 * 2 + 2 * 4 + 4  # A, B and the magnitude
     assert lj.LoraConfig.from_dict(config.to_dict()) == config
     lj.save_adapter(tmp_path / "ckpt", params, config)
     back = lj.load_adapter(tmp_path / "ckpt", lj.split(params)[0])
