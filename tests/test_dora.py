@@ -104,8 +104,8 @@ def test_factored_norm_equals_materialised(shape_in, shape_out):
 
 
 def test_dense_output_is_the_hand_formula():
-    """One Dense with bias: `m / ||W + sAB|| * (x (W + sAB)) + bias`; the norm gets no
-    gradient, so d/dA of the output is the plain LoRA gradient times g."""
+    """One Dense with bias: `m / ||W + sAB|| * (x (W + sAB)) + bias`; and its gradients with
+    the norm a constant (PEFT detaches it): A's and B's are plain LoRA's times g."""
     import flax.linen as nn
     layer = nn.Dense(6, name="q_proj")
     x = jax.random.normal(jax.random.key(0), (3, 5))
@@ -127,6 +127,19 @@ def test_dense_output_is_the_hand_formula():
     got = lj.apply(One(), {"params": params}, x)
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * np.abs(want).max())
     assert np.abs(g - 1).max() > 0.05  # the magnitude acts
+    # gradients of <c, y> with the norm a constant: dA = s x^T (c g) B^T, dB = s (x A)^T (c g),
+    # dm = sum_rows c * (x (W + sAB)) / norm
+    c = np.asarray(jax.random.normal(jax.random.key(6), want.shape), np.float64)
+    frozen, adapters = lj.split(params)
+    grads = jax.grad(lambda ad: jnp.sum(jnp.asarray(c, jnp.float32) * lj.apply(
+        One(), {"params": lj.combine(frozen, ad)}, x)))(adapters)["q_proj"]
+    xd = np.asarray(x, np.float64)
+    hand = {"lora_a": 1.5 * xd.T @ ((c * g) @ p["lora_b"].T),
+            "lora_b": 1.5 * (xd @ p["lora_a"]).T @ (c * g),
+            "lora_magnitude": np.sum(c * (xd @ adapted), axis=0) / np.linalg.norm(adapted, axis=0)}
+    for name, ref in hand.items():
+        np.testing.assert_allclose(grads[name], ref, rtol=RTOL, atol=RTOL * np.abs(ref).max(),
+                                   err_msg=name)
 
 
 def test_bfloat16_keeps_small_rescalings():
