@@ -9,7 +9,8 @@
     finish   merge, summary
     save     save_adapter, load_adapter, adapter_config, TrainCheckpointer, Restored,
              CheckpointMismatch, check_destination (what overwrite may replace)
-    export   export_peft, import_peft, peft_lora_config, export_merged, load_merged
+    export   export_peft, import_peft, peft_lora_config, export_merged, load_merged,
+             check_vllm_servable (DoRA adapters are refused)
     nnx      lora_jax.nnx: inject, merge, params, load for Flax NNX models (same files)
 """
 from lora_jax import nnx, outputs

@@ -16,6 +16,8 @@ a sharded layer puts its collectives between them:
                                    partial product, before its one reduction)
     name_output(y)                 the adapted output, named for remat
     adapt(module, x, y, adapter)   all of it, for a layer that is not split
+    dora_delta(module, y, ...)     DoRA's term instead of the plain delta, when the adapter has a
+                                   magnitude (the norms and factors: `lora_jax.dora`)
 
 A variant (DoRA's magnitude, a per-row adapter index, a quantised base) is a change to
 `Adapter`, `read_adapter` and these functions, and to their tests; the callers stay as they are.

@@ -30,6 +30,10 @@ be ordered `[*in, *out]` (contracted axes first) as `KernelLayout` assumes, and 
 is put in the output's axis order. Einsums with kernel axes that are batch axes (in input, kernel
 and output) or summed away, or with `...` in the kernel operand, are refused by name.
 
+DoRA (`LoraConfig(use_dora=True)`): the magnitude `lora_magnitude` is a `LoraParam` beside A and
+B, and the layer's output is rescaled as in the Linen path (`lora_jax.dora`); `nnx.Einsum`
+layers refuse it.
+
 Not yet: LoRA dropout draws equal to the Linen path's.
 """
 from __future__ import annotations
