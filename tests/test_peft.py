@@ -237,8 +237,7 @@ def test_per_layer_alpha_into_scanned_tree(checkpoints, tmp_path):
 # Bad input: a clear LoraError, nothing overwritten
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra,message", [
-    ({"use_dora": True}, "DoRA"),
+@pytest.mark.parametrize("extra,message", [  # DoRA loads now: tests/test_dora.py
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"bias": "lora_only"}, "bias='lora_only'"),
 ])
