@@ -175,6 +175,9 @@ def test_logits_and_gradients_equal_peft(checkpoints, tmp_path, family, scan):  
     model, base, params, config = adapted(checkpoints, family, scan)
     pm, out = peft_of(checkpoints, tmp_path, model, params, config, family)
     assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    # the export reads back exactly (magnitudes restacked for the scanned tree)
+    jax.tree.map(np.testing.assert_array_equal, lj.lora_params(lj.import_peft(out, base)),
+                 lj.lora_params(params))
     ids = jnp.asarray(IDS)
     frozen, adapters = lj.split(params)
     (loss, logits), grads = jax.value_and_grad(loss_of(model, frozen, ids), has_aux=True)(adapters)
