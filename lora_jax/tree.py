@@ -23,8 +23,9 @@ TRAINABLE_LEAVES = (LORA_A, LORA_B)
 # DoRA's trained magnitude `[*S, *out]` (only with LoraConfig(use_dora=True); optional: code that
 # walks ADAPTER_LEAVES must skip a leaf a module does not hold).
 LORA_MAGNITUDE = "lora_magnitude"
-ADAPTER_LEAVES = ADAPTER_LEAVES + (LORA_MAGNITUDE,)
-TRAINABLE_LEAVES = TRAINABLE_LEAVES + (LORA_MAGNITUDE,)
+# type(...)(...) keeps whatever tuple type these names have (a tuple subclass stays one).
+ADAPTER_LEAVES = type(ADAPTER_LEAVES)((*ADAPTER_LEAVES, LORA_MAGNITUDE))
+TRAINABLE_LEAVES = type(TRAINABLE_LEAVES)((*TRAINABLE_LEAVES, LORA_MAGNITUDE))
 
 Params = dict[str, Any]
 
