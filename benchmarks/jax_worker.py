@@ -13,7 +13,9 @@ fp8=1: another quantisation recipe from `benchmarks.fp8_recipes`, e.g. fwd_only)
 fp8_skip=q_proj+k_proj (with fp8=1: projections kept in bf16, `base_fp8_skip`),
 init=hf|scaled (hf: every kernel normal(0.02), as transformers initialises Llama; scaled: the
 residual-branch outputs o_proj and down_proj divided by sqrt(2 L), Megatron's "scaled init";
-on the 8B shape it did not reduce the FP8 forward's drift, see `benchmarks.fp8_drift`).
+on the 8B shape it did not reduce the FP8 forward's drift, see `benchmarks.fp8_drift`),
+dora=1|0 (DoRA, `LoraConfig(use_dora=True)`: a trained magnitude per output feature,
+`benchmarks.dora_vs_peft`).
 """
 import argparse
 import dataclasses
@@ -48,6 +50,7 @@ PEAK_BF16 = 790e12
 DEFAULTS = {"remat": "dots_saveable", "attn": "cudnn", "adapter_dtype": "bfloat16",
             "ce": "fused", "chunk": "4096", "scan": "1", "triton_gemm": "1", "fp8": "0",
             "cmdbuf": "1", "fp8_recipe": "tensor_e5m2", "init": "hf", "fp8_skip": ""}
+DEFAULTS["dora"] = "0"  # dora=1: LoraConfig(use_dora=True)
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 
 
@@ -94,7 +97,7 @@ def build(shape: str, opts: dict, batch: int, seq: int, rank: int = 16):
                                    base_fp8=opts["fp8"] == "1",
                                    base_fp8_skip=projection_names(opts["fp8_skip"]))
     lora_cfg = lj.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
-                             adapter_dtype=opts["adapter_dtype"])
+                             adapter_dtype=opts["adapter_dtype"], use_dora=opts["dora"] == "1")
 
     @jax.jit
     def init(key):

@@ -15,7 +15,7 @@ from benchmarks.shapes import SHAPES, TARGETS, flops_per_token
 PEAK_BF16 = 790e12  # measured bf16 matmul rate of one H200 (device/KINDS.md)
 
 
-def build(shape: str, compile_: bool, rank: int, device: str = "cuda"):
+def build(shape: str, compile_: bool, rank: int, device: str = "cuda", dora: bool = False):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(**{k: v for k, v in SHAPES[shape].items() if k != "model_type"})
@@ -25,7 +25,7 @@ def build(shape: str, compile_: bool, rank: int, device: str = "cuda"):
         model = LlamaForCausalLM(cfg)
     torch.set_default_dtype(torch.float32)
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
-                                             lora_dropout=0.0))
+                                             lora_dropout=0.0, use_dora=dora))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                             betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     fwd = torch.compile(model) if compile_ else model
@@ -51,9 +51,10 @@ def main():
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--device", default="cuda", help="cpu: smoke test only")
+    ap.add_argument("--dora", action="store_true", help="PEFT's DoRA (use_dora=True)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    model, fwd, opt = build(args.shape, args.compile, args.rank, args.device)
+    model, fwd, opt = build(args.shape, args.compile, args.rank, args.device, args.dora)
     vocab = SHAPES[args.shape]["vocab_size"]
     ids = torch.randint(0, vocab, (args.batch, args.seq), device=args.device)
 
@@ -76,7 +77,8 @@ def main():
     tokens = args.batch * args.seq
     tps = tokens / dt
     print(json.dumps({
-        "framework": "peft+compile" if args.compile else "peft-eager", "shape": args.shape,
+        "framework": ("peft+compile" if args.compile else "peft-eager") + (
+            "+dora" if args.dora else ""), "shape": args.shape,
         "batch": args.batch, "seq": args.seq, "step_s": dt, "tokens_per_s": tps,
         "peak_gib": (torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0),
         "mfu": tps * flops_per_token(SHAPES[args.shape], args.seq) / PEAK_BF16,

@@ -59,6 +59,7 @@ def main() -> int:
         print("error: set LORA_JAX_VLLM_PYTHON to a python with vLLM, and run `make demo` first "
               f"(it writes {PEFT})", file=sys.stderr)
         return 2
+    lj.check_vllm_servable(PEFT)  # a DoRA adapter (--dora) is refused here, by name
     tok = models.load_tokenizer(BASE)
     _, held_out = demo_task.swap_words(tok)
     texts = [demo_task.swap_prompt(a, b)[0] for a, b in demo_task.swap_pairs(held_out, 6, 1)]

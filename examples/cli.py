@@ -48,6 +48,7 @@ class TrainConfig:
     adapter_name: str = "default"
     modules_to_save: tuple[str, ...] | None = None
     init: str = "default"
+    dora: bool = False
     # adapters, checkpoints, exports
     adapter_in: str | None = None
     adapter_out: str | None = None
@@ -197,6 +198,9 @@ def _lora_flags(g, d: TrainConfig) -> None:
                         "pissa, pissa_niter_K (K an integer: randomized SVD) or olora; pissa and "
                         "olora also change the base (the exports are converted for the original "
                         "base)")
+    g.add_argument("--dora", action="store_true",
+                   help="DoRA (PEFT's use_dora): a trained magnitude per output feature; its "
+                        "PEFT export loads in PEFT, not in vLLM (serve --export-merged)")
 
 
 def _output_dir_flags(g, d: TrainConfig) -> None:

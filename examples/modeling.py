@@ -124,7 +124,8 @@ def lora_config(cfg: TrainConfig) -> lj.LoraConfig:
     return lj.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                          target_modules=cfg.targets, use_rslora=cfg.rslora,
                          modules_to_save=getattr(cfg, "modules_to_save", None),
-                         init_lora_weights=True if cfg.init == "default" else cfg.init)
+                         init_lora_weights=True if cfg.init == "default" else cfg.init,
+                         use_dora=cfg.dora)
 
 
 def head_has_adapter(params: Mapping) -> bool:

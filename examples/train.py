@@ -324,14 +324,15 @@ def run_settings(cfg: TrainConfig, lora_cfg: lj.LoraConfig, base_name: str,
     return {"--rank": lora_cfg.r, "--alpha": lora_cfg.lora_alpha,
             "--targets": lora_cfg.to_dict()["target_modules"], "--rslora": lora_cfg.use_rslora,
             "--dropout": lora_cfg.lora_dropout, "--model": base_name,
-            "--init": cfg.init,
+            **({"--init": cfg.init} if cfg.init != "default" else {}),
             "--scan-layers": cfg.scan_layers, "--batch-size": cfg.batch_size,
             "--seq-len": cfg.seq_len, "--grad-accum": cfg.grad_accum, "--seed": cfg.seed,
             "--data": str(Path(cfg.data).absolute()), "data tokens": token_digest(ids),
             "--eval-fraction": cfg.eval_fraction,
             # only when set, so settings written before the flag existed still compare equal
             **({"--modules-to-save": list(lora_cfg.modules_to_save)}
-               if lora_cfg.modules_to_save else {})}
+               if lora_cfg.modules_to_save else {}),
+            **({"--dora": True} if lora_cfg.use_dora else {})}
 
 
 def token_digest(ids: np.ndarray) -> str:

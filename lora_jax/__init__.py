@@ -9,7 +9,8 @@
     finish   merge, summary
     save     save_adapter, load_adapter, adapter_config, TrainCheckpointer, Restored,
              CheckpointMismatch, check_destination (what overwrite may replace)
-    export   export_peft, import_peft, peft_lora_config, export_merged, load_merged
+    export   export_peft, import_peft, peft_lora_config, export_merged, load_merged,
+             check_vllm_servable (DoRA adapters are refused)
     nnx      lora_jax.nnx: inject, merge, params, load for Flax NNX models (same files)
     named    several adapters by name: adapter_names, delete_adapter, rename_adapter,
              add_weighted_adapter, export_peft_adapters, import_peft_adapters (the rest,
@@ -33,6 +34,7 @@ from lora_jax.merge import merge
 from lora_jax.optim import optimizer
 from lora_jax.peft_io import export_peft, import_peft, peft_lora_config
 from lora_jax.peft_io import export_peft_adapters, import_peft_adapters
+from lora_jax.peft_io import check_vllm_servable
 from lora_jax.partition import combine, lora_params, split, trainable_mask
 from lora_jax.remat import remat_policy
 from lora_jax.summary import Summary, summary
@@ -51,4 +53,5 @@ __all__ = [
     "export_peft", "import_peft", "peft_lora_config", "export_merged", "load_merged",
     "named", "adapter_names", "delete_adapter", "rename_adapter", "add_weighted_adapter",
     "export_peft_adapters", "import_peft_adapters",
+    "check_vllm_servable",
 ]

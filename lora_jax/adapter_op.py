@@ -19,6 +19,8 @@ a sharded layer puts its collectives between them:
     name_output(y)                 the adapted output, named for remat
     adapt(module, x, y, adapter)   all of it, for a layer that is not split
     adapt_embedding / adapt_attend an `nn.Embed` table's adapter: the lookup, and a tied head
+    dora_delta(module, y, ...)     DoRA's term instead of the plain delta, when the adapter has a
+                                   magnitude (the norms and factors: `lora_jax.dora`)
 
 A variant (DoRA's magnitude, a per-row adapter index, a quantised base) is a change to
 `Adapter`, `read_adapter` and these functions, and to their tests; the callers stay as they are.
@@ -38,7 +40,9 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from lora_jax.tree import DEFAULT_ADAPTER, LORA_A, LORA_B, LORA_SCALE, NAMED
+from lora_jax import dora
+from lora_jax.errors import LoraError
+from lora_jax.tree import DEFAULT_ADAPTER, LORA_A, LORA_B, LORA_MAGNITUDE, LORA_SCALE, NAMED
 
 ADAPTED_OUTPUT = "lora_adapted_output"  # base(x) + delta, the layer's output
 ADAPTER_HIDDEN = "lora_hidden"  # scale * x @ A, [..., r]
@@ -52,11 +56,13 @@ class Adapter(NamedTuple):
       a: `lora_a` [*in, r].
       b: `lora_b` [r, *out].
       scale: `lora_scale` [], frozen (alpha / r, or alpha / sqrt(r) with rsLoRA).
+      magnitude: DoRA's `lora_magnitude` [*out], or None for plain LoRA (`lora_jax.dora`).
     """
 
     a: jax.Array
     b: jax.Array
     scale: jax.Array
+    magnitude: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -148,11 +154,14 @@ def read_adapter(module: Any) -> Adapter | None:
     found = []
     if module.has_variable("params", LORA_A) and (selection is None
                                                   or DEFAULT_ADAPTER in selection):
+        magnitude = (module.get_variable("params", LORA_MAGNITUDE)
+                     if module.has_variable("params", LORA_MAGNITUDE) else None)
         found.append(Adapter(*(module.get_variable("params", n)
-                               for n in (LORA_A, LORA_B, LORA_SCALE))))
+                               for n in (LORA_A, LORA_B, LORA_SCALE)), magnitude=magnitude))
     if module.has_variable("params", NAMED):
         named = module.get_variable("params", NAMED)
-        found += [Adapter(*(named[name][n] for n in (LORA_A, LORA_B, LORA_SCALE)))
+        found += [Adapter(*(named[name][n] for n in (LORA_A, LORA_B, LORA_SCALE)),
+                          magnitude=named[name].get(LORA_MAGNITUDE))
                   for name in named if selection is None or name in selection]
     if not found:
         return None
@@ -170,6 +179,9 @@ def concat_adapters(adapters: list[Adapter]) -> Adapter:
     """
     scales = [jnp.broadcast_to(jnp.asarray(ad.scale, jnp.float32)[..., None],
                                (*jnp.shape(ad.scale), ad.a.shape[-1])) for ad in adapters]
+    if any(ad.magnitude is not None for ad in adapters):
+        raise LoraError("several DoRA adapters of one layer cannot run as one (each has its own "
+                        "weight norm): select one with lj.apply(..., adapters=(name,)).")
     return Adapter(jnp.concatenate([ad.a for ad in adapters], axis=-1),
                    jnp.concatenate([ad.b for ad in adapters], axis=b_rank_axis(adapters[0])),
                    jnp.concatenate(scales, axis=-1))
@@ -295,7 +307,10 @@ def adapt(module: Any, x: jax.Array, y: jax.Array, adapter: Adapter, *,
     """
     dropped = dropout(module, x)
     x_in = x if dropped is None else dropped
-    return name_output(add_delta(y, lora_delta(x_in, *adapter, in_axes, dtype)))
+    delta = lora_delta(x_in, adapter.a, adapter.b, adapter.scale, in_axes, dtype)
+    if adapter.magnitude is not None:
+        delta = dora_delta(module, y, dropped, adapter, delta, in_axes=in_axes, dtype=dtype)
+    return name_output(add_delta(y, delta))
 
 
 def embedding_delta(ids: jax.Array, adapter: Adapter, dtype: Any) -> jax.Array:
@@ -336,3 +351,35 @@ def adapt_attend(x: jax.Array, y: jax.Array, adapter: Adapter, *, dtype: Any) ->
     h = name_hidden(h * jax.lax.stop_gradient(jnp.asarray(adapter.scale, dtype)))
     delta = jnp.tensordot(h, adapter.a.astype(dtype), axes=((h.ndim - 1,), (1,)))
     return name_output(add_delta(y, delta))
+
+
+def dora_delta(module: Any, y: jax.Array, dropped: jax.Array | None, adapter: Adapter,
+               delta: jax.Array, *, in_axes: tuple[int, ...], dtype: Any) -> jax.Array:
+    """DoRA's whole addition to a Linen layer's output `y` (PEFT's `DoraLinearLayer.forward`):
+    `(g - 1) * base + g * delta`, `g = m / ||W + s A B||` (`lora_jax.dora`).
+
+    Args:
+      module: the adapted Linen layer: its `kernel` (and `bias`) are read for the norm and base.
+      y: the base output (bias included); dropped: the dropped adapter input, or None.
+      adapter: the layer's `Adapter` (with `magnitude`); delta: `s * (x_d A) B`.
+      in_axes: the input's contracted axes; dtype: the compute dtype.
+
+    Returns:
+      The term to add to `y`, in `dtype`.
+
+    Example:
+      >>> y = add_delta(y, dora_delta(self, y, None, adapter, delta, in_axes=(1,), dtype=f32))
+    """
+    kernel = module.get_variable("params", "kernel")
+    out_shape = kernel.shape[len(in_axes):]
+    dora.check_magnitude(".".join(module.path), adapter.magnitude, out_shape)
+    g = dora.factor(adapter.magnitude,
+                    dora.weight_norm_sq(kernel, adapter.a, adapter.b, adapter.scale))
+    if dropped is None:  # y - bias is x @ W: no second matmul
+        bias = (module.get_variable("params", "bias") if module.has_variable("params", "bias")
+                else None)
+        base = y if bias is None else y - bias.astype(y.dtype)
+    else:  # PEFT runs the base matmul again on the dropped input
+        base = jnp.tensordot(dropped.astype(dtype), kernel.astype(dtype),
+                             axes=(in_axes, tuple(range(len(in_axes)))))
+    return dora.output_term(base, delta, g, dtype)

@@ -208,6 +208,11 @@ def fit_problems(stored: Mapping[str, Mapping], modules: Mapping[str, Mapping]) 
             problems.append(f"{path}: the adapter fits a kernel of shape {list(want)}, the model's "
                             f"kernel is {list(np.shape(module['kernel']))}")
         for leaf in ADAPTER_LEAVES:
+            if leaf in module and leaf not in record and LORA_A in record:  # a DoRA model, a
+                # plain checkpoint
+                problems.append(f"{path}.{leaf}: the model has this leaf, the checkpoint has "
+                                "not (load into the base tree, lora_jax.split(params)[0])")
+                continue
             if leaf in module and leaf in record and (
                     list(np.shape(module[leaf])) != record[leaf]["shape"]):
                 problems.append(f"{path}.{leaf}: checkpoint shape {record[leaf]['shape']}, model "

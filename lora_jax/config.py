@@ -44,6 +44,8 @@ class LoraConfig:
       ensure_weight_tying: PEFT's flag: with an embedding adapter, the tied output head
         (`nn.Embed.attend`) runs the adapted table too (the transposed delta). Off, as in PEFT,
         a tied head stays on the base table.
+      use_dora: DoRA (weight-decomposed LoRA, PEFT's `use_dora`): a trained `lora_magnitude`
+        leaf per output feature rescales each adapted column (`lora_jax.dora`).
 
     Example:
       >>> cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
@@ -64,6 +66,7 @@ class LoraConfig:
     output_head_names: Sequence[str] = ("lm_head",)
     modules_to_save: Sequence[str] | None = None
     ensure_weight_tying: bool = False
+    use_dora: bool = False
 
     def __post_init__(self):
         for name in ("target_modules", "exclude_modules", "output_head_names", "modules_to_save"):
@@ -99,6 +102,8 @@ class LoraConfig:
         _check_init(self.init_lora_weights)
         for key in (*self.rank_pattern, *self.alpha_pattern):
             _compile("a rank/alpha_pattern key", key)
+        if not isinstance(self.use_dora, bool):
+            raise LoraError(f"LoraConfig.use_dora = {self.use_dora!r}: pass True or False.")
 
     def rank_for(self, path: str) -> int:
         """The rank of the adapter at dotted module `path` (rank_pattern, else `r`)."""

@@ -8,11 +8,12 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from lora_jax import inits
+from lora_jax import dora, inits
 from lora_jax.config import ALL_LINEAR, LoraConfig, matches_modules, pattern_key
 from lora_jax.errors import LoraError
 from lora_jax import named
 from lora_jax.layout import KernelLayout, default_layout
+from lora_jax.tree import LORA_MAGNITUDE
 from lora_jax.tree import (LORA_A, LORA_B, LORA_SCALE, Params, has_adapter, iter_modules,
                            map_modules, unwrap_variables)
 from lora_jax.tree import DEFAULT_ADAPTER
@@ -69,12 +70,19 @@ def inject(params: Mapping, config: LoraConfig, rng: jax.Array, *,
         if path not in targets:
             return module
         if is_embedding(module):
+            if config.use_dora:
+                raise LoraError(f"use_dora=True and {path!r} is an embedding table: DoRA is for "
+                                "Dense kernels here; leave the embedding out of target_modules "
+                                "or train it without DoRA.")
             return {**module, **embedding_adapter_leaves(path, tuple(module[EMBEDDING].shape),
                                                          config, rng)}
         layout = layouts.get(path) or default_layout(path, tuple(module["kernel"].shape))
         leaves = adapter_leaves(path, module["kernel"].shape, layout, config, rng)
         if inits.is_base_changing(config.init_lora_weights):  # PiSSA / OLoRA: kernel rewritten
-            return inits.base_changing_module(path, module, leaves, layout, config, rng)
+            module = inits.base_changing_module(path, module, leaves, layout, config, rng)
+            leaves = {k: module[k] for k in leaves}
+        if config.use_dora:  # the norm of the adapted weight (with PiSSA: the original kernel)
+            leaves = with_magnitude(module["kernel"], leaves, layout, config)
         return {**module, **leaves}
 
     return rewrap(map_modules(tree, add, leaves=MODULE_LEAVES))
@@ -135,6 +143,16 @@ def adapter_leaves(path: str, kernel_shape: tuple[int, ...], layout: KernelLayou
         b = jnp.zeros((*stack, rank, *outs), dtype)
     scale = jnp.full(stack, config.scale_for(path), jnp.float32)
     return {LORA_A: a, LORA_B: b, LORA_SCALE: scale}
+
+
+def with_magnitude(kernel: jax.Array, leaves: Params, layout: KernelLayout,
+                   config: LoraConfig) -> Params:
+    """`leaves` plus DoRA's `lora_magnitude [*S, *out]`, initialised as PEFT does (the norm of
+    each output feature's adapted weight column; `lora_jax.dora.magnitude_leaf`). Always
+    float32, whatever `adapter_dtype`: its values are O(1) norms whose training updates are
+    ~1e-4 relative, below bfloat16's resolution (PEFT keeps it float32 too)."""
+    magnitude = dora.magnitude_leaf(kernel, leaves, layout.n_stack, jnp.float32)
+    return {**leaves, LORA_MAGNITUDE: magnitude}
 
 
 def init_a(scheme, key, shape, fan_in: int, rank: int, dtype) -> jax.Array:

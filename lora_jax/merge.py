@@ -7,12 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import named
+from lora_jax import dora, named
 from lora_jax.errors import LoraError
 from lora_jax.tree import (ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, NAMED, Params,
                            has_adapter, map_modules, unwrap_variables)
 from lora_jax.tree import EMBEDDING, is_embedding, use_saved
 from lora_jax.embedding import merged_embedding
+from lora_jax.tree import LORA_MAGNITUDE
 
 
 def merge(params: Mapping, *, check_finite: bool = True,
@@ -80,8 +81,11 @@ def delta(a: jax.Array, b: jax.Array, kernel_ndim: int) -> jax.Array:
 
 
 def merged_kernel(module: Mapping) -> jax.Array:
-    """One module's `kernel + scale * A @ B`, cast back to the kernel's dtype."""
+    """One module's `kernel + scale * A @ B`, cast back to the kernel's dtype (with DoRA's
+    magnitude: `m / ||W + s A B|| * (W + s A B)`, as PEFT merges it)."""
     kernel = module["kernel"]
+    if LORA_MAGNITUDE in module:
+        return dora.merged_stack(module).astype(kernel.dtype)
     d = delta(module[LORA_A], module[LORA_B], kernel.ndim)
     scale = jnp.asarray(module[LORA_SCALE], jnp.float32)
     scale = scale.reshape(scale.shape + (1,) * (kernel.ndim - scale.ndim))

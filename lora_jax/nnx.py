@@ -30,6 +30,10 @@ be ordered `[*in, *out]` (contracted axes first) as `KernelLayout` assumes, and 
 is put in the output's axis order. Einsums with kernel axes that are batch axes (in input, kernel
 and output) or summed away, or with `...` in the kernel operand, are refused by name.
 
+DoRA (`LoraConfig(use_dora=True)`): the magnitude `lora_magnitude` is a `LoraParam` beside A and
+B, and the layer's output is rescaled as in the Linen path (`lora_jax.dora`); `nnx.Einsum`
+layers refuse it.
+
 Not yet: LoRA dropout draws equal to the Linen path's.
 """
 from __future__ import annotations
@@ -45,11 +49,13 @@ from lora_jax.config import LoraConfig
 from lora_jax.config import ALL_LINEAR, matches_modules
 from lora_jax.errors import LoraError
 from lora_jax.finite import check_finite
-from lora_jax.inject import _check_patterns, adapter_leaves, select_targets
+from lora_jax import dora
+from lora_jax.inject import _check_patterns, adapter_leaves, select_targets, with_magnitude
 from lora_jax.inits import base_changing_module, is_base_changing
 from lora_jax.layout import KernelLayout, default_layout
 from lora_jax.merge import merged_kernel
 from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_SCALE, Params, modules_of
+from lora_jax.tree import LORA_MAGNITUDE
 
 
 class LoraParam(nnx.Param):
@@ -62,13 +68,40 @@ class LoraScale(nnx.Variable):
 
 def adapted_output(layer: nnx.Module, x: jax.Array, y: jax.Array,
                    in_axes: tuple[int, ...]) -> jax.Array:
-    """`y + scale * (dropout(x) @ A) @ B` for a LoRA-carrying layer, through the adapter op."""
+    """`y + scale * (dropout(x) @ A) @ B` for a LoRA-carrying layer, through the adapter op
+    (DoRA's rescaled term when the layer carries a `lora_magnitude`)."""
     dtype = compute_dtype(layer.dtype, x, layer.kernel[...])
     dropout = getattr(layer, "lora_dropout", None)
     x_in = x if dropout is None else dropout(x)
     delta = lora_delta(x_in, layer.lora_a[...], layer.lora_b[...], layer.lora_scale[...],
                        in_axes, dtype)
+    if hasattr(layer, LORA_MAGNITUDE):
+        delta = _dora_term(layer, x_in if dropout is not None else None, y, delta, in_axes,
+                           dtype)
     return name_output(add_delta(y, delta))
+
+
+def _dora_term(layer: nnx.Module, dropped: jax.Array | None, y: jax.Array, delta: jax.Array,
+               in_axes: tuple[int, ...], dtype) -> jax.Array:
+    """DoRA's addition to an NNX layer's output, by the rule of `adapter_op.dora_delta`."""
+    kernel, a, b = layer.kernel[...], layer.lora_a[...], layer.lora_b[...]
+    magnitude = getattr(layer, LORA_MAGNITUDE)[...]
+    dora.check_magnitude(type(layer).__name__, magnitude, kernel.shape[len(in_axes):])
+    g = dora.factor(magnitude, dora.weight_norm_sq(kernel, a, b, layer.lora_scale[...]))
+    if dropped is None:
+        bias = getattr(layer, "bias", None)
+        base = y if bias is None else y - bias[...].astype(y.dtype)
+    else:
+        base = jnp.tensordot(dropped.astype(dtype), kernel.astype(dtype),
+                             axes=(in_axes, tuple(range(len(in_axes)))))
+    return dora.output_term(base, delta, g, dtype)
+
+
+def _check_dora_layer(path: str, layer: nnx.Module) -> None:
+    if isinstance(layer, nnx.Einsum):
+        raise LoraError(f"{path}: DoRA on nnx.Einsum layers is not supported (their output axes "
+                        "may be permuted against the kernel's); exclude it (exclude_modules) or "
+                        "use plain LoRA.")
 
 
 class LoraLinear(nnx.Linear):
@@ -238,6 +271,9 @@ def inject(model: nnx.Module, config: LoraConfig, rng: jax.Array, *,
                                           layout_of(path, layer), config, rng)
             layer.kernel[...] = module.pop("kernel")
             leaves = module
+        if config.use_dora:
+            _check_dora_layer(path, layer)  # before the norm is computed for nothing
+            leaves = with_magnitude(layer.kernel[...], leaves, layout_of(path, layer), config)
         _attach(layer, leaves)
         if config.lora_dropout > 0:
             layer.lora_dropout = nnx.Dropout(config.lora_dropout, rngs=rngs)
@@ -347,7 +383,7 @@ def load(model: nnx.Module, tree: Mapping) -> nnx.Module:
         raise LoraError(f"the tree does not fit the model: adapters in the model but not the "
                         f"tree: {missing[:5]}; in the tree but no such layer: {unknown[:5]}")
     for path, module in with_adapters.items():
-        _attach(layers[path], {k: module[k] for k in ADAPTER_LEAVES})
+        _attach(layers[path], {k: module[k] for k in ADAPTER_LEAVES if k in module})
     return model
 
 
@@ -373,7 +409,7 @@ def merge(model: nnx.Module, *, check_finite_values: bool = True) -> nnx.Module:
         if not hasattr(layer, LORA_A):
             continue
         module = {"kernel": layer.kernel[...], **{k: getattr(layer, k)[...]
-                                                    for k in ADAPTER_LEAVES}}
+                                                    for k in ADAPTER_LEAVES if hasattr(layer, k)}}
         kernel = merged_kernel(module)
         if check_finite_values:
             check_finite({path: kernel}, "lora_jax.nnx.merge")
@@ -394,7 +430,11 @@ def _module_view(layer: nnx.Module) -> dict:
 
 def _attach(layer: nnx.Module, leaves: Mapping[str, Any]) -> None:
     """Set (or replace, same shapes) the adapter variables and make the layer a LoRA layer."""
+    if LORA_MAGNITUDE in leaves:
+        _check_dora_layer(type(layer).__name__, layer)
     for name in ADAPTER_LEAVES:
+        if name not in leaves:  # an optional leaf (DoRA's magnitude) this adapter lacks
+            continue
         value = jnp.asarray(leaves[name])
         if hasattr(layer, name):
             if getattr(layer, name)[...].shape != value.shape:

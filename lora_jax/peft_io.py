@@ -44,6 +44,7 @@ from lora_jax.tree import DEFAULT_ADAPTER, host_array, modules_of, nest, unwrap_
 from lora_jax import peft_targets
 from lora_jax.saved import MODULE_LEAVES
 from lora_jax.tree import SAVED_PREFIX, is_embedding, is_saved_leaf, iter_modules
+from lora_jax.tree import LORA_MAGNITUDE
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -63,6 +64,9 @@ UNSUPPORTED.pop("modules_to_save", None)
 # Initialisations after which the adapter is only right on a *changed* base (PEFT stores the base
 # change separately or expects a conversion): loading them onto the original base is wrong.
 BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
+# DoRA loads and saves (`lora_jax.dora`): its magnitude is `<module>.lora_magnitude_vector [out]`.
+UNSUPPORTED.pop("use_dora")
+MAGNITUDE_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_magnitude_vector")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,7 @@ class TorchAdapter:
     a: np.ndarray
     b: np.ndarray
     scale: np.float32
+    magnitude: np.ndarray | None = None  # DoRA's [out]
 
     @property
     def rank(self) -> int:
@@ -131,6 +136,12 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
     if not adapters:
         raise LoraError("export_peft: the tree holds no adapters; pass the injected params.")
     rslora = bool(config and config.use_rslora)
+    use_dora = any(ad.magnitude is not None for ad in adapters)
+    if use_dora and uniform_scale:
+        raise LoraError("export_peft(uniform_scale=True) prepares an adapter for vLLM, and vLLM "
+                        "cannot serve DoRA adapters (it has no magnitude vector). Serve the "
+                        "merged model instead (lora_jax.export_merged / --export-merged), or "
+                        "export without uniform_scale for PEFT.")
     if uniform_scale:
         adapters = _fold_scales(adapters)
     alphas = {ad.name: alpha_for(ad, rslora, config) for ad in adapters}
@@ -144,6 +155,12 @@ def export_peft(path: str | Path, params: Mapping, config: LoraConfig | None = N
     for ad in adapters:
         tensors[f"{PREFIX}{ad.name}.lora_A.weight"] = np.ascontiguousarray(ad.a)
         tensors[f"{PREFIX}{ad.name}.lora_B.weight"] = np.ascontiguousarray(ad.b)
+        if ad.magnitude is not None:
+            tensors[f"{PREFIX}{ad.name}.lora_magnitude_vector"] = np.ascontiguousarray(
+                ad.magnitude)
+    if use_dora:
+        _check_all_dora(adapters)
+        peft_config["use_dora"] = True
     _add_extra_targets(tensors, peft_config, adapters, tree, config, fan_in_fan_out)
 
     def write(tmp: Path) -> None:
@@ -183,18 +200,31 @@ def torch_adapters(tree: Mapping, container: str | None) -> list[TorchAdapter]:
         if LORA_A not in module:
             continue
         a, b, scale = (host_array(module[k]) for k in (LORA_A, LORA_B, LORA_SCALE))
+        mag = host_array(module[LORA_MAGNITUDE]) if LORA_MAGNITUDE in module else None
         if scale.ndim > 1:
             raise LoraError(f"{path}: adapters with {scale.ndim} stacked axes (nested scans) "
                             "have no PEFT equivalent; unscan the model first.")
         names = hf_names.hf_names(path, scale.shape[0] if scale.ndim else None, container)
         if scale.ndim == 0:
             a, b, scale = a[None], b[None], scale[None]
+            mag = None if mag is None else mag[None]
         for i, name in enumerate(names):
             rank = a.shape[-1]
             out.append(TorchAdapter(name, a[i].reshape(-1, rank).T.astype(_io_dtype(a)),
                                     b[i].reshape(rank, -1).T.astype(_io_dtype(b)),
-                                    np.float32(scale[i])))
+                                    np.float32(scale[i]),
+                                    None if mag is None else mag[i].reshape(-1).astype(
+                                        _io_dtype(mag))))
     return out
+
+
+def _check_all_dora(adapters: list[TorchAdapter]) -> None:
+    """PEFT's `use_dora` is one flag for the whole adapter: every module has a magnitude or none."""
+    plain = [ad.name for ad in adapters if ad.magnitude is None]
+    if plain:
+        raise LoraError(f"export_peft: some modules carry DoRA magnitudes and these do not: "
+                        f"{plain[:5]}; PEFT's use_dora applies to every module. Inject all of "
+                        "them with the same LoraConfig(use_dora=...).")
 
 
 def _io_dtype(x: np.ndarray) -> np.dtype:
@@ -431,6 +461,21 @@ def read_peft_config(path: str | Path) -> dict:
     return cfg
 
 
+def check_vllm_servable(path: str | Path) -> None:
+    """Raise `LoraError` if vLLM cannot serve the PEFT adapter at `path` as an adapter: DoRA
+    (vLLM has no magnitude vector; its LoRA kernels add `x A B` only). Serve the merged model.
+
+    Example:
+      >>> check_vllm_servable("runs/x/peft")    # before `vllm serve ... --lora-modules`
+    """
+    cfg = read_peft_config(path)
+    if cfg.get("use_dora"):
+        raise LoraError(f"{Path(path) / CONFIG_FILE} is a DoRA adapter (use_dora: true): vLLM "
+                        "cannot serve DoRA adapters. Serve the merged model instead "
+                        "(lora_jax.export_merged, or the CLI's --export-merged), which folds "
+                        "the magnitude into the kernels.")
+
+
 def _check_config_fields(cfg: Any, file: Path) -> None:
     """The fields lora_jax reads must be there with usable types (PEFT always writes them)."""
     if not isinstance(cfg, dict):
@@ -466,7 +511,8 @@ def peft_lora_config(path: str | Path) -> LoraConfig:
                       exclude_modules=cfg.get("exclude_modules"),
                       use_rslora=cfg.get("use_rslora", False),
                       rank_pattern=cfg.get("rank_pattern") or {},
-                      alpha_pattern=cfg.get("alpha_pattern") or {})
+                      alpha_pattern=cfg.get("alpha_pattern") or {},
+                      use_dora=bool(cfg.get("use_dora", False)))
 
 
 def _read_weights(path: Path) -> dict[str, np.ndarray]:
@@ -487,6 +533,10 @@ def _pair_keys(tensors: Mapping[str, np.ndarray], path: Path) -> dict[str, dict[
     pairs: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     unknown = []
     for key, value in tensors.items():
+        mag = MAGNITUDE_KEY.fullmatch(key)
+        if mag is not None and value.ndim == 1:
+            pairs[mag["module"]]["M"] = value
+            continue
         m = KEY.fullmatch(key)
         if m is None or value.ndim != 2:
             unknown.append(key)
@@ -498,7 +548,7 @@ def _pair_keys(tensors: Mapping[str, np.ndarray], path: Path) -> dict[str, dict[
         raise LoraError(f"{path / WEIGHTS_FILE} holds {kinds}: {sorted(unknown)[:6]}. lora_jax "
                         "loads LoRA on Linear (Dense) layers only.")
     for name, ab in pairs.items():
-        if set(ab) != {"A", "B"} or ab["A"].shape[0] != ab["B"].shape[1]:
+        if set(ab) - {"M"} != {"A", "B"} or ab["A"].shape[0] != ab["B"].shape[1]:
             raise LoraError(f"{path / WEIGHTS_FILE}: module {name!r} has "
                             f"{ {k: v.shape for k, v in ab.items()} }; expected lora_A [r, in] "
                             "and lora_B [out, r].")
@@ -552,10 +602,34 @@ def _module_leaves(tree_path: str, layers: Mapping[int | None, str], pairs: Mapp
     a = np.stack([pairs[n]["A"].T.reshape(*ins, rank) for n in names])
     b = np.stack([pairs[n]["B"].T.reshape(rank, *outs) for n in names])
     scale = np.array([_peft_scale(peft, n, rank) for n in names], np.float32)
+    host = {LORA_A: a, LORA_B: b, LORA_SCALE: scale}
+    magnitude = _magnitudes(names, pairs, peft, outs)
+    if isinstance(magnitude, str):
+        return magnitude
+    if magnitude is not None:
+        host[LORA_MAGNITUDE] = magnitude
     if not stacked:
-        a, b, scale = a[0], b[0], scale[0]
-    return _place_leaves(tree_path, module, {LORA_A: a, LORA_B: b, LORA_SCALE: scale},
-                         adapter_dtype, shardings)
+        host = {k: v[0] for k, v in host.items()}
+    return _place_leaves(tree_path, module, host, adapter_dtype, shardings)
+
+
+def _magnitudes(names: list[str], pairs: Mapping, peft: Mapping,
+                outs: tuple[int, ...]) -> np.ndarray | str | None:
+    """DoRA's magnitudes of the layers `names`, stacked `[L, *out]`; None for plain LoRA; a
+    one-line problem when the file and `use_dora` disagree or a shape does not fit."""
+    have = [n for n in names if "M" in pairs[n]]
+    if not peft.get("use_dora"):
+        return (f"{have[0]}: the file holds a lora_magnitude_vector but adapter_config.json has "
+                "no use_dora: true; the files do not belong together") if have else None
+    if len(have) != len(names):
+        missing = [n for n in names if "M" not in pairs[n]]
+        return (f"{missing[0]}: use_dora is true but the file has no lora_magnitude_vector for "
+                "it; the adapter file is incomplete")
+    for n in names:
+        if pairs[n]["M"].size != math.prod(outs):
+            return (f"{n}: lora_magnitude_vector {list(pairs[n]['M'].shape)} does not fit the "
+                    f"kernel's {math.prod(outs)} output features")
+    return np.stack([pairs[n]["M"].reshape(outs) for n in names])
 
 
 def _kernel_shape(module: Mapping) -> tuple[int, ...]:

@@ -8,6 +8,7 @@ from typing import Mapping
 from lora_jax.tree import (LORA_A, LORA_B, LORA_SCALE, NAMED, count, filter_leaves,
                            iter_modules)
 from lora_jax.tree import EMBEDDING, saved_leaves
+from lora_jax.tree import LORA_MAGNITUDE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,8 @@ def summary(params: Mapping) -> Summary:
     for path, module in iter_modules(params.get("params", params), leaves=("kernel", EMBEDDING)):
         if LORA_A in module:
             per_target[path.rsplit(".", 1)[-1]] += module[LORA_A].size + module[LORA_B].size
+            if LORA_MAGNITUDE in module:  # DoRA's trained magnitude, as PEFT counts it
+                per_target[path.rsplit(".", 1)[-1]] += module[LORA_MAGNITUDE].size
         for leaves in (module.get(NAMED) or {}).values():  # named adapters (lora_jax.named)
             per_target[path.rsplit(".", 1)[-1]] += leaves[LORA_A].size + leaves[LORA_B].size
     tree = params.get("params", params)

@@ -44,6 +44,12 @@ class LeafNames(tuple):
 
 ADAPTER_LEAVES = LeafNames(ADAPTER_LEAVES)
 TRAINABLE_LEAVES = LeafNames(TRAINABLE_LEAVES)
+# DoRA's trained magnitude `[*S, *out]` (only with LoraConfig(use_dora=True); optional: code that
+# walks ADAPTER_LEAVES must skip a leaf a module does not hold).
+LORA_MAGNITUDE = "lora_magnitude"
+# type(...)(...) keeps whatever tuple type these names have (a tuple subclass stays one).
+ADAPTER_LEAVES = type(ADAPTER_LEAVES)((*ADAPTER_LEAVES, LORA_MAGNITUDE))
+TRAINABLE_LEAVES = type(TRAINABLE_LEAVES)((*TRAINABLE_LEAVES, LORA_MAGNITUDE))
 
 Params = dict[str, Any]
 

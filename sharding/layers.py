@@ -34,7 +34,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from lora_jax.adapter_op import (Adapter, adapt, adapter_in, adapter_out, add_delta,
                                  compute_dtype, dropout, name_output, read_adapter)
-from lora_jax.tree import LORA_A, LORA_B
+from lora_jax import dora
+from lora_jax.tree import LORA_A, LORA_B, LORA_MAGNITUDE
 from sharding.compat import all_gather, shard_map, to_varying
 from sharding.mesh import (BATCH_AXES, FSDP, TP, MeshError, axis_size, axis_sizes,
                            check_sequence_fits, drop_trivial_axes)
@@ -129,9 +130,12 @@ def _run(body, mesh, role, x, kernel, bias, lora, lora_x, x_spec, out_spec):
     if bias is not None:
         ops["bias"], specs["bias"] = bias, BIAS_SPECS[role]
     if lora is not None:
-        ops["lora"] = tuple(lora)
+        ops["lora"] = tuple(lora)[:3]
         specs["lora"] = (derive_adapter_spec(KERNEL_SPECS[role], LORA_A),
                          derive_adapter_spec(KERNEL_SPECS[role], LORA_B), P())
+        if getattr(lora, "magnitude", None) is not None:  # DoRA
+            ops["magnitude"] = lora.magnitude
+            specs["magnitude"] = derive_adapter_spec(KERNEL_SPECS[role], LORA_MAGNITUDE)
         if lora_x is not None:
             ops["lora_x"], specs["lora_x"] = lora_x, x_spec
     prune = functools.partial(drop_trivial_axes, mesh=mesh)
@@ -160,8 +164,50 @@ def _column_local(ops, *, sequence_parallel, sizes, lora_dtype):
             h = adapter_in(ops["lora_x"], a, scale, dtype=lora_dtype, gather=gather)
         else:
             h = adapter_in(x, a, scale, dtype=lora_dtype)
-        y = name_output(add_delta(y, adapter_out(h, b, lora_dtype)))
+        delta = adapter_out(h, b, lora_dtype)
+        if "magnitude" in ops:
+            delta = _dora_column(ops, y if "bias" not in ops else y - ops["bias"], delta,
+                                 sequence_parallel=sequence_parallel, sizes=sizes,
+                                 lora_dtype=lora_dtype)
+        y = name_output(add_delta(y, delta))
     return y
+
+
+def _dora_column(ops, base, delta, *, sequence_parallel, sizes, lora_dtype):
+    """DoRA's term on a column-parallel layer's local output columns: the norm of each local
+    column is local (the kernel gathered over fsdp, no gradient), no collective on the output.
+    Local shapes: kernel [in/fsdp, out/tp] -> [in, out/tp]; magnitude, g [out/tp]."""
+    a, b, scale = ops["lora"]
+    kernel = _gathered_for_norm(ops["kernel"], 0, sizes)
+    g = dora.factor(ops["magnitude"], dora.weight_norm_sq(kernel, a, b, scale))
+    if "lora_x" in ops:  # under dropout PEFT's base is x_d @ W: gather x_d as the layer does x
+        x_d = ops["lora_x"]
+        if sizes[TP] > 1:
+            x_d = all_gather(x_d, TP, axis=1) if sequence_parallel else to_varying(x_d, TP)
+        base = _base_matmul(x_d, ops["kernel"], 0, sizes)
+    return dora.output_term(base, delta, g, lora_dtype)
+
+
+def _dora_row(ops, partial, delta, x_d, *, sizes, lora_dtype):
+    """DoRA's term on a row-parallel layer's partial product: each device holds rows `in/tp` of
+    the kernel, so its squared column norms are a partial sum, completed by one psum of an [out]
+    vector; the term, linear in `partial` and `delta`, then rides the layer's one reduction.
+    Local shapes: kernel [in/tp, out/fsdp] -> [in/tp, out]; A [in/tp, r]; magnitude, g [out]."""
+    a, b, scale = ops["lora"]
+    kernel = _gathered_for_norm(ops["kernel"], 1, sizes)
+    norm_sq = dora.weight_norm_sq(kernel, a, b, scale)
+    if sizes[TP] > 1:
+        norm_sq = jax.lax.psum(norm_sq, TP)
+    g = dora.factor(ops["magnitude"], norm_sq)
+    base = partial if x_d is None else _base_matmul(x_d, ops["kernel"], 1, sizes)
+    return dora.output_term(base, delta, g, lora_dtype)
+
+
+def _gathered_for_norm(kernel: jax.Array, fsdp_axis: int, sizes: dict[str, int]) -> jax.Array:
+    """The kernel whole over fsdp for DoRA's norm (a constant: no gradient, nothing kept for the
+    backward pass beyond the [out] norm)."""
+    kernel = jax.lax.stop_gradient(kernel)
+    return kernel if sizes[FSDP] == 1 else all_gather(kernel, FSDP, axis=fsdp_axis)
 
 
 def _row_local(ops, *, sequence_parallel, sizes, lora_dtype):
@@ -170,7 +216,11 @@ def _row_local(ops, *, sequence_parallel, sizes, lora_dtype):
     if "lora" in ops:  # added to the partial product, before the one reduction below
         a, b, scale = ops["lora"]
         h = adapter_in(ops.get("lora_x", x), a, scale, dtype=lora_dtype)
-        y = add_delta(y, adapter_out(h, b, lora_dtype))
+        delta = adapter_out(h, b, lora_dtype)
+        if "magnitude" in ops:
+            delta = _dora_row(ops, y, delta, ops.get("lora_x"), sizes=sizes,
+                              lora_dtype=lora_dtype)
+        y = add_delta(y, delta)
     if sizes[TP] > 1:
         y = (jax.lax.psum_scatter(y, TP, scatter_dimension=1, tiled=True) if sequence_parallel
              else jax.lax.psum(y, TP))
@@ -239,6 +289,8 @@ class _ParallelDense(nn.Module):
         if a.shape[0] != kernel_shape[0] or b.shape != (a.shape[-1], kernel_shape[1]):
             raise ValueError(f"adapter of {'.'.join(self.path)} does not fit its kernel "
                              f"{tuple(kernel_shape)}: lora_a {a.shape}, lora_b {b.shape}")
+        if adapter.magnitude is not None:
+            dora.check_magnitude(".".join(self.path), adapter.magnitude, (kernel_shape[1],))
         return adapter
 
 

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lora_jax.tree import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, NAMED, dotted
 from lora_jax.tree import EMBEDDING, SAVED_PREFIX, is_saved_leaf
+from lora_jax.tree import LORA_MAGNITUDE
 from sharding.mesh import FSDP, TP, MeshError, axis_size
 
 
@@ -66,6 +67,9 @@ def spec_for(path: str, ndim: int, rules: Rules = DEFAULT_RULES) -> P:
     # A named adapter (lora_jax.named) sits at `<module>.lora_named.<name>.<leaf>`: its kernel
     # is the module's, so it is placed exactly like the default adapter.
     module = re.sub(rf"(^|\.){NAMED}\.[^.]+$", "", module)
+    if leaf == LORA_MAGNITUDE:  # [*S, out]: its kernel has one more axis
+        kernel = _match(f"{module}.kernel" if module else "kernel", ndim + 1, rules)
+        return derive_adapter_spec(kernel, leaf)
     kernel = _match(f"{module}.kernel" if module else "kernel", ndim, rules)
     if all(s is None for s in kernel):  # an embedding table [V, D] is a kernel [in, out] too
         kernel = _match(f"{module}.{EMBEDDING}" if module else EMBEDDING, ndim, rules)
@@ -85,6 +89,8 @@ def derive_adapter_spec(kernel_spec: P, leaf: str) -> P:
         return P(*stack, _without(s_in, FSDP), None)
     if leaf == LORA_B:
         return P(*stack, None, _without(s_out, FSDP))
+    if leaf == LORA_MAGNITUDE:  # DoRA's [*S, out]: one value per output feature, like B's out
+        return P(*stack, _without(s_out, FSDP))
     raise ValueError(f"{leaf!r} is not an adapter leaf with a kernel-derived spec")
 
 
