@@ -10,6 +10,8 @@
     save     save_adapter, load_adapter, adapter_config, TrainCheckpointer, Restored,
              CheckpointMismatch, check_destination (what overwrite may replace)
     export   export_peft, import_peft, peft_lora_config, export_merged, load_merged
+    mixed    stack_adapters, unstack_adapter, adapter_index (each batch row its own adapter:
+             apply(..., adapter_index=))
     nnx      lora_jax.nnx: inject, merge, params, load for Flax NNX models (same files)
 """
 from lora_jax import nnx, outputs
@@ -22,6 +24,7 @@ from lora_jax.forward import LoraModel, apply
 from lora_jax.inject import inject
 from lora_jax.layout import KernelLayout, kernel_layouts
 from lora_jax.merge import merge
+from lora_jax.mixed import adapter_index, stack_adapters, unstack_adapter
 from lora_jax.optim import optimizer
 from lora_jax.peft_io import export_peft, import_peft, peft_lora_config
 from lora_jax.partition import combine, lora_params, split, trainable_mask
@@ -39,4 +42,5 @@ __all__ = [
     "save_adapter", "load_adapter", "adapter_config", "TrainCheckpointer", "Restored",
     "CheckpointMismatch", "check_destination", "outputs", "nnx",
     "export_peft", "import_peft", "peft_lora_config", "export_merged", "load_merged",
+    "stack_adapters", "unstack_adapter", "adapter_index",
 ]

@@ -9,6 +9,7 @@ is `lora_jax.adapter_op`'s, shared with the layers that add their adapters thems
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from typing import Any, Mapping
@@ -17,7 +18,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from lora_jax.adapter_op import adapt, compute_dtype, dropout_context, read_adapter
+from lora_jax.adapter_op import (adapt, compute_dtype, dropout_context, is_stacked,
+                                 mixed_context, read_adapter)
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
 from lora_jax.inject import inject
@@ -35,7 +37,10 @@ def _intercept(next_fun, args, kwargs, context):
     y = next_fun(*args, **kwargs)
     x = args[0]
     in_axes = dense_input_axes(module, x.ndim)
-    _check_fit(module, x, adapter.a, adapter.b, in_axes)
+    if is_stacked(adapter):  # N adapters on axis 0 (lora_jax.stack_adapters): check one
+        _check_fit(module, x, adapter.a[0], adapter.b[0], in_axes)
+    else:
+        _check_fit(module, x, adapter.a, adapter.b, in_axes)
     dtype = compute_dtype(module.dtype, x, module.get_variable("params", "kernel"))
     return adapt(module, x, y, adapter, in_axes=in_axes, dtype=dtype)
 
@@ -52,7 +57,8 @@ def _check_fit(module, x, a, b, in_axes) -> None:
 
 def apply(model: nn.Module, variables: Mapping, *args, rngs: Any = None,
           deterministic: bool = True, lora_dropout: float = 0.0, method: Any = None,
-          freeze_base: bool = True, **kwargs) -> Any:
+          freeze_base: bool = True, adapter_index: Any = None, mixed_method: str = "gather",
+          **kwargs) -> Any:
     """`model.apply(variables, *args, **kwargs)` with every adapter in `variables` honoured.
 
     Args:
@@ -68,9 +74,15 @@ def apply(model: nn.Module, variables: Mapping, *args, rngs: Any = None,
       freeze_base: treat every leaf but `lora_a`/`lora_b` as a constant (`stop_gradient`), so
         even a gradient taken over the whole tree is zero off the adapters and XLA forms no
         weight gradient for the frozen base.
+      adapter_index: int32 `[batch]` for a mixed batch: row i runs adapter `adapter_index[i]`
+        of a tree from `lora_jax.stack_adapters` (-1: the base only). With a single-adapter
+        tree, 0 runs its adapter and -1 the base. None: every row runs the tree's one adapter.
+      mixed_method: how a mixed batch applies its adapters: "gather", "ragged" or "dense"
+        (same values; see `lora_jax.adapter_op.MixedBatch`).
 
     Example:
       >>> logits = apply(model, {"params": params}, tokens)
+      >>> logits = apply(model, {"params": stacked}, tokens, adapter_index=jnp.array([0, -1]))
     """
     if "deterministic" in _call_parameters(model, method):
         kwargs["deterministic"] = deterministic
@@ -80,7 +92,11 @@ def apply(model: nn.Module, variables: Mapping, *args, rngs: Any = None,
         variables = freeze_non_adapters(variables)
     # The rate is read by the adapter op wherever an adapter runs: in the interceptor and in
     # layers that add their own (the tensor-parallel ones), by one rule.
-    with nn.intercept_methods(_intercept), dropout_context(lora_dropout, deterministic):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(nn.intercept_methods(_intercept))
+        stack.enter_context(dropout_context(lora_dropout, deterministic))
+        if adapter_index is not None:  # read by the adapter op like the dropout rate
+            stack.enter_context(mixed_context(adapter_index, mixed_method))
         return model.apply(variables, *args, rngs=rngs, method=method, **kwargs)
 
 
