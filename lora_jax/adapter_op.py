@@ -413,3 +413,14 @@ def _rows_delta(x_in, adapter, in_axes, dtype):
     if mixed is None:
         return lora_delta(x_in, *adapter, in_axes, dtype)
     return mixed_delta(x_in, adapter, mixed, in_axes=in_axes, dtype=dtype)
+
+
+def refuse_mixed(scale: jax.Array, where: str) -> None:
+    """Raise a `LoraError` in a layer that runs one adapter for every row (`where` names it:
+    the NNX layers, the tensor-parallel shard_map layers) when given stacked adapters or a
+    mixed-batch index, instead of failing on shapes or silently ignoring the index."""
+    if jnp.ndim(scale) == 1 or current_mixed() is not None:
+        raise LoraError(f"mixed batches (stacked adapters, adapter_index=) are not supported "
+                        f"in {where}: run the model through lora_jax.apply with plain "
+                        "nn.Dense layers (no tensor-parallel layers; data parallelism is "
+                        "fine), or one adapter per batch.")

@@ -33,7 +33,8 @@ from flax.linen.dtypes import promote_dtype
 from jax.sharding import Mesh, PartitionSpec as P
 
 from lora_jax.adapter_op import (Adapter, adapt, adapter_in, adapter_out, add_delta,
-                                 compute_dtype, dropout, name_output, read_adapter)
+                                 compute_dtype, dropout, name_output, read_adapter,
+                                 refuse_mixed)
 from lora_jax.tree import LORA_A, LORA_B
 from sharding.compat import all_gather, shard_map, to_varying
 from sharding.mesh import (BATCH_AXES, FSDP, TP, MeshError, axis_size, axis_sizes,
@@ -235,6 +236,8 @@ class _ParallelDense(nn.Module):
         adapter = read_adapter(self)
         if adapter is None:
             return None
+        # The shard_map layers run one adapter for every row (the index is not split with x).
+        refuse_mixed(adapter.scale, "the tensor-parallel layers (sharding.TensorParallelism)")
         a, b = adapter.a, adapter.b
         if a.shape[0] != kernel_shape[0] or b.shape != (a.shape[-1], kernel_shape[1]):
             raise ValueError(f"adapter of {'.'.join(self.path)} does not fit its kernel "

@@ -1,0 +1,301 @@
+"""Mixed batches: each batch row runs its own adapter (`lj.stack_adapters`, `adapter_index=`).
+
+Checked against a hand computation (the op), against the real PEFT library's mixed batch
+(`model(ids, adapter_names=[...])`, tiny Llama and GPT-2, torch CPU float32), against each row
+run alone with its own adapter (logits, gradients, greedy KV-cache generation), and data-parallel
+sharded against one device.
+
+Tolerances (float32): PEFT parity 1e-5 relative (max |diff| / max |ref|), as tests/test_peft.py
+argues: the same math in another order; our mixed batch against the same rows run alone 1e-6
+relative: the same XLA math, the adapter matmuls batched/grouped differently (measured <= 5e-7);
+gradients 1e-5 of each leaf's largest entry: the mixed batch sums the rows' contributions to an
+adapter inside one matmul, the reference adds per-row gradients afterwards.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax as lj
+import models
+from lora_jax.adapter_op import Adapter, MixedBatch, mixed_context, mixed_delta
+from tests.test_models_fixtures import random_ids, rel_err
+
+METHODS = ("gather", "ragged", "dense")
+ROW_RTOL = 1e-6
+INDEX = [2, -1, 0, 1, 2]  # every adapter, a base row, one adapter on two rows
+
+
+def random_adapter_trees(base, configs, seed=0):
+    """One injected tree per config, with random non-zero A and B (host draws: one compile)."""
+    rng = np.random.default_rng(seed)
+    trees = []
+    for k, config in enumerate(configs):
+        tree = lj.inject(base, config, jax.random.key(k))
+
+        def draw(path, x):
+            std = {"lora_a": 0.2, "lora_b": 0.05}.get(path[-1].key)
+            return x if std is None else jnp.asarray(std * rng.standard_normal(x.shape),
+                                                     x.dtype)
+
+        trees.append(jax.tree_util.tree_map_with_path(draw, tree))
+    return trees
+
+
+# ---------------------------------------------------------------------------------------------
+# The op against a hand computation
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_op_matches_a_per_row_hand_computation(method):
+    """DenseGeneral-shaped: x [B, T, heads, hd] contracted on (2, 3), B's output [o1, o2]."""
+    r = np.random.default_rng(0)
+    x = r.standard_normal((5, 3, 2, 4)).astype(np.float32)
+    a = r.standard_normal((3, 2, 4, 6)).astype(np.float32)  # [N, *in, r]
+    b = r.standard_normal((3, 6, 5, 2)).astype(np.float32)  # [N, r, *out]
+    scale = np.array([0.5, 2.0, -1.5], np.float32)
+    index = np.array([2, -1, 0, 0, 7])  # 7: outside [0, N): the base only, like -1
+    got = mixed_delta(jnp.asarray(x), Adapter(jnp.asarray(a), jnp.asarray(b), jnp.asarray(scale)),
+                      MixedBatch(jnp.asarray(index, jnp.int32), method), in_axes=(2, 3),
+                      dtype=jnp.float32)
+    want = np.zeros((5, 3, 5, 2), np.float32)
+    for row, k in enumerate(index):
+        if 0 <= k < 3:
+            want[row] = scale[k] * np.einsum("tij,ijr,rpq->tpq", x[row], a[k], b[k])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_bad_input_is_named():
+    base = models.Llama(models.LlamaConfig.tiny()).init(jax.random.key(0),
+                                                        jnp.ones((1, 4), jnp.int32))["params"]
+    q = lj.LoraConfig(r=2, target_modules=["q_proj"])
+    qv = lj.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(lj.LoraError, match="other modules"):
+        lj.stack_adapters(base, [lj.inject(base, q, jax.random.key(0)),
+                                 lj.inject(base, qv, jax.random.key(1))])
+    stacked = lj.stack_adapters(base, [lj.inject(base, q, jax.random.key(0))] * 2)
+    model, ids = models.Llama(models.LlamaConfig.tiny()), jnp.ones((2, 4), jnp.int32)
+    with pytest.raises(lj.LoraError, match="adapter_index="):
+        lj.apply(model, {"params": stacked}, ids)
+    with pytest.raises(lj.LoraError, match="2 rows"):
+        lj.apply(model, {"params": stacked}, ids, adapter_index=jnp.array([0, 1, 0]))
+    with pytest.raises(lj.LoraError, match="not one of"):
+        lj.apply(model, {"params": stacked}, ids, adapter_index=jnp.array([0, 1]),
+                 mixed_method="loop")
+    with pytest.raises(lj.LoraError, match=r"unknown adapters \['c'\]"):
+        lj.adapter_index(["a", "b"], ["a", "c", None])
+    np.testing.assert_array_equal(lj.adapter_index(["a", "b"], ["b", "__base__", None, "a"]),
+                                  [1, -1, -1, 0])
+    with pytest.raises(lj.LoraError, match="no adapter 2"):
+        lj.unstack_adapter(stacked, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the real PEFT library's mixed batch
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from tests.test_models_fixtures import hf_gpt2, hf_llama
+    root = tmp_path_factory.mktemp("hf")
+    hf_gpt2(root / "gpt2")
+    hf_llama(root / "llama")
+    return root
+
+
+PEFT_TARGETS = {"gpt2": ["c_attn", "attn.c_proj", "c_fc"],
+                "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                          "down_proj"]}
+
+
+def peft_configs(family):
+    """Three adapters on the same targets: other ranks, alphas, a rank pattern and rsLoRA, so
+    the stack pads ranks and keeps a scale per adapter and module."""
+    targets = PEFT_TARGETS[family]
+    return [lj.LoraConfig(r=4, lora_alpha=8, target_modules=targets),
+            lj.LoraConfig(r=2, lora_alpha=3, target_modules=targets,
+                          rank_pattern={targets[0]: 3}),
+            lj.LoraConfig(r=3, lora_alpha=5, target_modules=targets, use_rslora=True)]
+
+
+@pytest.mark.parametrize("family,scan", [("llama", True), ("gpt2", False)])
+def test_mixed_batch_equals_peft_adapter_names(checkpoints, tmp_path, family, scan):
+    import peft
+    import torch
+    import transformers
+
+    model, base = models.load_hf(checkpoints / family, scan_layers=scan)
+    configs = peft_configs(family)
+    trees = random_adapter_trees(base, configs)
+    names = ["a0", "a1", "a2"]
+    for name, tree, config in zip(names, trees, configs):
+        lj.export_peft(tmp_path / name, tree, config, **models.peft_naming(model))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        checkpoints / family, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "a0", adapter_name="a0").eval()
+    for name in names[1:]:
+        pm.load_adapter(tmp_path / name, adapter_name=name)
+    ids = random_ids(len(INDEX), 10, seed=3)
+    rows = [names[k] if k >= 0 else "__base__" for k in INDEX]
+    with torch.no_grad():
+        theirs = pm(torch.tensor(ids, dtype=torch.long), adapter_names=rows).logits.numpy()
+
+    # Also stacked from the exported files, as a user holding PEFT directories would.
+    imported = [lj.import_peft(tmp_path / name, base) for name in names]
+    stacked = lj.stack_adapters(base, {name: lj.lora_params(t) for name, t in zip(names, imported)})
+    index = lj.adapter_index(names, rows)
+    alone = [np.asarray(_apply(model, trees[k] if k >= 0 else base, ids[i:i + 1]))[0]
+             for i, k in enumerate(INDEX)]
+    for method in METHODS:
+        ours = np.asarray(_apply(model, stacked, ids, index, method))
+        err = rel_err(ours, theirs)
+        print(f"{family} scan={scan} {method}: rel err vs PEFT adapter_names {err:.2e}")
+        assert err < 1e-5
+        for i, k in enumerate(INDEX):
+            assert rel_err(ours[i], alone[i]) < ROW_RTOL, (method, i, k)
+    # the adapters matter: every adapted row is far from the base row's output
+    base_out = np.asarray(_apply(model, base, ids))
+    for i, k in enumerate(INDEX):
+        assert (rel_err(theirs[i], base_out[i]) > 1e-2) == (k >= 0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _apply(model, params, ids, index=None, method="gather"):
+    return lj.apply(model, {"params": params}, ids, adapter_index=index, mixed_method=method)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: each adapter learns only from its rows
+
+
+def tiny_llama(scan=True, **kw):
+    config = models.LlamaConfig.tiny(scan_layers=scan, **kw)
+    model = models.Llama(config)
+    base = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
+    configs = [lj.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+               lj.LoraConfig(r=2, lora_alpha=2, target_modules="all-linear"),
+               lj.LoraConfig(r=3, lora_alpha=6, target_modules="all-linear", use_rslora=True)]
+    return model, base, random_adapter_trees(base, configs, seed=1)
+
+
+def row_losses(model, params, ids, index=None, method="gather"):
+    logits = lj.apply(model, {"params": params}, ids[:, :-1], adapter_index=index,
+                      mixed_method=method)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return -jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0].mean(-1)  # [B]
+
+
+@pytest.mark.parametrize("method", ["gather", "ragged"])
+def test_gradients_are_the_sum_of_each_rows_own(method):
+    """Inside nn.scan with remat: d(sum of row losses)/d(stacked adapters) equals, adapter by
+    adapter, the sum of the gradients of its rows run alone with it (padding slots: zero)."""
+    model, base, trees = tiny_llama(remat_policy="full")
+    stacked = lj.stack_adapters(base, trees)
+    frozen, adapters = lj.split(stacked)
+    ids = jnp.asarray(random_ids(len(INDEX), 9, seed=4) % 500)
+    index = jnp.asarray(INDEX, jnp.int32)
+    loss = lambda ad: row_losses(model, lj.combine(frozen, ad), ids, index, method).sum()
+    got = jax.jit(jax.grad(loss))(adapters)
+
+    single = jax.jit(jax.grad(lambda ad, fz, x: row_losses(model, lj.combine(fz, ad), x).sum()))
+    for k, tree in enumerate(trees):
+        fz, ad = lj.split(tree)
+        want = jax.tree.map(jnp.zeros_like, ad)
+        for i in (i for i, j in enumerate(INDEX) if j == k):
+            want = jax.tree.map(jnp.add, want, single(ad, fz, ids[i:i + 1]))
+        mine = lj.lora_params(lj.unstack_adapter(lj.combine(frozen, got), k, template=tree))
+        for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(mine),
+                                jax.tree.leaves(want)):
+            scale = float(np.max(np.abs(w))) or 1.0
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-5 * scale,
+                                       err_msg=f"adapter {k} {jax.tree_util.keystr(path)}")
+    # rank padding (adapters 1 and 2 are padded to rank 4) gets exactly zero gradient
+    q = got["model"]["layers"]["self_attn"]["q_proj"]
+    assert not np.any(np.asarray(q["lora_a"])[:, 1, :, 2:])
+    assert not np.any(np.asarray(q["lora_b"])[:, 2, 3:, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# KV-cache generation: the index rides through prefill and every decode step
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_mixed_generation_equals_each_row_alone(scan):
+    model, base, trees = tiny_llama(scan)
+    stacked = lj.stack_adapters(base, [lj.lora_params(t) for t in trees])
+    prompt = jnp.asarray(random_ids(len(INDEX), 6, seed=5) % 500)
+    mask = jnp.ones_like(prompt).at[1, :2].set(0).at[3, :1].set(0)  # left padding on two rows
+    gen = functools.partial(models.generate, model, max_new_tokens=6,
+                            apply_fn=functools.partial(lj.apply, model))
+    index = jnp.asarray(INDEX, jnp.int32)
+    mixed = gen(stacked, prompt, prompt_mask=mask, apply_kwargs={"adapter_index": index})
+    uncached = gen(stacked, prompt, prompt_mask=mask, use_cache=False,
+                   apply_kwargs={"adapter_index": index})
+    np.testing.assert_array_equal(mixed, uncached)
+    for i, k in enumerate(INDEX):
+        alone = gen(trees[k] if k >= 0 else base, prompt[i:i + 1], prompt_mask=mask[i:i + 1])
+        np.testing.assert_array_equal(mixed[i], alone[0], err_msg=f"row {i} (adapter {k})")
+    # not vacuous: some adapted row generates other tokens than the base would
+    plain = gen(base, prompt, prompt_mask=mask)
+    assert any(not np.array_equal(mixed[i], plain[i]) for i, k in enumerate(INDEX) if k >= 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-parallel sharding; the layers that refuse
+
+
+def test_data_parallel_mixed_batch_equals_one_device():
+    """Batch and index split over dp=4 x fsdp=2 (GSPMD, Auto axes): logits and gradients equal
+    the one-device run (1e-5: only the batch reduction of the gradient is reordered)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sharding import make_mesh
+    model, base, trees = tiny_llama()
+    stacked = lj.stack_adapters(base, trees)
+    frozen, adapters = lj.split(stacked)
+    ids = jnp.asarray(random_ids(8, 9, seed=6) % 500)
+    index = jnp.asarray([2, -1, 0, 1, 1, 0, -1, 2], jnp.int32)
+
+    def step(ad, fz, ids, index):
+        fn = lambda ad: row_losses(model, lj.combine(fz, ad), ids, index).mean()
+        return jax.value_and_grad(fn)(ad)
+
+    want = jax.jit(step)(adapters, frozen, ids, index)
+    mesh = make_mesh(dp=4, fsdp=2)
+    rows = NamedSharding(mesh, P(("dp", "fsdp")))
+    rep = NamedSharding(mesh, P())
+    got = jax.jit(step, in_shardings=(rep, rep, rows, rows))(
+        adapters, frozen, jax.device_put(ids, rows), jax.device_put(index, rows))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5,
+                                   atol=1e-5 * float(np.max(np.abs(w))))
+
+
+def test_tensor_parallel_layers_and_nnx_refuse_clearly():
+    from flax import nnx
+
+    from sharding import TensorParallelism, make_mesh
+    model, base, trees = tiny_llama(scan=False)
+    stacked = lj.stack_adapters(base, trees)
+    tp = models.Llama(model.config, TensorParallelism(mesh=make_mesh(dp=4, tp=2)))
+    with pytest.raises(lj.LoraError, match="tensor-parallel"):
+        lj.apply(tp, {"params": stacked}, jnp.ones((4, 4), jnp.int32),
+                 adapter_index=jnp.zeros((4,), jnp.int32))
+    layer = lj.nnx.inject(nnx.Linear(4, 3, rngs=nnx.Rngs(0)),
+                          lj.LoraConfig(r=2, target_modules="all-linear"), jax.random.key(0))
+    with pytest.raises(lj.LoraError, match="NNX"), mixed_context(jnp.zeros((2,), jnp.int32)):
+        layer(jnp.ones((2, 4)))
+
+
+def test_unstack_gives_back_each_adapter_bit_for_bit():
+    model, base, trees = tiny_llama()
+    stacked = lj.stack_adapters(base, trees)
+    for k, tree in enumerate(trees):
+        back = lj.unstack_adapter(stacked, k, template=tree)
+        assert jax.tree.structure(back) == jax.tree.structure(tree)
+        for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
