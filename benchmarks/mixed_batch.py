@@ -4,7 +4,8 @@ Random-weight Llama (bf16, scanned layers), N adapters of rank r on all seven pr
 Rows, one JSON line each:
 
   generate   prompt P tokens then KV-cache greedy generation of G tokens (`models.generate`),
-             batch B: "base" (no adapter), "one" (one adapter for the whole batch) and
+             batch B: "one" (one adapter for the whole batch; "base", no adapter, with
+             --with-base) and
              "mixed-<method>" (N adapters, row i runs adapter i % N; methods of
              `lora_jax.adapter_op.MixedBatch`); ms per generated token = whole call / G (the
              prefill is one of G+1 forwards). A "ratio" row gives mixed / one per method.
@@ -14,7 +15,7 @@ Rows, one JSON line each:
              active adapter, same shape, batch, lengths.
 
     python -m benchmarks.mixed_batch                                   # 1b, batches 8 32
-    python -m benchmarks.mixed_batch --methods gather dense --no-peft  # fewer compiles
+    python -m benchmarks.mixed_batch --methods auto dense --train-methods auto --no-peft
     python -m benchmarks.mixed_batch --tiny                            # CPU smoke test
 """
 from __future__ import annotations
@@ -42,7 +43,12 @@ def parse(argv=None):
     ap.add_argument("--new", type=int, default=128, help="generated tokens")
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--methods", nargs="+", default=["gather", "ragged", "dense"])
+    ap.add_argument("--methods", nargs="+", default=["auto", "gather", "ragged", "dense"],
+                    help="mixed-batch methods timed in generation")
+    ap.add_argument("--train-methods", nargs="+", default=["auto", "ragged", "dense"],
+                    help="mixed-batch methods timed in training (auto is gather there)")
+    ap.add_argument("--with-base", action="store_true",
+                    help="also time generation without adapters")
     ap.add_argument("--train-batch", type=int, default=8)
     ap.add_argument("--train-seq", type=int, default=512)
     ap.add_argument("--no-train", action="store_true")
@@ -123,22 +129,32 @@ def jax_generate_rows(args, cfg, model, base, adapters, stacked):
     for batch in args.batches:
         prompt = jax.random.randint(jax.random.key(7), (batch, args.prompt), 0, cfg.vocab_size)
         index = jnp.arange(batch, dtype=jnp.int32) % args.adapters
-        modes = [("base", base, model.apply, {}),
-                 ("one", lj.combine(base, adapters[0]), functools.partial(lj.apply, model), {})]
+        modes = [("base", base, None, {})] if args.with_base else []
+        modes += [("one", lj.combine(base, adapters[0]), functools.partial(lj.apply, model), {})]
         modes += [(f"mixed-{m}", stacked, functools.partial(lj.apply, model, mixed_method=m),
                    {"adapter_index": index}) for m in args.methods]
         for mode, params, apply_fn, extra in modes:
             run = lambda: generate(model, params, prompt, max_new_tokens=args.new,  # noqa: E731
-                                   apply_fn=None if mode == "base" else apply_fn,
-                                   apply_kwargs=extra).block_until_ready()
-            first, dt = timed(run, args.reps)
-            rows.append({"bench": "generate", "framework": "lora-jax", "mode": mode,
-                         "shape": args.shape, "batch": batch, "prompt": args.prompt,
-                         "new": args.new, "adapters": args.adapters, "rank": args.rank,
-                         "gen_s": dt, "ms_per_token": 1e3 * dt / args.new,
-                         "tokens_per_s": batch * args.new / dt, "first_call_s": first})
-            emit(rows[-1], args.out)
+                                   apply_fn=apply_fn, apply_kwargs=extra).block_until_ready()
+            row = {"bench": "generate", "framework": "lora-jax", "mode": mode,
+                   "shape": args.shape, "batch": batch, "prompt": args.prompt, "new": args.new,
+                   "adapters": args.adapters, "rank": args.rank}
+            rows.append(measured(row, run, args, lambda dt: {
+                "gen_s": dt, "ms_per_token": 1e3 * dt / args.new,
+                "tokens_per_s": batch * args.new / dt}))
     return rows
+
+
+def measured(row: dict, run, args, figures) -> dict:
+    """`row` with the figures of `run` (or the error it raised: one failing method, e.g. a
+    lowering the GPU lacks, must not cost the others' rows), emitted."""
+    try:
+        first, dt = timed(run, args.reps)
+        row = {**row, **figures(dt), "first_call_s": first}
+    except Exception as e:  # noqa: BLE001 - reported in the row, the run goes on
+        row = {**row, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+    emit(row, args.out)
+    return row
 
 
 def jax_train_rows(args, cfg, model, base, adapters, stacked):
@@ -161,17 +177,15 @@ def jax_train_rows(args, cfg, model, base, adapters, stacked):
                                          chunk_size=4096)
 
     grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=4)
-    modes = [("one", adapters[0], {}, "gather")]
+    modes = [("one", adapters[0], {}, "auto")]
     modes += [(f"mixed-{m}", lj.lora_params(stacked), {"adapter_index": index}, m)
-              for m in args.methods]
+              for m in args.train_methods]
     for mode, ad, extra, method in modes:
-        first, dt = timed(lambda: jax.block_until_ready(grad(ad, frozen, ids, extra, method)),
-                          max(args.reps, 3))
-        rows.append({"bench": "train", "framework": "lora-jax", "mode": mode,
-                     "shape": args.shape, "batch": batch, "seq": seq,
-                     "adapters": args.adapters, "rank": args.rank, "step_s": dt,
-                     "tokens_per_s": batch * seq / dt, "first_call_s": first})
-        emit(rows[-1], args.out)
+        run = lambda: jax.block_until_ready(grad(ad, frozen, ids, extra, method))  # noqa: E731
+        row = {"bench": "train", "framework": "lora-jax", "mode": mode, "shape": args.shape,
+               "batch": batch, "seq": seq, "adapters": args.adapters, "rank": args.rank}
+        rows.append(measured(row, run, args, lambda dt: {
+            "step_s": dt, "tokens_per_s": batch * seq / dt}))
     return rows
 
 
@@ -179,10 +193,12 @@ def ratio_rows(rows: list[dict], key: str) -> list[dict]:
     """mixed-<method> / one, per bench and batch."""
     out = []
     for r in rows:
-        if not r["mode"].startswith("mixed-"):
+        if not r["mode"].startswith("mixed-") or key not in r:
             continue
-        one = next(o for o in rows if o["mode"] == "one" and o["bench"] == r["bench"]
-                   and o["batch"] == r["batch"])
+        one = next((o for o in rows if o["mode"] == "one" and o["bench"] == r["bench"]
+                    and o["batch"] == r["batch"] and key in o), None)
+        if one is None:
+            continue
         out.append({"bench": r["bench"] + "_ratio", "framework": r["framework"],
                     "mode": r["mode"], "batch": r["batch"], "shape": r["shape"],
                     "ratio_vs_one": r[key] / one[key]})

@@ -241,7 +241,14 @@ def adapt(module: Any, x: jax.Array, y: jax.Array, adapter: Adapter, *,
 # adapter_index=)` like the dropout rate, because Linen gives a Dense layer no other way to see
 # it; index -1 (or any index outside [0, N)) runs the base only for that row.
 
-MIXED_METHODS = ("gather", "ragged", "dense")
+MIXED_METHODS = ("auto", "gather", "ragged", "dense")
+# "auto" runs "dense" where a row has few tokens (decoding) and "gather" elsewhere. Gathering a
+# row's A and B moves r*(in+out) weights per row, whatever its length; "dense" instead multiplies
+# each of the row's T tokens by all N adapters, (N-1)*r*(in+out) extra multiply-adds per token.
+# On a GPU with ~165 bf16 FLOP per byte of bandwidth (H200: 790 TFLOP/s, 4.8 TB/s) the two cost
+# the same near T*(N-1) = 2 * 165 (two bytes a weight, each FLOP pair one multiply-add), so
+# below this the dense form is cheaper.
+AUTO_DENSE_BELOW = 330
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,14 +257,16 @@ class MixedBatch:
 
     Attributes:
       index: int32 `[batch]`: row i runs adapter `index[i]`; -1 runs the base only.
-      method: how the rows' adapters are applied: "gather" (each row gathers its own A and B:
+      method: how the rows' adapters are applied: "auto" ("dense" for rows of few tokens, as
+        in decoding, else "gather", by the cost rule at `AUTO_DENSE_BELOW`), "gather" (each
+        row gathers its own A and B:
         one batched matmul, FLOPs of one adapter), "ragged" (rows sorted by adapter, one grouped
         `jax.lax.ragged_dot` per half) or "dense" (every adapter on every row, masked: N times
         the adapter FLOPs, but each adapter's weights read once). All give the same values.
     """
 
     index: jax.Array
-    method: str = "gather"
+    method: str = "auto"
 
 
 _MIXED: contextvars.ContextVar[MixedBatch | None] = contextvars.ContextVar("lora_mixed",
@@ -265,7 +274,7 @@ _MIXED: contextvars.ContextVar[MixedBatch | None] = contextvars.ContextVar("lora
 
 
 @contextlib.contextmanager
-def mixed_context(index: jax.Array, method: str = "gather") -> Iterator[MixedBatch]:
+def mixed_context(index: jax.Array, method: str = "auto") -> Iterator[MixedBatch]:
     """Give every adapted layer traced inside the block a per-row adapter index.
 
     Args:
@@ -371,6 +380,18 @@ def _dense_delta(x, a, b, scales, index):
 _MIXED_DELTAS = {"gather": _gather_delta, "ragged": _ragged_delta, "dense": _dense_delta}
 
 
+def resolve_method(method: str, tokens_per_row: int, n: int) -> str:
+    """The method "auto" stands for at this layer's static shapes (others are themselves).
+
+    Example:
+      >>> resolve_method("auto", tokens_per_row=1, n=8)     # one decode step
+      'dense'
+    """
+    if method != "auto":
+        return method
+    return "dense" if tokens_per_row * (n - 1) < AUTO_DENSE_BELOW else "gather"
+
+
 def mixed_delta(x: jax.Array, adapter: Adapter, mixed: MixedBatch, *,
                 in_axes: tuple[int, ...], dtype: Any) -> jax.Array:
     """Row i's `scale[k] * (x[i] @ A[k]) @ B[k]` with `k = index[i]` (zero where k = -1).
@@ -397,8 +418,8 @@ def mixed_delta(x: jax.Array, adapter: Adapter, mixed: MixedBatch, *,
     xf = xf.reshape(xf.shape[:xf.ndim - len(in_shape)] + (-1,))
     af = a.astype(dtype).reshape(n, -1, r)
     bf = b.astype(dtype).reshape(n, r, -1)
-    delta = _MIXED_DELTAS[mixed.method](xf, af, bf, row_scales(scale, mixed.index, dtype),
-                                        mixed.index)
+    method = resolve_method(mixed.method, math.prod(xf.shape[1:-1]), n)
+    delta = _MIXED_DELTAS[method](xf, af, bf, row_scales(scale, mixed.index, dtype), mixed.index)
     return delta.reshape(delta.shape[:-1] + tuple(out_shape))
 
 

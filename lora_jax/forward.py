@@ -57,7 +57,7 @@ def _check_fit(module, x, a, b, in_axes) -> None:
 
 def apply(model: nn.Module, variables: Mapping, *args, rngs: Any = None,
           deterministic: bool = True, lora_dropout: float = 0.0, method: Any = None,
-          freeze_base: bool = True, adapter_index: Any = None, mixed_method: str = "gather",
+          freeze_base: bool = True, adapter_index: Any = None, mixed_method: str = "auto",
           **kwargs) -> Any:
     """`model.apply(variables, *args, **kwargs)` with every adapter in `variables` honoured.
 
@@ -77,8 +77,8 @@ def apply(model: nn.Module, variables: Mapping, *args, rngs: Any = None,
       adapter_index: int32 `[batch]` for a mixed batch: row i runs adapter `adapter_index[i]`
         of a tree from `lora_jax.stack_adapters` (-1: the base only). With a single-adapter
         tree, 0 runs its adapter and -1 the base. None: every row runs the tree's one adapter.
-      mixed_method: how a mixed batch applies its adapters: "gather", "ragged" or "dense"
-        (same values; see `lora_jax.adapter_op.MixedBatch`).
+      mixed_method: how a mixed batch applies its adapters: "auto", "gather", "ragged" or
+        "dense" (same values; see `lora_jax.adapter_op.MixedBatch`).
 
     Example:
       >>> logits = apply(model, {"params": params}, tokens)

@@ -26,7 +26,7 @@ from lora_jax.adapter_op import Adapter, MixedBatch, mixed_context, mixed_delta
 from tests.sharding_common import compile_fast, run_fast
 from tests.test_models_fixtures import random_ids, rel_err
 
-METHODS = ("gather", "ragged", "dense")
+METHODS = ("gather", "ragged", "dense")  # "auto" picks one of these (tested below)
 ROW_RTOL = 1e-6
 INDEX = [2, -1, 0, 1, 2]  # every adapter, a base row, one adapter on two rows
 
@@ -68,6 +68,41 @@ def test_op_matches_a_per_row_hand_computation(method):
         if 0 <= k < 3:
             want[row] = scale[k] * np.einsum("tij,ijr,rpq->tpq", x[row], a[k], b[k])
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_op_gradients_reach_each_adapter_from_its_rows_only(method):
+    """d/d(A, B) of a weighted sum of the mixed delta equals the sum over rows of
+    `lora_delta` run with the row's own adapter (a row with index -1 contributes nothing)."""
+    r = np.random.default_rng(1)
+    x, w = jnp.asarray(r.standard_normal((4, 3, 5)), jnp.float32), jnp.asarray(
+        r.standard_normal((4, 3, 6)), jnp.float32)
+    a, b = (jnp.asarray(r.standard_normal(s), jnp.float32) for s in ((3, 5, 2), (3, 2, 6)))
+    scale, index = jnp.asarray([0.5, 2.0, -1.0]), jnp.asarray([1, -1, 1, 0], jnp.int32)
+
+    def mixed(a, b):
+        d = mixed_delta(x, Adapter(a, b, scale), MixedBatch(index, method), in_axes=(2,),
+                        dtype=jnp.float32)
+        return jnp.sum(d * w)
+
+    def per_row(a, b):
+        return sum(jnp.sum(lj.lora_delta(x[i], a[k], b[k], scale[k], (1,), jnp.float32) * w[i])
+                   for i, k in enumerate(INDEX_OP) if k >= 0)
+
+    got, want = jax.grad(mixed, (0, 1))(a, b), jax.grad(per_row, (0, 1))(a, b)
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-5)
+    assert not np.any(np.asarray(got[0][2]))  # adapter 2 has no row: exactly zero gradient
+
+
+INDEX_OP = [1, -1, 1, 0]
+
+
+def test_auto_picks_dense_for_decoding_and_gather_for_long_rows():
+    from lora_jax.adapter_op import resolve_method
+    assert resolve_method("auto", tokens_per_row=1, n=8) == "dense"    # a decode step
+    assert resolve_method("auto", tokens_per_row=512, n=8) == "gather"  # training, prefill
+    assert resolve_method("ragged", tokens_per_row=1, n=8) == "ragged"
 
 
 def test_bad_input_is_named():
@@ -217,7 +252,7 @@ def _single_grad(model, adapters, frozen, ids):
     return fast(("single grad", model), fn, adapters, frozen, ids)
 
 
-@pytest.mark.parametrize("method", ["gather", "ragged"])
+@pytest.mark.parametrize("method", ["gather"])  # the op tests cover every method's gradients
 def test_gradients_are_the_sum_of_each_rows_own(method):
     """Inside nn.scan with remat: d(sum of row losses)/d(stacked adapters) equals, adapter by
     adapter, the sum of the gradients of its rows run alone with it (padding slots: zero)."""

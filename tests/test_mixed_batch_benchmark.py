@@ -12,12 +12,14 @@ def rows_of(capsys, argv):
 
 
 def test_tiny_benchmark_prints_generation_training_and_peft_rows(capsys):
-    rows = rows_of(capsys, ["--tiny", "--methods", "gather", "--no-peft"])
+    rows = rows_of(capsys, ["--tiny", "--methods", "auto", "--train-methods", "ragged",
+                            "--no-peft"])
     modes = {(r["bench"], r["mode"]) for r in rows}
-    assert modes == {("generate", "base"), ("generate", "one"), ("generate", "mixed-gather"),
-                     ("generate_ratio", "mixed-gather"), ("train", "one"),
-                     ("train", "mixed-gather"), ("train_ratio", "mixed-gather")}
+    assert modes == {("generate", "one"), ("generate", "mixed-auto"),
+                     ("generate_ratio", "mixed-auto"), ("train", "one"),
+                     ("train", "mixed-ragged"), ("train_ratio", "mixed-ragged")}
     for r in rows:
+        assert "error" not in r, r
         assert r.get("gen_s", 1) > 0 and r.get("step_s", 1) > 0 and r.get("ratio_vs_one", 1) > 0
     peft = rows_of(capsys, ["--tiny", "--framework", "peft"])
     assert [(r["framework"], r["mode"]) for r in peft] == [("peft-eager", "one"),
