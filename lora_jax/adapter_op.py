@@ -16,6 +16,8 @@ a sharded layer puts its collectives between them:
                                    partial product, before its one reduction)
     name_output(y)                 the adapted output, named for remat
     adapt(module, x, y, adapter)   all of it, for a layer that is not split
+    mixed_context(index)           mixed batches: row i runs stacked adapter index[i] (-1: base);
+    mixed_delta(x, adapter, mixed) `adapt` uses it while a context is set (see the end of file)
 
 A variant (DoRA's magnitude, a per-row adapter index, a quantised base) is a change to
 `Adapter`, `read_adapter` and these functions, and to their tests; the callers stay as they are.

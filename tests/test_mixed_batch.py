@@ -365,3 +365,15 @@ def test_unstack_gives_back_each_adapter_bit_for_bit():
         assert jax.tree.structure(back) == jax.tree.structure(tree)
         for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_index_over_a_single_adapter_tree_mixes_it_with_the_base():
+    """A one-adapter tree is a stack of one: index 0 runs the adapter, -1 the base (PEFT's
+    "__base__" rows), without stacking."""
+    model, base, trees = tiny_llama(scan=False)
+    ids = jnp.asarray(random_ids(2, 7, seed=8))
+    mixed = np.asarray(_apply(model, trees[0], ids, jnp.asarray([-1, 0], jnp.int32)))
+    with_adapter, without = (np.asarray(_apply(model, p, ids)) for p in (trees[0], base))
+    assert rel_err(mixed[1], with_adapter[1]) < ROW_RTOL
+    assert rel_err(mixed[0], without[0]) < ROW_RTOL
+    assert rel_err(with_adapter[0], without[0]) > 1e-2  # the adapter matters
