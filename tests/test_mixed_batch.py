@@ -314,12 +314,14 @@ def test_mixed_generation_equals_each_row_alone():
 # Data-parallel sharding; the layers that refuse
 
 
-def test_data_parallel_mixed_batch_equals_one_device():
-    """Batch and index split over dp=4 x fsdp=2 (GSPMD, Auto axes): logits and gradients equal
-    the one-device run (1e-5: only the batch reduction of the gradient is reordered)."""
+def test_sharded_mixed_batch_equals_one_device():
+    """GSPMD (plain Dense layers, Auto axes) on dp=2 x fsdp=2 x tp=2: the batch and its index
+    split over (dp, fsdp), the base and the stacked adapters placed by the partition rules
+    (`param_shardings`: the adapter axis is replicated like a layer axis). Loss and gradients
+    equal the one-device run (1e-5 of each leaf's largest entry: reductions reordered)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from sharding import make_mesh
+    from sharding import make_mesh, param_shardings
     model, base, trees = tiny_llama()
     stacked = lj.stack_adapters(base, trees)
     frozen, adapters = lj.split(stacked)
@@ -331,11 +333,14 @@ def test_data_parallel_mixed_batch_equals_one_device():
         return jax.value_and_grad(fn)(ad)
 
     want = run_fast(step, adapters, frozen, ids, index)
-    mesh = make_mesh(dp=4, fsdp=2)
+    mesh = make_mesh(dp=2, fsdp=2, tp=2)
     rows = NamedSharding(mesh, P(("dp", "fsdp")))
-    rep = NamedSharding(mesh, P())
-    got = run_fast(step, adapters, frozen, jax.device_put(ids, rows),
-                   jax.device_put(index, rows), in_shardings=(rep, rep, rows, rows))
+    placed = [param_shardings(t, mesh) for t in (adapters, frozen)]
+    q = placed[0]["model"]["layers"]["self_attn"]["q_proj"]
+    assert q["lora_a"].spec == P(None, None, None, None) and q["lora_b"].spec[-1] == "tp"
+    args = [jax.device_put(t, sh) for t, sh in zip((adapters, frozen, ids, index),
+                                                   placed + [rows, rows])]
+    got = run_fast(step, *args, in_shardings=(*placed, rows, rows))
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5,
                                    atol=1e-5 * float(np.max(np.abs(w))))
