@@ -346,16 +346,46 @@ def test_sharded_mixed_batch_equals_one_device():
                                    atol=1e-5 * float(np.max(np.abs(w))))
 
 
-def test_tensor_parallel_layers_and_nnx_refuse_clearly():
-    from flax import nnx
+@pytest.mark.parametrize("layout", [(2, 2, 2, True), (4, 1, 2, False)])
+def test_tensor_parallel_mixed_batch_equals_one_device(layout):
+    """The shard_map column/row layers (`sharding.TensorParallelism`), with LoRA dropout on (the
+    adapters' own input path): the index rides into shard_map split like the rows, each device
+    adds its rows' partial before the one reduction. Loss and gradients equal plain Dense on
+    one device (1e-5 of each leaf's largest entry: psum / reduce-scatter reorder sums)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from sharding import TensorParallelism, make_mesh
-    model, base, trees = tiny_llama(scan=False)
-    stacked = lj.stack_adapters(base, trees)
-    tp = models.Llama(model.config, TensorParallelism(mesh=make_mesh(dp=4, tp=2)))
-    with pytest.raises(lj.LoraError, match="tensor-parallel"):
-        lj.apply(tp, {"params": stacked}, jnp.ones((4, 4), jnp.int32),
-                 adapter_index=jnp.zeros((4,), jnp.int32))
+    from sharding import TensorParallelism, make_mesh, param_shardings
+    dp, fsdp, tp, sp = layout
+    model, base, trees = tiny_llama()
+    frozen, adapters = lj.split(lj.stack_adapters(base, trees))
+    ids = jnp.asarray(random_ids(8, 9, seed=6))
+    index = jnp.asarray([2, -1, 0, 1, 1, 0, -1, 2], jnp.int32)
+
+    def step(model, ad, fz, ids, index):
+        def fn(ad):
+            logits = lj.apply(model, {"params": lj.combine(fz, ad)}, ids[:, :-1],
+                              adapter_index=index, lora_dropout=0.2, deterministic=False,
+                              rngs={"dropout": jax.random.key(3)})
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+            return -jnp.take_along_axis(logp, ids[:, 1:, None], -1).mean()
+        return jax.value_and_grad(fn)(ad)
+
+    want = run_fast(functools.partial(step, model), adapters, frozen, ids, index)
+    mesh = make_mesh(dp=dp, fsdp=fsdp, tp=tp)
+    tp_model = models.Llama(model.config, TensorParallelism(mesh=mesh, sequence_parallel=sp))
+    rows = NamedSharding(mesh, P(("dp", "fsdp")))
+    placed = [param_shardings(t, mesh) for t in (adapters, frozen)]
+    args = [jax.device_put(t, sh) for t, sh in zip((adapters, frozen, ids, index),
+                                                   placed + [rows, rows])]
+    got = run_fast(functools.partial(step, tp_model), *args,
+                   in_shardings=(*placed, rows, rows))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5,
+                                   atol=1e-5 * float(np.max(np.abs(w))))
+
+
+def test_nnx_refuses_clearly():
+    from flax import nnx
     layer = lj.nnx.inject(nnx.Linear(4, 3, rngs=nnx.Rngs(0)),
                           lj.LoraConfig(r=2, target_modules="all-linear"), jax.random.key(0))
     with pytest.raises(lj.LoraError, match="NNX"), mixed_context(jnp.zeros((2,), jnp.int32)):
