@@ -247,9 +247,9 @@ MIXED_METHODS = ("auto", "gather", "ragged", "dense")
 # "auto" runs "dense" where a row has few tokens (decoding) and "gather" elsewhere. Gathering a
 # row's A and B moves r*(in+out) weights per row, whatever its length; "dense" instead multiplies
 # each of the row's T tokens by all N adapters, (N-1)*r*(in+out) extra multiply-adds per token.
-# On a GPU with ~165 bf16 FLOP per byte of bandwidth (H200: 790 TFLOP/s, 4.8 TB/s) the two cost
-# the same near T*(N-1) = 2 * 165 (two bytes a weight, each FLOP pair one multiply-add), so
-# below this the dense form is cheaper.
+# On a GPU with ~165 bf16 FLOP per byte of bandwidth (H200: 790 TFLOP/s, 4.8 TB/s) a gathered
+# weight (2 bytes, written then read: 4 bytes) costs as much as 660 FLOP = 330 multiply-adds,
+# so below T*(N-1) = 330 the dense form is cheaper. The benchmark checks the rule.
 AUTO_DENSE_BELOW = 330
 
 
@@ -331,8 +331,7 @@ def _check_rows(x: jax.Array, index: jax.Array) -> None:
     if index.shape != (x.shape[0],):
         raise LoraError(f"adapter_index has shape {tuple(index.shape)} but the layer's input "
                         f"has {x.shape[0]} rows ({tuple(x.shape)}): pass one index per batch "
-                        "row (under a tensor-parallel shard_map layer mixed batches are not "
-                        "supported).")
+                        "row.")
 
 
 def _in_axes_last(x: jax.Array, in_axes: tuple[int, ...]) -> jax.Array:
@@ -440,10 +439,9 @@ def _rows_delta(x_in, adapter, in_axes, dtype):
 
 def refuse_mixed(scale: jax.Array, where: str) -> None:
     """Raise a `LoraError` in a layer that runs one adapter for every row (`where` names it:
-    the NNX layers, the tensor-parallel shard_map layers) when given stacked adapters or a
-    mixed-batch index, instead of failing on shapes or silently ignoring the index."""
+    the NNX layers) when given stacked adapters or a mixed-batch index, instead of failing on
+    shapes or silently ignoring the index."""
     if jnp.ndim(scale) == 1 or current_mixed() is not None:
         raise LoraError(f"mixed batches (stacked adapters, adapter_index=) are not supported "
-                        f"in {where}: run the model through lora_jax.apply with plain "
-                        "nn.Dense layers (no tensor-parallel layers; data parallelism is "
-                        "fine), or one adapter per batch.")
+                        f"in {where}: run a Linen model through lora_jax.apply(..., "
+                        "adapter_index=), or one adapter per batch.")
