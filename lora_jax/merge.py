@@ -29,6 +29,7 @@ def merge(params: Mapping, *, check_finite: bool = True) -> Params:
     def fold(path: str, module: Params) -> Params:
         if not has_adapter(module):
             return module
+        _check_single(path, module)
         kernel = merged_kernel(module)
         if check_finite and not isinstance(kernel, jax.core.Tracer):
             if not bool(jnp.isfinite(kernel).all()):
@@ -38,6 +39,16 @@ def merge(params: Mapping, *, check_finite: bool = True) -> Params:
         return {**rest, "kernel": kernel}
 
     return rewrap(map_modules(tree, fold))
+
+
+def _check_single(path: str, module: Mapping) -> None:
+    """One adapter per module: a stacked one (`lora_jax.stack_adapters`, scale `[*S, N]`) has no
+    single merged kernel."""
+    a, b, kernel = module[LORA_A], module[LORA_B], module["kernel"]
+    if (np.ndim(a) - 1) + (np.ndim(b) - 1) - np.ndim(kernel) != np.ndim(module[LORA_SCALE]):
+        raise LoraError(f"{path!r} holds stacked adapters (lora_a {np.shape(a)}, lora_scale "
+                        f"{np.shape(module[LORA_SCALE])}); merge one of them: "
+                        "lj.merge(lj.unstack_adapter(params, i)).")
 
 
 def delta(a: jax.Array, b: jax.Array, kernel_ndim: int) -> jax.Array:

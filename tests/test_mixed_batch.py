@@ -128,6 +128,8 @@ def test_bad_input_is_named():
                                   [1, -1, -1, 0])
     with pytest.raises(lj.LoraError, match="no adapter 2"):
         lj.unstack_adapter(stacked, 2)
+    with pytest.raises(lj.LoraError, match="stacked adapters"):
+        lj.merge(stacked)
 
 
 # ---------------------------------------------------------------------------------------------
