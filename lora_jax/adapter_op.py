@@ -238,8 +238,9 @@ def adapt(module: Any, x: jax.Array, y: jax.Array, adapter: Adapter, *,
 #
 # A stacked layer holds N adapters on an adapter axis: `lora_a [N, *in, r]`, `lora_b [N, r, *out]`,
 # `lora_scale [N]` (inside `nn.scan` the layer axis is sliced off before the op sees them). The op
-# recognises that form by the scale being a vector (`is_stacked`): a single adapter's scale is a
-# scalar in its layer. The per-row index rides in a context, set by `lora_jax.apply(...,
+# recognises that form by A's extra axis (`is_stacked`: A has the layer's input axes, the rank
+# and one more), not by the scale: several named adapters concatenated on the rank axis also
+# carry a scale vector (`concat_adapters`, one scale per rank). The per-row index rides in a context, set by `lora_jax.apply(...,
 # adapter_index=)` like the dropout rate, because Linen gives a Dense layer no other way to see
 # it; index -1 (or any index outside [0, N)) runs the base only for that row.
 
@@ -305,17 +306,23 @@ def current_mixed() -> MixedBatch | None:
     return _MIXED.get()
 
 
-def is_stacked(adapter: Adapter) -> bool:
-    """Whether a layer's adapter holds N adapters on a leading adapter axis (scale `[N]`)."""
-    return jnp.ndim(adapter.scale) == 1
+def is_stacked(adapter: Adapter, n_in: int) -> bool:
+    """Whether a layer's adapter holds N adapters on a leading adapter axis: `lora_a [N, *in, r]`
+    has one axis more than the layer's `n_in` input axes and the rank."""
+    return jnp.ndim(adapter.a) == n_in + 2
 
 
-def as_stacked(adapter: Adapter) -> Adapter:
+def as_stacked(adapter: Adapter, n_in: int) -> Adapter:
     """The adapter with an adapter axis: itself if stacked, else a stack of one (so index 0
-    selects it and -1 the base, as PEFT's "__base__" rows)."""
-    if is_stacked(adapter):
+    selects it and -1 the base, as PEFT's "__base__" rows). A per-rank scale vector (named
+    adapters concatenated) is folded into A: `(s * A)` as a function of A has the same values
+    and gradients as scaling `x @ A`."""
+    if is_stacked(adapter, n_in):
         return adapter
-    return Adapter(adapter.a[None], adapter.b[None], jnp.reshape(adapter.scale, (1,)))
+    a, scale = adapter.a, jax.lax.stop_gradient(jnp.asarray(adapter.scale))
+    if jnp.ndim(scale) == 1:
+        a, scale = a * scale.astype(a.dtype), jnp.ones((), scale.dtype)
+    return Adapter(a[None], adapter.b[None], jnp.reshape(scale, (1,)))
 
 
 def row_scales(scale: jax.Array, index: jax.Array, dtype: Any) -> jax.Array:
@@ -412,7 +419,7 @@ def mixed_delta(x: jax.Array, adapter: Adapter, mixed: MixedBatch, *,
       ...                 in_axes=(x.ndim - 1,), dtype=jnp.float32)
     """
     _check_rows(x, mixed.index)
-    a, b, scale = as_stacked(adapter)
+    a, b, scale = as_stacked(adapter, len(tuple(in_axes)))
     n, r, in_shape = a.shape[0], a.shape[-1], a.shape[1:-1]
     out_shape = b.shape[2:]
     xf = _in_axes_last(x.astype(dtype), tuple(in_axes))
@@ -428,7 +435,7 @@ def _rows_delta(x_in, adapter, in_axes, dtype):
     """The adapter term for the rows of the current batch: one adapter for all rows, or each
     row its own when a mixed batch is in force (or the tree holds stacked adapters)."""
     mixed = current_mixed()
-    if mixed is None and is_stacked(adapter):
+    if mixed is None and is_stacked(adapter, len(tuple(in_axes))):
         raise LoraError(f"this layer holds {adapter.scale.shape[0]} stacked adapters "
                         "(lora_jax.stack_adapters); say which each row runs with "
                         "lora_jax.apply(..., adapter_index=[...]).")
@@ -437,11 +444,10 @@ def _rows_delta(x_in, adapter, in_axes, dtype):
     return mixed_delta(x_in, adapter, mixed, in_axes=in_axes, dtype=dtype)
 
 
-def refuse_mixed(scale: jax.Array, where: str) -> None:
+def refuse_mixed(where: str) -> None:
     """Raise a `LoraError` in a layer that runs one adapter for every row (`where` names it:
-    the NNX layers) when given stacked adapters or a mixed-batch index, instead of failing on
-    shapes or silently ignoring the index."""
-    if jnp.ndim(scale) == 1 or current_mixed() is not None:
+    the NNX layers) when a mixed-batch index is in force, instead of ignoring it."""
+    if current_mixed() is not None:
         raise LoraError(f"mixed batches (stacked adapters, adapter_index=) are not supported "
                         f"in {where}: run a Linen model through lora_jax.apply(..., "
                         "adapter_index=), or one adapter per batch.")

@@ -37,7 +37,7 @@ def _intercept(next_fun, args, kwargs, context):
     y = next_fun(*args, **kwargs)
     x = args[0]
     in_axes = dense_input_axes(module, x.ndim)
-    if is_stacked(adapter):  # N adapters on axis 0 (lora_jax.stack_adapters): check one
+    if is_stacked(adapter, len(in_axes)):  # N adapters on axis 0 (stack_adapters): check one
         _check_fit(module, x, adapter.a[0], adapter.b[0], in_axes)
     else:
         _check_fit(module, x, adapter.a, adapter.b, in_axes)

@@ -42,10 +42,11 @@ def merge(params: Mapping, *, check_finite: bool = True) -> Params:
 
 
 def _check_single(path: str, module: Mapping) -> None:
-    """One adapter per module: a stacked one (`lora_jax.stack_adapters`, scale `[*S, N]`) has no
-    single merged kernel."""
+    """One adapter per module: a stacked one (`lora_jax.stack_adapters`) has no single merged
+    kernel. A and B give the stack depth plus 2 when stacked (`[*S, N, *in, r]`, `[*S, N, r,
+    *out]`), else the depth S, which the scale `[*S]` (or `[*S, r]` per rank) cannot exceed."""
     a, b, kernel = module[LORA_A], module[LORA_B], module["kernel"]
-    if (np.ndim(a) - 1) + (np.ndim(b) - 1) - np.ndim(kernel) != np.ndim(module[LORA_SCALE]):
+    if np.ndim(a) + np.ndim(b) - 2 - np.ndim(kernel) > np.ndim(module[LORA_SCALE]):
         raise LoraError(f"{path!r} holds stacked adapters (lora_a {np.shape(a)}, lora_scale "
                         f"{np.shape(module[LORA_SCALE])}); merge one of them: "
                         "lj.merge(lj.unstack_adapter(params, i)).")

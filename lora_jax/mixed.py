@@ -12,8 +12,8 @@ The stacked form keeps the leaf names and puts the adapter axis right after the 
     lora_scale  [*S, N]                 zero gradients, so they stay zero while training)
 
 `lora_jax.apply(model, {"params": stacked}, x, adapter_index=idx)` runs row i with adapter
-`idx[i]` (-1: the base only); the adapter op recognises a stacked layer by its scale being a
-vector in the layer (see `lora_jax.adapter_op.mixed_delta`). Because the leaf names are the
+`idx[i]` (-1: the base only); the adapter op recognises a stacked layer by A's extra axis
+(see `lora_jax.adapter_op.is_stacked`). Because the leaf names are the
 ordinary ones, `split` / `combine` / `trainable_mask` / `optimizer` / checkpoints carry a stacked
 tree as they carry one adapter, so the N adapters train together (each only from its rows).
 Export goes one adapter at a time: `export_peft(dir, unstack_adapter(p, i, template), cfg_i)`.

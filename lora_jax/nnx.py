@@ -64,7 +64,7 @@ def adapted_output(layer: nnx.Module, x: jax.Array, y: jax.Array,
     dtype = compute_dtype(layer.dtype, x, layer.kernel[...])
     dropout = getattr(layer, "lora_dropout", None)
     x_in = x if dropout is None else dropout(x)
-    refuse_mixed(layer.lora_scale[...], "Flax NNX layers")
+    refuse_mixed("Flax NNX layers")
     delta = lora_delta(x_in, layer.lora_a[...], layer.lora_b[...], layer.lora_scale[...],
                        in_axes, dtype)
     return name_output(add_delta(y, delta))
@@ -183,7 +183,7 @@ class LoraEinsum(nnx.Einsum):
         dtype = compute_dtype(self.dtype, inputs, self.kernel[...])
         dropout = getattr(self, "lora_dropout", None)
         x_in = x if dropout is None else dropout(x)
-        refuse_mixed(self.lora_scale[...], "Flax NNX layers")
+        refuse_mixed("Flax NNX layers")
         delta = lora_delta(x_in, self.lora_a[...], self.lora_b[...], self.lora_scale[...],
                            tuple(range(x.ndim - n, x.ndim)), dtype)
         # delta is [*kept, *out letters]; put it in the output's order

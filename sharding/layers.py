@@ -264,7 +264,7 @@ class _ParallelDense(nn.Module):
         adapter = read_adapter(self)
         if adapter is None:
             return None
-        if is_stacked(adapter) or current_mixed() is not None:
+        if is_stacked(adapter, 1) or current_mixed() is not None:
             return self._stacked_adapter(adapter, kernel_shape)
         a, b = adapter.a, adapter.b
         if a.shape[0] != kernel_shape[0] or b.shape != (a.shape[-1], kernel_shape[1]):
@@ -279,7 +279,7 @@ class _ParallelDense(nn.Module):
             raise LoraError(f"{'.'.join(self.path)} holds {adapter.scale.shape[0]} stacked "
                             "adapters (lora_jax.stack_adapters); say which each row runs with "
                             "lora_jax.apply(..., adapter_index=[...]).")
-        adapter = as_stacked(adapter)
+        adapter = as_stacked(adapter, 1)
         a, b = adapter.a, adapter.b
         if a.shape[1] != kernel_shape[0] or b.shape[1:] != (a.shape[-1], kernel_shape[1]):
             raise ValueError(f"stacked adapters of {'.'.join(self.path)} do not fit its kernel "

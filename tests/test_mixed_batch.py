@@ -414,3 +414,17 @@ def test_index_over_a_single_adapter_tree_mixes_it_with_the_base():
     assert rel_err(mixed[1], with_adapter[1]) < ROW_RTOL
     assert rel_err(mixed[0], without[0]) < ROW_RTOL
     assert rel_err(with_adapter[0], without[0]) > 1e-2  # the adapter matters
+
+
+def test_a_per_rank_scale_vector_is_one_adapter_not_a_stack():
+    """Named adapters concatenated on the rank axis carry a scale per rank (`[R]`); with an
+    index they are one adapter (index 0), told from a stack by A's axes, not by the scale."""
+    r = np.random.default_rng(2)
+    x = jnp.asarray(r.standard_normal((2, 3, 5)), jnp.float32)
+    a, b = (jnp.asarray(r.standard_normal(s), jnp.float32) for s in ((5, 4), (4, 6)))
+    scale = jnp.asarray([0.5, 0.5, 3.0, 3.0])  # two rank-2 adapters, scales 0.5 and 3
+    got = mixed_delta(x, Adapter(a, b, scale), MixedBatch(jnp.asarray([-1, 0], jnp.int32)),
+                      in_axes=(2,), dtype=jnp.float32)
+    want = ((x[1] @ a) * scale) @ b
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert not np.any(np.asarray(got[0]))
