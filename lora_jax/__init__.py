@@ -11,6 +11,8 @@
              CheckpointMismatch, check_destination (what overwrite may replace)
     export   export_peft, import_peft, peft_lora_config, export_merged, load_merged,
              check_vllm_servable (DoRA adapters are refused)
+    mixed    stack_adapters, unstack_adapter, adapter_index (each batch row its own adapter:
+             apply(..., adapter_index=))
     nnx      lora_jax.nnx: inject, merge, params, load for Flax NNX models (same files)
     named    several adapters by name: adapter_names, delete_adapter, rename_adapter,
              add_weighted_adapter, export_peft_adapters, import_peft_adapters (the rest,
@@ -31,6 +33,7 @@ from lora_jax.inject import inject
 from lora_jax.inits import residual_base, to_plain_lora
 from lora_jax.layout import KernelLayout, kernel_layouts
 from lora_jax.merge import merge
+from lora_jax.mixed import adapter_index, stack_adapters, unstack_adapter
 from lora_jax.optim import optimizer
 from lora_jax.peft_io import export_peft, import_peft, peft_lora_config
 from lora_jax.peft_io import export_peft_adapters, import_peft_adapters
@@ -54,4 +57,5 @@ __all__ = [
     "named", "adapter_names", "delete_adapter", "rename_adapter", "add_weighted_adapter",
     "export_peft_adapters", "import_peft_adapters",
     "check_vllm_servable",
+    "stack_adapters", "unstack_adapter", "adapter_index",
 ]

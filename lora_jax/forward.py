@@ -9,6 +9,7 @@ is `lora_jax.adapter_op`'s, shared with the layers that add their adapters thems
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from typing import Any, Mapping
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.adapter_op import (adapt, adapter_selection, compute_dtype, dropout_context,
-                                 read_adapter)
+                                 is_stacked, mixed_context, read_adapter)
 from lora_jax.adapter_op import adapt_attend, adapt_embedding
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
@@ -44,7 +45,10 @@ def _intercept(next_fun, args, kwargs, context):
     y = next_fun(*args, **kwargs)
     x = args[0]
     in_axes = dense_input_axes(module, x.ndim)
-    _check_fit(module, x, adapter.a, adapter.b, in_axes)
+    if is_stacked(adapter, len(in_axes)):  # N adapters on axis 0 (stack_adapters): check one
+        _check_fit(module, x, adapter.a[0], adapter.b[0], in_axes)
+    else:
+        _check_fit(module, x, adapter.a, adapter.b, in_axes)
     dtype = compute_dtype(module.dtype, x, module.get_variable("params", "kernel"))
     return adapt(module, x, y, adapter, in_axes=in_axes, dtype=dtype)
 
@@ -103,6 +107,7 @@ def _check_fit(module, x, a, b, in_axes) -> None:
 def apply(model: nn.Module, variables: Mapping, *args, rngs: Any = None,
           deterministic: bool = True, lora_dropout: float = 0.0, method: Any = None,
           freeze_base: bool = True, adapters: Any = None, ensure_weight_tying: bool = False,
+          adapter_index: Any = None, mixed_method: str = "auto",
           **kwargs) -> Any:
     """`model.apply(variables, *args, **kwargs)` with every adapter in `variables` honoured.
 
@@ -126,10 +131,16 @@ def apply(model: nn.Module, variables: Mapping, *args, rngs: Any = None,
       ensure_weight_tying: a tied output head (`nn.Embed.attend`) runs its table's LoRA too
         (`LoraConfig.ensure_weight_tying`, PEFT's flag); by default it stays on the base table,
         as in PEFT. `modules_to_save` copies (`saved_*` leaves) always replace their originals.
+      adapter_index: int32 `[batch]` for a mixed batch: row i runs adapter `adapter_index[i]`
+        of a tree from `lora_jax.stack_adapters` (-1: the base only). With a single-adapter
+        tree, 0 runs its adapter and -1 the base. None: every row runs the tree's one adapter.
+      mixed_method: how a mixed batch applies its adapters: "auto", "gather", "ragged" or
+        "dense" (same values; see `lora_jax.adapter_op.MixedBatch`).
 
     Example:
       >>> logits = apply(model, {"params": params}, tokens)
       >>> base_only = apply(model, {"params": params}, tokens, adapters=())
+      >>> logits = apply(model, {"params": stacked}, tokens, adapter_index=jnp.array([0, -1]))
     """
     if "deterministic" in _call_parameters(model, method):
         kwargs["deterministic"] = deterministic
@@ -145,8 +156,12 @@ def apply(model: nn.Module, variables: Mapping, *args, rngs: Any = None,
     # The rate is read by the adapter op wherever an adapter runs: in the interceptor and in
     # layers that add their own (the tensor-parallel ones), by one rule.
     selection = None if adapters is None else check_selection(variables, adapters)
-    with (nn.intercept_methods(interceptor), dropout_context(lora_dropout, deterministic),
-          adapter_selection(selection)):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(nn.intercept_methods(interceptor))
+        stack.enter_context(dropout_context(lora_dropout, deterministic))
+        stack.enter_context(adapter_selection(selection))
+        if adapter_index is not None:  # read by the adapter op like the dropout rate
+            stack.enter_context(mixed_context(adapter_index, mixed_method))
         return model.apply(variables, *args, rngs=rngs, method=method, **kwargs)
 
 

@@ -51,6 +51,8 @@ def merge(params: Mapping, *, check_finite: bool = True,
             _check_merged(table, path, check_finite)
             return {**{k: v for k, v in module.items() if k not in ADAPTER_LEAVES},
                     EMBEDDING: table}
+        if LORA_A in module:  # a stacked tree (lora_jax.stack_adapters) does not merge
+            _check_single(path, module)
         kernel = merged_kernel(module) if NAMED not in module else merged_kernel_all(module)
         if check_finite and not isinstance(kernel, jax.core.Tracer):
             if not bool(jnp.isfinite(kernel).all()):
@@ -67,6 +69,17 @@ def _check_merged(value: jax.Array, path: str, check_finite: bool) -> None:
         if not bool(jnp.isfinite(value).all()):
             raise LoraError(f"merging the adapter of {path!r} produced NaN/inf; the adapter "
                             "(or table) holds non-finite values; nothing was changed.")
+
+
+def _check_single(path: str, module: Mapping) -> None:
+    """One adapter per module: a stacked one (`lora_jax.stack_adapters`) has no single merged
+    kernel. A and B give the stack depth plus 2 when stacked (`[*S, N, *in, r]`, `[*S, N, r,
+    *out]`), else the depth S, which the scale `[*S]` (or `[*S, r]` per rank) cannot exceed."""
+    a, b, kernel = module[LORA_A], module[LORA_B], module["kernel"]
+    if np.ndim(a) + np.ndim(b) - 2 - np.ndim(kernel) > np.ndim(module[LORA_SCALE]):
+        raise LoraError(f"{path!r} holds stacked adapters (lora_a {np.shape(a)}, lora_scale "
+                        f"{np.shape(module[LORA_SCALE])}); merge one of them: "
+                        "lj.merge(lj.unstack_adapter(params, i)).")
 
 
 def delta(a: jax.Array, b: jax.Array, kernel_ndim: int) -> jax.Array:

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax.adapter_op import add_delta, compute_dtype, lora_delta, name_output
+from lora_jax.adapter_op import add_delta, compute_dtype, lora_delta, name_output, refuse_mixed
 from lora_jax.config import LoraConfig
 from lora_jax.config import ALL_LINEAR, matches_modules
 from lora_jax.errors import LoraError
@@ -73,6 +73,7 @@ def adapted_output(layer: nnx.Module, x: jax.Array, y: jax.Array,
     dtype = compute_dtype(layer.dtype, x, layer.kernel[...])
     dropout = getattr(layer, "lora_dropout", None)
     x_in = x if dropout is None else dropout(x)
+    refuse_mixed("Flax NNX layers")
     delta = lora_delta(x_in, layer.lora_a[...], layer.lora_b[...], layer.lora_scale[...],
                        in_axes, dtype)
     if hasattr(layer, LORA_MAGNITUDE):
@@ -217,6 +218,7 @@ class LoraEinsum(nnx.Einsum):
         dtype = compute_dtype(self.dtype, inputs, self.kernel[...])
         dropout = getattr(self, "lora_dropout", None)
         x_in = x if dropout is None else dropout(x)
+        refuse_mixed("Flax NNX layers")
         delta = lora_delta(x_in, self.lora_a[...], self.lora_b[...], self.lora_scale[...],
                            tuple(range(x.ndim - n, x.ndim)), dtype)
         # delta is [*kept, *out letters]; put it in the output's order

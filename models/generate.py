@@ -47,13 +47,15 @@ def generate(model: nn.Module, params: Any, prompt_ids: jax.Array, *, max_new_to
              prompt_mask: jax.Array | None = None, temperature: float = 0.0, top_p: float = 1.0,
              rng: jax.Array | None = None, eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int = 0, use_cache: bool = True,
-             apply_fn: Callable | None = None) -> jax.Array:
+             apply_fn: Callable | None = None, apply_kwargs: Any = None) -> jax.Array:
     """Extend `prompt_ids` [B, P] by `max_new_tokens` tokens; returns [B, P + max_new_tokens].
 
     After a row emits an `eos_token_id` it is filled with `pad_token_id`. `use_cache=False`
     re-runs the whole sequence every step (a reference for the cached path). `apply_fn`
     replaces `model.apply`, e.g. `functools.partial(lora_jax.apply, model)` for un-merged
-    adapters. `params` is the params tree (not `{"params": ...}`).
+    adapters. `params` is the params tree (not `{"params": ...}`). `apply_kwargs`, a dict of
+    arrays, is passed to every `apply_fn` call (prefill and each decode step) as traced
+    arguments, e.g. `{"adapter_index": idx}` for per-row adapters.
 
     Example:
       >>> out = generate(model, params, ids, max_new_tokens=20, temperature=0.8, top_p=0.9,
@@ -76,7 +78,8 @@ def generate(model: nn.Module, params: Any, prompt_ids: jax.Array, *, max_new_to
     run = _generate_cached if use_cache else _generate_uncached
     # None (not the bound method, which compares by identity) lets equal models share a compile.
     return run(model, apply_fn, params, prompt_ids, mask,
-               jax.random.key(0) if rng is None else rng, max_new_tokens=max_new_tokens,
+               jax.random.key(0) if rng is None else rng, dict(apply_kwargs or {}),
+               max_new_tokens=max_new_tokens,
                temperature=float(temperature), top_p=float(top_p), eos=eos, pad=pad_token_id)
 
 
@@ -93,9 +96,9 @@ _STATIC = ("model", "apply_fn", "max_new_tokens", "temperature", "top_p", "eos",
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate_cached(model, apply_fn, params, prompt, mask, rng, *, max_new_tokens, temperature,
-                     top_p, eos, pad):
-    apply_fn = apply_fn or model.apply
+def _generate_cached(model, apply_fn, params, prompt, mask, rng, extra, *, max_new_tokens,
+                     temperature, top_p, eos, pad):
+    apply_fn = functools.partial(apply_fn or model.apply, **extra)
     batch, length = prompt.shape
     cache = init_cache(model.config, batch, length + max_new_tokens)
     positions = positions_from_mask(mask)
@@ -118,9 +121,9 @@ def _generate_cached(model, apply_fn, params, prompt, mask, rng, *, max_new_toke
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate_uncached(model, apply_fn, params, prompt, mask, rng, *, max_new_tokens,
+def _generate_uncached(model, apply_fn, params, prompt, mask, rng, extra, *, max_new_tokens,
                        temperature, top_p, eos, pad):
-    apply_fn = apply_fn or model.apply
+    apply_fn = functools.partial(apply_fn or model.apply, **extra)
     batch, length = prompt.shape
     tokens = jnp.concatenate([prompt, jnp.full((batch, max_new_tokens), pad, jnp.int32)], 1)
     full_mask = jnp.concatenate([mask, jnp.ones((batch, max_new_tokens), jnp.int32)], 1)

@@ -33,9 +33,12 @@ from flax.linen.dtypes import promote_dtype
 from jax.sharding import Mesh, PartitionSpec as P
 
 from lora_jax.adapter_op import (Adapter, adapt, adapter_in, adapter_out, add_delta,
-                                 compute_dtype, dropout, name_output, read_adapter)
+                                 compute_dtype, dropout, name_output, read_adapter,
+                                 MixedBatch, as_stacked, current_mixed, is_stacked, mixed_delta)
+from lora_jax.errors import LoraError
+from lora_jax.tree import LORA_A, LORA_B
 from lora_jax import dora
-from lora_jax.tree import LORA_A, LORA_B, LORA_MAGNITUDE
+from lora_jax.tree import LORA_MAGNITUDE
 from sharding.compat import all_gather, shard_map, to_varying
 from sharding.mesh import (BATCH_AXES, FSDP, TP, MeshError, axis_size, axis_sizes,
                            check_sequence_fits, drop_trivial_axes)
@@ -76,8 +79,12 @@ def check_sequence_shape(mesh: Mesh, shape: tuple[int, ...]) -> None:
 
 def column_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
                     lora: Lora | None = None, *, mesh: Mesh, sequence_parallel: bool = False,
-                    lora_x: jax.Array | None = None, lora_dtype: Any = None) -> jax.Array:
+                    lora_x: jax.Array | None = None, lora_dtype: Any = None,
+                    mixed: MixedBatch | None = None) -> jax.Array:
     """`x @ kernel + bias + s (lora_x @ A) @ B` with the kernel's output features split over tp.
+
+    With `mixed` (a mixed batch), lora holds N stacked adapters (A [N, in, r], B [N, r, out],
+    s [N]) and row i runs adapter `mixed.index[i]`; the index is split like x's rows.
 
     Global shapes: x [B, S, in] (any [B, ..., in] without sequence parallelism), kernel
     [in, out], bias [out], lora (A [in, r], B [r, out], s []); returns [B, S, out] split on out.
@@ -93,14 +100,19 @@ def column_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = No
     x_spec = activation_spec(mesh, x.shape, seq_split=sequence_parallel)
     out_spec = P(x_spec[0], *([None] * (x.ndim - 2)), TP)
     body = functools.partial(_column_local, sequence_parallel=sequence_parallel,
-                             sizes=axis_sizes(mesh), lora_dtype=lora_dtype)
-    return _run(body, mesh, "column", x, kernel, bias, lora, lora_x, x_spec, out_spec)
+                             sizes=axis_sizes(mesh), lora_dtype=lora_dtype,
+                             mixed_method=None if mixed is None else mixed.method)
+    return _run(body, mesh, "column", x, kernel, bias, lora, lora_x, x_spec, out_spec, mixed)
 
 
 def row_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
                  lora: Lora | None = None, *, mesh: Mesh, sequence_parallel: bool = False,
-                 lora_x: jax.Array | None = None, lora_dtype: Any = None) -> jax.Array:
+                 lora_x: jax.Array | None = None, lora_dtype: Any = None,
+                 mixed: MixedBatch | None = None) -> jax.Array:
     """`x @ kernel + bias + s (lora_x @ A) @ B` with the kernel's input features split over tp.
+
+    With `mixed`: N stacked adapters, one per row as `column_parallel` says; each device adds
+    its rows' partial `s[k] (x_i A_i[k]) B[k]` before the one reduction, as for one adapter.
 
     Global shapes: x [B, S, in] split on in, kernel [in, out], bias [out], lora (A [in, r],
     B [r, out], s []); returns [B, S, out], split on S over tp under sequence parallelism.
@@ -119,11 +131,12 @@ def row_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
         middle[0] = TP  # the output leaves reduce-scattered on the sequence
     out_spec = P(x_spec[0], *middle, None)
     body = functools.partial(_row_local, sequence_parallel=sequence_parallel,
-                             sizes=axis_sizes(mesh), lora_dtype=lora_dtype)
-    return _run(body, mesh, "row", x, kernel, bias, lora, lora_x, x_spec, out_spec)
+                             sizes=axis_sizes(mesh), lora_dtype=lora_dtype,
+                             mixed_method=None if mixed is None else mixed.method)
+    return _run(body, mesh, "row", x, kernel, bias, lora, lora_x, x_spec, out_spec, mixed)
 
 
-def _run(body, mesh, role, x, kernel, bias, lora, lora_x, x_spec, out_spec):
+def _run(body, mesh, role, x, kernel, bias, lora, lora_x, x_spec, out_spec, mixed=None):
     """shard_map `body` over the operands that are present, with the role's specs (axes of size
     1 dropped: see `drop_trivial_axes`)."""
     ops, specs = {"x": x, "kernel": kernel}, {"x": x_spec, "kernel": KERNEL_SPECS[role]}
@@ -134,17 +147,24 @@ def _run(body, mesh, role, x, kernel, bias, lora, lora_x, x_spec, out_spec):
         specs["lora"] = (derive_adapter_spec(KERNEL_SPECS[role], LORA_A),
                          derive_adapter_spec(KERNEL_SPECS[role], LORA_B), P())
         if getattr(lora, "magnitude", None) is not None:  # DoRA
+            if mixed is not None:
+                raise LoraError("DoRA adapters do not run in mixed batches (adapter_index=): "
+                                "run each DoRA adapter on its own batch.")
             ops["magnitude"] = lora.magnitude
             specs["magnitude"] = derive_adapter_spec(KERNEL_SPECS[role], LORA_MAGNITUDE)
         if lora_x is not None:
             ops["lora_x"], specs["lora_x"] = lora_x, x_spec
+        if mixed is not None:  # the adapter axis whole on every device; the index with the rows
+            a_spec, b_spec, _ = specs["lora"]
+            specs["lora"] = (P(None, *a_spec), P(None, *b_spec), P())
+            ops["index"], specs["index"] = mixed.index, P(x_spec[0])
     prune = functools.partial(drop_trivial_axes, mesh=mesh)
     specs = jax.tree.map(prune, specs, is_leaf=lambda s: isinstance(s, P))
     fn = shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=prune(out_spec))
     return fn(ops)
 
 
-def _column_local(ops, *, sequence_parallel, sizes, lora_dtype):
+def _column_local(ops, *, sequence_parallel, sizes, lora_dtype, mixed_method=None):
     x, tp = ops["x"], sizes[TP] > 1
     if sequence_parallel and tp:
         x = all_gather(x, TP, axis=1)
@@ -155,6 +175,14 @@ def _column_local(ops, *, sequence_parallel, sizes, lora_dtype):
     y = _base_matmul(x, ops["kernel"], 0, sizes)
     if "bias" in ops:
         y = y + ops["bias"]
+    if "index" in ops:  # a mixed batch: this device's rows, each with its own adapter
+        x_in = x
+        if "lora_x" in ops:  # dropout's input, gathered / cast like x
+            x_in = (all_gather(ops["lora_x"], TP, axis=1) if sequence_parallel and tp
+                    else to_varying(ops["lora_x"], TP) if tp else ops["lora_x"])
+        delta = mixed_delta(x_in, Adapter(*ops["lora"]), MixedBatch(ops["index"], mixed_method),
+                            in_axes=(x_in.ndim - 1,), dtype=lora_dtype)
+        return name_output(add_delta(y, delta))
     if "lora" in ops:
         a, b, scale = ops["lora"]
         if "lora_x" in ops:  # dropout: gather the rank-r product, not a second activation
@@ -210,10 +238,15 @@ def _gathered_for_norm(kernel: jax.Array, fsdp_axis: int, sizes: dict[str, int])
     return kernel if sizes[FSDP] == 1 else all_gather(kernel, FSDP, axis=fsdp_axis)
 
 
-def _row_local(ops, *, sequence_parallel, sizes, lora_dtype):
+def _row_local(ops, *, sequence_parallel, sizes, lora_dtype, mixed_method=None):
     x = ops["x"]
     y = _base_matmul(x, ops["kernel"], 1, sizes)
-    if "lora" in ops:  # added to the partial product, before the one reduction below
+    if "index" in ops:  # a mixed batch: linear in x's features, so its partial sums like one
+        x_in = ops.get("lora_x", x)
+        y = add_delta(y, mixed_delta(x_in, Adapter(*ops["lora"]),
+                                     MixedBatch(ops["index"], mixed_method),
+                                     in_axes=(x_in.ndim - 1,), dtype=lora_dtype))
+    elif "lora" in ops:  # added to the partial product, before the one reduction below
         a, b, scale = ops["lora"]
         h = adapter_in(ops.get("lora_x", x), a, scale, dtype=lora_dtype)
         delta = adapter_out(h, b, lora_dtype)
@@ -285,6 +318,8 @@ class _ParallelDense(nn.Module):
         adapter = read_adapter(self)
         if adapter is None:
             return None
+        if is_stacked(adapter, 1) or current_mixed() is not None:
+            return self._stacked_adapter(adapter, kernel_shape)
         a, b = adapter.a, adapter.b
         if a.shape[0] != kernel_shape[0] or b.shape != (a.shape[-1], kernel_shape[1]):
             raise ValueError(f"adapter of {'.'.join(self.path)} does not fit its kernel "
@@ -292,6 +327,23 @@ class _ParallelDense(nn.Module):
         if adapter.magnitude is not None:
             dora.check_magnitude(".".join(self.path), adapter.magnitude, (kernel_shape[1],))
         return adapter
+
+
+    def _stacked_adapter(self, adapter: Adapter, kernel_shape: tuple[int, int]) -> Adapter:
+        """A mixed batch's adapters with their adapter axis (a single one as a stack of one)."""
+        if current_mixed() is None:
+            raise LoraError(f"{'.'.join(self.path)} holds {adapter.scale.shape[0]} stacked "
+                            "adapters (lora_jax.stack_adapters); say which each row runs with "
+                            "lora_jax.apply(..., adapter_index=[...]).")
+        adapter = as_stacked(adapter, 1)
+        a, b = adapter.a, adapter.b
+        if a.shape[1] != kernel_shape[0] or b.shape[1:] != (a.shape[-1], kernel_shape[1]):
+            raise ValueError(f"stacked adapters of {'.'.join(self.path)} do not fit its kernel "
+                             f"{tuple(kernel_shape)}: lora_a {a.shape}, lora_b {b.shape}")
+        return adapter
+
+    def _mixed(self, lora: Adapter | None) -> MixedBatch | None:
+        return None if lora is None else current_mixed()
 
 
 class ColumnParallelDense(_ParallelDense):
@@ -305,7 +357,8 @@ class ColumnParallelDense(_ParallelDense):
     def __call__(self, x: jax.Array) -> jax.Array:
         x, kernel, bias, lora, lora_x, lora_dtype = self._operands(x)
         return column_parallel(x, kernel, bias, lora, mesh=self.mesh, lora_x=lora_x,
-                               sequence_parallel=self.sequence_parallel, lora_dtype=lora_dtype)
+                               sequence_parallel=self.sequence_parallel, lora_dtype=lora_dtype,
+                               mixed=self._mixed(lora))
 
 
 class RowParallelDense(_ParallelDense):
@@ -317,7 +370,8 @@ class RowParallelDense(_ParallelDense):
     def __call__(self, x: jax.Array) -> jax.Array:
         x, kernel, bias, lora, lora_x, lora_dtype = self._operands(x)
         return row_parallel(x, kernel, bias, lora, mesh=self.mesh, lora_x=lora_x,
-                            sequence_parallel=self.sequence_parallel, lora_dtype=lora_dtype)
+                            sequence_parallel=self.sequence_parallel, lora_dtype=lora_dtype,
+                            mixed=self._mixed(lora))
 
 
 class ReplicatedDense(_ParallelDense):
