@@ -342,3 +342,36 @@ def test_sharded_equals_one_device(fmt):
     for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
                                    atol=1e-5 * float(np.max(np.abs(np.asarray(b)))))
+
+
+def test_load_hf_quantises_tensor_by_tensor(tmp_path, monkeypatch, ids):
+    """`load_hf(quantize=)` gives the tree `quantize_params` gives from the dense load, placed
+    by the partition rules, and reads each projection's float tensor one layer at a time."""
+    import models
+    from models import hf_io
+    from sharding import leaf_sharding, make_mesh
+    dense = Llama(LlamaConfig.tiny(**{**MODEL, "num_hidden_layers": 2}))
+    params = jax.jit(lambda k: dense.init(k, ids)["params"])(jax.random.key(0))
+    models.save_hf(tmp_path / "ckpt", dense, params)
+    reads = []
+    real = hf_io._read_leaf
+    monkeypatch.setattr(hf_io, "_read_leaf", lambda src, *a: reads.append(
+        (src.dotted, len(src.names))) or real(src, *a))
+    mesh = make_mesh(dp=2, fsdp=2, tp=2)
+    model, q = models.load_hf(tmp_path / "ckpt", quantize="nf4", scan_layers=True,
+                              shardings=leaf_sharding(mesh))
+    kernel_reads = [n for path, n in reads if path.endswith("proj.kernel")]
+    assert kernel_reads and set(kernel_reads) == {1}  # one layer's tensor per read
+    _, stacked = models.load_hf(tmp_path / "ckpt", scan_layers=True)
+    want = quantize_params(stacked, "nf4")
+    assert jax.tree.structure(q) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(want)):
+        if jnp.issubdtype(a.dtype, jnp.integer):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # codes: identical
+        else:  # the double quant's mean, summed in another order on 8 devices: float32 ulps
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    codes = q["model"]["layers"]["self_attn"]["q_proj"]["kernel"].codes
+    assert codes.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tp")
+    # The sharded run sums in another order: float32, 1e-5 of the logits' scale.
+    got, ref = (np.asarray(model.apply({"params": t}, ids)) for t in (q, want))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
