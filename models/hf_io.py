@@ -27,7 +27,7 @@ from safetensors.numpy import save_file
 from models.errors import CheckpointError, CheckpointFileNotFoundError
 from models.layout import Family, family, hf_tensor_name, is_transposed
 from models.parallel import NoParallelism, Parallelism
-from models.quant import quantizable, quantize
+from models.quant import is_quantized, quantizable, quantize
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -479,7 +479,9 @@ def _leaf(tree: Mapping, path: tuple[str, ...]):
 
 def _torch_tensor(tree: Mapping, src: LeafSource, layer: int, dtype: Any) -> np.ndarray:
     leaf = _leaf(tree, src.path)
-    if src.stacked:
+    if is_quantized(leaf):  # a quantised base (not merged): written dequantised, as PEFT does
+        leaf = (jax.tree.map(lambda a: a[layer], leaf) if src.stacked else leaf).dequantize()
+    elif src.stacked:
         leaf = leaf[layer]
     if not getattr(leaf, "is_fully_addressable", True):
         raise CheckpointError(f"{src.dotted} is not fully addressable by this process; gather "

@@ -375,3 +375,40 @@ def test_load_hf_quantises_tensor_by_tensor(tmp_path, monkeypatch, ids):
     # The sharded run sums in another order: float32, 1e-5 of the logits' scale.
     got, ref = (np.asarray(model.apply({"params": t}, ids)) for t in (q, want))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_cli_quantize_flag(tmp_path, capsys):
+    """`--quantize nf4` trains LoRA over the NF4 base; the merged export writes plain kernels
+    (an unadapted one is exactly the dequantised NF4 kernel); --tp > 1 is refused clearly."""
+    import json
+    import models
+    from examples import train as train_lib
+    from examples.cli import parse_args
+    config = LlamaConfig.tiny(num_hidden_layers=1)
+    dense = models.build(config)
+    params = models.init_params(dense, jax.random.key(0))
+    models.save_hf(tmp_path / "ckpt", dense, params)
+    args = ["--model-path", str(tmp_path / "ckpt"), "--tokenizer", "bytes", "--batch-size", "4",
+            "--seq-len", "16", "--steps", "3", "--rank", "4", "--lr", "1e-2", "--dp", "1",
+            "--no-progress", "--targets", "q_proj,v_proj", "--quantize", "nf4",
+            "--metrics-file", str(tmp_path / "m.jsonl"), "--export-merged",
+            str(tmp_path / "merged"), "--export-peft", str(tmp_path / "peft")]
+    assert train_lib.main(args) == 0
+    losses = [r["loss"] for r in map(json.loads, open(tmp_path / "m.jsonl")) if "loss" in r]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    _, merged = models.load_hf(tmp_path / "merged" / "hf")
+    layer = merged["model"]["layers"]["0"]["self_attn"]
+    want = quantize(params["model"]["layers"]["0"]["self_attn"]["k_proj"]["kernel"],
+                    "nf4").dequantize(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(layer["k_proj"]["kernel"]), np.asarray(want))
+    assert (tmp_path / "peft" / "adapter_model.safetensors").exists()
+    with pytest.raises(ValueError, match="--tp 1"):
+        parse_args(["--quantize", "nf4", "--tp", "2"])
+
+
+def test_qlora_benchmark_smoke():
+    """`benchmarks.qlora --tiny` runs a lora-jax row end to end on CPU and reports it."""
+    from benchmarks import qlora
+    rows = qlora.main(["--tiny", "--only", "fp8-stored"])
+    assert len(rows) == 1 and "error" not in rows[0], rows
+    assert rows[0]["opts"]["quant"] == "fp8" and np.isfinite(rows[0]["loss"])
