@@ -11,7 +11,9 @@ buffers; off, a profile names every kernel's XLA op), fp8=1|0 (FP8 frozen base: 
 projections multiply in FP8 with per-tensor scaling, `models.fp8`), fp8_recipe=<name> (with
 fp8=1: another quantisation recipe from `benchmarks.fp8_recipes`, e.g. fwd_only),
 fp8_skip=q_proj+k_proj (with fp8=1: projections kept in bf16, `base_fp8_skip`),
-init=hf|scaled (hf: every kernel normal(0.02), as transformers initialises Llama; scaled: the
+quant=nf4|int8|fp8 (a frozen base
+STORED quantised, `models.quant`: random normal(0.02) kernels quantised at init, per layer inside
+the scanned init), init=hf|scaled (hf: every kernel normal(0.02), as transformers initialises Llama; scaled: the
 residual-branch outputs o_proj and down_proj divided by sqrt(2 L), Megatron's "scaled init";
 on the 8B shape it did not reduce the FP8 forward's drift, see `benchmarks.fp8_drift`),
 dora=1|0 (DoRA, `LoraConfig(use_dora=True)`: a trained magnitude per output feature,
@@ -49,7 +51,8 @@ from benchmarks.trace_summary import render, summarize_dir  # noqa: E402
 PEAK_BF16 = 790e12
 DEFAULTS = {"remat": "dots_saveable", "attn": "cudnn", "adapter_dtype": "bfloat16",
             "ce": "fused", "chunk": "4096", "scan": "1", "triton_gemm": "1", "fp8": "0",
-            "cmdbuf": "1", "fp8_recipe": "tensor_e5m2", "init": "hf", "fp8_skip": ""}
+            "cmdbuf": "1", "fp8_recipe": "tensor_e5m2", "init": "hf", "fp8_skip": "",
+            "quant": ""}
 DEFAULTS["dora"] = "0"  # dora=1: LoraConfig(use_dora=True)
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 
@@ -95,7 +98,8 @@ def build(shape: str, opts: dict, batch: int, seq: int, rank: int = 16):
                                    scan_layers=True, remat_policy=opts["remat"],
                                    attention_impl=None if opts["attn"] == "auto" else opts["attn"],
                                    base_fp8=opts["fp8"] == "1",
-                                   base_fp8_skip=projection_names(opts["fp8_skip"]))
+                                   base_fp8_skip=projection_names(opts["fp8_skip"]),
+                                   **({"quantize": opts["quant"]} if opts["quant"] else {}))
     lora_cfg = lj.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
                              adapter_dtype=opts["adapter_dtype"], use_dora=opts["dora"] == "1")
 

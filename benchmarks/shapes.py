@@ -29,8 +29,14 @@ SMALL = {**LLAMA3_1B, "hidden_size": 512, "intermediate_size": 1536, "num_hidden
          "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 8192,
          "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
 
-SHAPES = {"1b": LLAMA3_1B, "8b": LLAMA3_8B, "tiny": TINY, "small": SMALL}
-DEFAULT_BATCH = {"1b": 8, "8b": 4, "tiny": 2, "small": 4}
+LLAMA3_70B = {  # Llama-3.1-70B's shape: 80 layers, d=8192, GQA 64/8, ffn 28672
+    **LLAMA3_8B,
+    "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
+}
+
+SHAPES = {"1b": LLAMA3_1B, "8b": LLAMA3_8B, "tiny": TINY, "small": SMALL, "70b": LLAMA3_70B}
+DEFAULT_BATCH = {"1b": 8, "8b": 4, "tiny": 2, "small": 4, "70b": 1}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

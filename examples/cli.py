@@ -73,6 +73,7 @@ class TrainConfig:
     scan_layers: bool = False
     remat: str = "none"
     attention: str | None = None
+    quantize: str | None = None
     # optimisation
     batch_size: int = 8
     seq_len: int = 128
@@ -240,6 +241,9 @@ def _numerics_flags(g, d: TrainConfig) -> None:
                    "jax.checkpoint_policies name, e.g. dots_saveable, or a names factory, "
                    "e.g. save_only_these_names:a,b (see remat_policies)")
     g.add_argument("--attention", choices=("xla", "cudnn"), help="attention implementation")
+    g.add_argument("--quantize", choices=("nf4", "int8", "fp8"), default=d.quantize,
+                   help="QLoRA: store the frozen block projections quantised (models.quant); "
+                        "dp/fsdp only (--tp 1); adapters stay float32")
 
 
 def _optimisation_flags(g, d: TrainConfig) -> None:
@@ -303,6 +307,7 @@ def check(cfg: TrainConfig) -> None:
     _check_reals(cfg)
     if not re.fullmatch(r"[A-Za-z0-9_\-]+", cfg.adapter_name):
         raise ValueError(f"--adapter-name {cfg.adapter_name!r}: use letters, digits, '_' or '-'")
+    _check_quantize(cfg)
     if cfg.dp < 1 and cfg.dp != -1:
         raise ValueError(f"--dp must be >= 1 or -1 (the devices left), got {cfg.dp}")
     if cfg.batch_size % cfg.grad_accum:
@@ -325,6 +330,13 @@ def check(cfg: TrainConfig) -> None:
             cfg.coordinator, cfg.num_processes, cfg.process_id):
         raise ValueError("multi-process runs need all of --coordinator, --num-processes and "
                          "--process-id")
+
+
+def _check_quantize(cfg: TrainConfig) -> None:
+    """A quantised base is frozen and split by GSPMD only (no tensor-parallel layers yet)."""
+    if cfg.quantize is not None and cfg.tp != 1:
+        raise ValueError(f"--quantize {cfg.quantize} works with data parallelism and FSDP only: "
+                         f"use --tp 1 (got --tp {cfg.tp}), or drop --quantize")
 
 
 def _check_reals(cfg: TrainConfig) -> None:

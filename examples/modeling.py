@@ -51,7 +51,8 @@ def embedded_config(name: str, **options) -> Any:
 def runtime_options(cfg: TrainConfig) -> dict:
     dtype = jnp.dtype(cfg.dtype)
     return dict(dtype=dtype, param_dtype=dtype, scan_layers=cfg.scan_layers,
-                remat_policy=cfg.remat, attention_impl=cfg.attention)
+                remat_policy=cfg.remat, attention_impl=cfg.attention,
+                **({"quantize": cfg.quantize} if getattr(cfg, "quantize", None) else {}))
 
 
 def model_config(cfg: TrainConfig) -> tuple[Any, str]:

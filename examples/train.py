@@ -118,7 +118,7 @@ def train(cfg: TrainConfig) -> Trained:
     check_config_fits(mesh, config)
     lora_cfg = lj.adapter_config(cfg.adapter_in) if cfg.adapter_in else modeling.lora_config(cfg)
     plain = models.build(config)
-    parallel = (models.NoParallelism() if mesh.size == 1
+    parallel = (models.NoParallelism() if mesh.size == 1 or cfg.quantize  # quantised: GSPMD
                 else TensorParallelism(mesh=mesh, sequence_parallel=cfg.sp))
     model = models.build(modeling.training_config(config), parallel)
     init_base = lambda key: plain.init(key, jnp.zeros((1, 1), jnp.int32))["params"]  # noqa: E731

@@ -199,6 +199,8 @@ def compute_dtype(dtype: Any, x: jax.Array, kernel: jax.Array) -> Any:
     """The dtype an adapter runs in: the layer's compute dtype (`dtype`, else the promotion of its
     input and kernel, as `nn.Dense` chooses). Adapters stored in float32 are cast down like the
     kernel is, so a bf16 model stays bf16."""
+    if hasattr(kernel, "dequantize"):  # a quantised kernel (models.quant): its dequantised dtype
+        kernel = jnp.zeros((), kernel.dtype)
     return dtype or jnp.result_type(x, kernel)
 
 

@@ -78,6 +78,7 @@ def inject(params: Mapping, config: LoraConfig, rng: jax.Array, *,
                                                          config, rng)}
         layout = layouts.get(path) or default_layout(path, tuple(module["kernel"].shape))
         leaves = adapter_leaves(path, module["kernel"].shape, layout, config, rng)
+        _check_quantized(path, module["kernel"], config)
         if inits.is_base_changing(config.init_lora_weights):  # PiSSA / OLoRA: kernel rewritten
             module = inits.base_changing_module(path, module, leaves, layout, config, rng)
             leaves = {k: module[k] for k in leaves}
@@ -161,3 +162,17 @@ def init_a(scheme, key, shape, fan_in: int, rank: int, dtype) -> jax.Array:
         return (jax.random.normal(key, shape, jnp.float32) / rank).astype(dtype)
     bound = 1.0 / math.sqrt(fan_in)
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+def _check_quantized(path: str, kernel, config: LoraConfig) -> None:
+    """A quantised frozen kernel (NF4 / int8 / FP8: a pytree with `dequantize`, from
+    `models.quant`) takes plain LoRA; the variants that read or rewrite the kernel do not."""
+    if not hasattr(kernel, "dequantize"):
+        return
+    if config.use_dora:
+        raise LoraError(f"{path!r} has a quantised kernel: DoRA's weight norm over a quantised "
+                        "base is not supported; use plain LoRA, or load the base unquantised.")
+    if inits.is_base_changing(config.init_lora_weights):
+        raise LoraError(f"{path!r} has a quantised kernel: init_lora_weights="
+                        f"{config.init_lora_weights!r} rewrites the kernel, which a quantised "
+                        "base cannot hold; use the default init, or load the base unquantised.")

@@ -27,6 +27,7 @@ from safetensors.numpy import save_file
 from models.errors import CheckpointError, CheckpointFileNotFoundError
 from models.layout import Family, family, hf_tensor_name, is_transposed
 from models.parallel import NoParallelism, Parallelism
+from models.quant import is_quantized, quantizable, quantize
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -257,7 +258,8 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: A
             scan_layers: bool = False, remat_policy: str = "none",
             attention_impl: str | None = None, base_fp8: bool = False,
             base_fp8_skip: tuple[str, ...] = (), parallel: Parallelism = NoParallelism(),
-            shardings: Shardings = None) -> tuple[nn.Module, Params]:
+            shardings: Shardings = None, quantize: str | None = None
+            ) -> tuple[nn.Module, Params]:
     """Load a local HF checkpoint directory as a Linen model and its params.
 
     Args:
@@ -267,6 +269,11 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: A
         the config (`models.options.RuntimeOptions`; base_fp8: FP8 matmuls for the frozen
         projections, except those named in base_fp8_skip).
       parallel: the `Parallelism` the model builds its projections with.
+      quantize: "nf4" | "int8" | "fp8" stores every block projection's kernel quantised
+        (`models.quant`, QLoRA's frozen base): each HF tensor (each layer's, when scanned) is
+        read, put on its device(s) and quantised there before the next is read, so neither the
+        host nor a device holds the whole model in `param_dtype` (`param_dtype` is then the
+        dtype the kernels dequantise to).
       shardings: where each leaf goes: None (default device), one `jax.sharding.Sharding`
         for all, a tree of Shardings shaped like the params, or a function
         `(dotted_path, shape) -> Sharding | None`. Each tensor is placed as it is read.
@@ -281,15 +288,69 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: A
                               dtype=dtype, param_dtype=dtype if param_dtype is None
                               else param_dtype, scan_layers=scan_layers,
                               remat_policy=remat_policy, attention_impl=attention_impl,
-                              base_fp8=base_fp8, base_fp8_skip=base_fp8_skip)
+                              base_fp8=base_fp8, base_fp8_skip=base_fp8_skip,
+                              **({"quantize": quantize} if quantize else {}))
     model = family(config).model_cls(config, parallel)
     sources = leaf_sources(model)
     with TensorIndex.open(path, family(config)) as index:
         check_tensors(sources, index, model)
-        leaves = {src.path: _place(_read_leaf(src, index, config.param_dtype),
-                                   _sharding_for(shardings, src))
+        leaves = {src.path: _load_quantized(src, index, config, shardings)
+                  if _is_quantized_leaf(src, config) else
+                  _place(_read_leaf(src, index, config.param_dtype), _sharding_for(shardings, src))
                   for src in sources}
     return model, unflatten_dict(leaves)
+
+
+def _is_quantized_leaf(src: LeafSource, config: Any) -> bool:
+    return (getattr(config, "quantize", None) is not None and src.path[-1] == "kernel"
+            and quantizable(".".join(src.path[:-1])))
+
+
+def _load_quantized(src: LeafSource, index: TensorIndex, config: Any, shardings: Shardings):
+    """One kernel leaf read tensor by tensor and quantised on its device(s): the host holds one
+    layer's tensor at a time, a device one layer's float kernel (a transient of the jitted
+    quantisation) beside the quantised leaves."""
+    fmt, dtype = config.quantize, jnp.dtype(config.param_dtype)
+    one = dataclasses.replace(src, stacked=False)
+    # The float layer goes where the plain kernel would (a function or one Sharding); a tree
+    # of shardings names the quantised leaves only, so the float stays on the default device.
+    float_where = (_sharding_for(shardings, one) if shardings is None or callable(shardings)
+                   or isinstance(shardings, jax.sharding.Sharding) else None)
+    where = _quantized_shardings(shardings, one, fmt, one.shape, dtype)
+    quant = _quantizer(fmt, dtype, where)  # one compile for every layer of this projection
+    pieces = []
+    for name in src.names:
+        host = _read_leaf(dataclasses.replace(one, names=(name,)), index, jnp.float32)
+        pieces.append(quant(_place(host, float_where)))
+        del host
+    if not src.stacked:
+        return pieces[0]
+    stacked_where = _quantized_shardings(shardings, src, fmt, src.shape, dtype)
+    return jax.jit(lambda *p: jax.tree.map(lambda *a: jnp.stack(a), *p),
+                   out_shardings=stacked_where)(*pieces)
+
+
+def _quantizer(fmt: str, dtype: Any, where: Any) -> Callable:
+    return jax.jit(lambda w: quantize(w, fmt, dtype=dtype), out_shardings=where)
+
+
+def _quantized_shardings(shardings: Shardings, src: LeafSource, fmt: str, shape, dtype):
+    """The shardings of a quantised kernel's leaves (a tree like it), or None (default device).
+
+    A function `(dotted_path, shape)` is asked for each leaf (`kernel.codes`, ...: the
+    partition rules know them); a single Sharding is used for all; a tree must hold the
+    quantised kernel's shardings at the kernel's place."""
+    if shardings is None:
+        return None
+    abstract = jax.eval_shape(lambda: quantize(jnp.zeros(shape, jnp.float32), fmt, dtype=dtype))
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda _: shardings, abstract)
+    if callable(shardings):
+        return jax.tree_util.tree_map_with_path(
+            lambda kp, leaf: shardings(
+                f"{src.dotted}.{jax.tree_util.keystr(kp, simple=True, separator='.')}",
+                tuple(leaf.shape)), abstract)
+    return _sharding_for(shardings, src)
 
 
 def _read_leaf(src: LeafSource, index: TensorIndex, dtype: Any) -> np.ndarray:
@@ -418,7 +479,9 @@ def _leaf(tree: Mapping, path: tuple[str, ...]):
 
 def _torch_tensor(tree: Mapping, src: LeafSource, layer: int, dtype: Any) -> np.ndarray:
     leaf = _leaf(tree, src.path)
-    if src.stacked:
+    if is_quantized(leaf):  # a quantised base (not merged): written dequantised, as PEFT does
+        leaf = (jax.tree.map(lambda a: a[layer], leaf) if src.stacked else leaf).dequantize()
+    elif src.stacked:
         leaf = leaf[layer]
     if not getattr(leaf, "is_fully_addressable", True):
         raise CheckpointError(f"{src.dotted} is not fully addressable by this process; gather "

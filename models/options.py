@@ -41,6 +41,10 @@ class RuntimeOptions:
         dtype under `base_fp8`: to trade FP8 speed for accuracy where a model is sensitive, and
         to find where it is (`benchmarks.fp8_drift --fp8-skips`; on the random-weight 8B shape
         no subset removed the drift, docs/PERFORMANCE.md).
+      quantize: store every block projection's frozen kernel quantised (QLoRA's base):
+        "nf4" | "int8" | "fp8" (`models.quant`), or None. The kernel leaf is then a small pytree
+        (codes, scales); the output head and embeddings stay in `param_dtype`. Frozen only:
+        such a kernel gets no gradient.
     """
 
     dtype: Any = jnp.float32
@@ -50,6 +54,7 @@ class RuntimeOptions:
     attention_impl: str | None = None
     base_fp8: bool = False
     base_fp8_skip: tuple[str, ...] = ()
+    quantize: str | None = None
 
     def __post_init__(self):
         # Canonical dtypes keep configs hashable and equal however the dtype was spelled.
@@ -61,6 +66,11 @@ class RuntimeOptions:
             raise ValueError(f"base_fp8_skip={self.base_fp8_skip!r}: give a tuple of projection "
                              "names, e.g. ('q_proj', 'k_proj')")
         object.__setattr__(self, "base_fp8_skip", tuple(self.base_fp8_skip))
+        if self.quantize is not None and self.quantize not in ("nf4", "int8", "fp8"):
+            raise ValueError(f"quantize={self.quantize!r}: use 'nf4', 'int8', 'fp8' or None")
+        if self.quantize is not None and self.base_fp8:
+            raise ValueError("quantize and base_fp8 are two ways to run a frozen base in low "
+                             "precision: choose one (quantize='fp8' stores the FP8 kernel)")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}: use one of "
                              f"{ATTENTION_IMPLS}")

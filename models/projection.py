@@ -6,7 +6,8 @@ from typing import Any
 import flax.linen as nn
 
 from models.fp8 import fp8_dot_general
-from models.parallel import Parallelism, Role
+from models.parallel import NoParallelism, Parallelism, Role
+from models.quant import QuantDense
 
 
 def projection(parallel: Parallelism, config: Any, features: int, *, role: Role, name: str,
@@ -18,12 +19,30 @@ def projection(parallel: Parallelism, config: Any, features: int, *, role: Role,
     stays in the compute dtype, as FP8 recipes keep it: logits over a large vocabulary are where
     quantisation error hurts the loss most. Projections named in `config.base_fp8_skip` stay in
     the compute dtype too."""
+    if getattr(config, "quantize", None) and role != "replicated":
+        return quantized_projection(parallel, config, features, name=name, use_bias=use_bias)
     fp8 = config.base_fp8 and role != "replicated" and name not in config.base_fp8_skip
     return parallel.dense(features, role=role, name=name, use_bias=use_bias, dtype=config.dtype,
                           param_dtype=config.param_dtype,
                           kernel_init=nn.initializers.normal(config.initializer_range),
                           bias_init=nn.initializers.zeros,
                           dot_general=fp8_dot_general if fp8 else None)
+
+
+def quantized_projection(parallel: Parallelism, config: Any, features: int, *, name: str,
+                         use_bias: bool) -> nn.Module:
+    """A block projection whose frozen kernel is stored in `config.quantize`'s format
+    (`models.quant.QuantDense`): dp and FSDP shard its leaves by the kernel's rules (GSPMD); the
+    tensor-parallel shard_map layers do not take quantised kernels yet."""
+    if not isinstance(parallel, NoParallelism):
+        raise NotImplementedError(
+            f"quantize={config.quantize!r} is not supported by {type(parallel).__name__} yet; "
+            "use data parallelism / FSDP (tp=1: the quantised leaves are split by the kernel's "
+            "rules), or quantize=None")
+    return QuantDense(features, quant=config.quantize, name=name, use_bias=use_bias,
+                      dtype=config.dtype, param_dtype=config.param_dtype,
+                      kernel_init=nn.initializers.normal(config.initializer_range),
+                      bias_init=nn.initializers.zeros)
 
 
 def embedding(config: Any, num: int, features: int) -> nn.Embed:

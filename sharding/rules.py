@@ -45,6 +45,15 @@ DEFAULT_RULES: Rules = (
     (rf"(^|\.){_COLUMN}\.kernel$", KERNEL_SPECS["column"]),
     (rf"(^|\.){_COLUMN}\.bias$", BIAS_SPECS["column"]),
     (rf"(^|\.){_ROW}\.kernel$", KERNEL_SPECS["row"]),
+    # Quantised kernels (models/quant.py): codes and block scales keep the kernel's [in, out]
+    # layout, FP8's codes_t is [out, in], per-channel scales follow the out axis; the double
+    # quantisation's group scales and offset (a few floats per kernel) are replicated (.*).
+    (rf"(^|\.){_COLUMN}\.kernel\.(codes|absmax)$", KERNEL_SPECS["column"]),
+    (rf"(^|\.){_ROW}\.kernel\.(codes|absmax)$", KERNEL_SPECS["row"]),
+    (rf"(^|\.){_COLUMN}\.kernel\.codes_t$", P(TP, FSDP)),
+    (rf"(^|\.){_ROW}\.kernel\.codes_t$", P(FSDP, TP)),
+    (rf"(^|\.){_COLUMN}\.kernel\.scale$", P(TP)),
+    (rf"(^|\.){_ROW}\.kernel\.scale$", P(FSDP)),
     (r"(^|\.)(embed_tokens|wte)\.embedding$", EMBED_SPEC),
     (r".*", P()),
 )
