@@ -19,7 +19,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import lora_jax as lj
 from benchmarks.shapes import SHAPES, TARGETS
