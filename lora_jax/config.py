@@ -110,6 +110,16 @@ class LoraConfig:
         key = pattern_key(self.rank_pattern, path)
         return self.r if key is None else self.rank_pattern[key]
 
+    def checked_rank(self, path: str, fan_in: int, fan_out: int, what: str = "kernel") -> int:
+        """`rank_for(path)`, refused (naming the fix) when it exceeds the smaller of the adapted
+        matrix's two dimensions (a kernel's in/out, an embedding table's rows/features)."""
+        rank = self.rank_for(path)
+        if rank > min(fan_in, fan_out):
+            raise LoraError(f"rank {rank} for {path!r} exceeds the {what}'s smaller dimension "
+                            f"({fan_in} x {fan_out}); choose r <= {min(fan_in, fan_out)} "
+                            "(rank_pattern can lower it for this module).")
+        return rank
+
     def alpha_for(self, path: str) -> float:
         """The alpha of the adapter at dotted module `path` (alpha_pattern, else `lora_alpha`)."""
         key = pattern_key(self.alpha_pattern, path)

@@ -52,11 +52,7 @@ def embedding_adapter_leaves(path: str, table_shape: tuple[int, ...], config: Lo
                         "embeddings needs a 2-D [num_embeddings, features] table (stacked or "
                         "scanned embeddings are not supported).")
     num, dim = table_shape
-    rank = config.rank_for(path)
-    if rank > min(num, dim):
-        raise LoraError(f"rank {rank} for {path!r} exceeds the embedding table's smaller "
-                        f"dimension ({num} x {dim}); choose r <= {min(num, dim)} "
-                        "(rank_pattern can lower it for this module).")
+    rank = config.checked_rank(path, num, dim, "embedding table")
     dtype = jnp.dtype(config.adapter_dtype)
     key_a, key_b = jax.random.split(jax.random.fold_in(rng, zlib.crc32(path.encode())))
     b = jax.random.normal(key_b, (rank, dim), jnp.float32).astype(dtype)

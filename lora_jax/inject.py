@@ -129,12 +129,8 @@ def adapter_leaves(path: str, kernel_shape: tuple[int, ...], layout: KernelLayou
                    config: LoraConfig, rng: jax.Array) -> Params:
     """The three adapter leaves for one kernel."""
     stack, ins, outs = layout.split(tuple(kernel_shape))
-    rank = config.rank_for(path)
     fan_in, fan_out = math.prod(ins), math.prod(outs)
-    if rank > min(fan_in, fan_out):
-        raise LoraError(f"rank {rank} for {path!r} exceeds the kernel's smaller dimension "
-                        f"(in={fan_in}, out={fan_out}); choose r <= {min(fan_in, fan_out)} "
-                        "(rank_pattern can lower it for this module).")
+    rank = config.checked_rank(path, fan_in, fan_out)
     dtype = jnp.dtype(config.adapter_dtype)
     key_a, key_b = jax.random.split(jax.random.fold_in(rng, zlib.crc32(path.encode())))
     a = init_a(config.init_lora_weights, key_a, (*stack, *ins, rank), fan_in, rank, dtype)
