@@ -237,8 +237,8 @@ def test_per_layer_alpha_into_scanned_tree(checkpoints, tmp_path):
 # Bad input: a clear LoraError, nothing overwritten
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra,message", [  # DoRA loads now: tests/test_dora.py
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+@pytest.mark.parametrize("extra,message", [
+    # DoRA and modules_to_save load now: tests/test_dora.py, tests/test_embedding_lora.py
     ({"bias": "lora_only"}, "bias='lora_only'"),
 ])
 def test_unsupported_peft_features_are_errors(checkpoints, tmp_path, extra, message):
