@@ -18,8 +18,9 @@ import jax
 import numpy as np
 
 LORA_A, LORA_B, LORA_SCALE = "lora_a", "lora_b", "lora_scale"
-ADAPTER_LEAVES = (LORA_A, LORA_B, LORA_SCALE)
-TRAINABLE_LEAVES = (LORA_A, LORA_B)
+# DoRA's trained magnitude `[*S, *out]` (only with LoraConfig(use_dora=True); optional: code that
+# walks ADAPTER_LEAVES must skip a leaf a module does not hold).
+LORA_MAGNITUDE = "lora_magnitude"
 # Several named adapters (lora_jax.named): the "default" adapter's leaves sit beside the kernel
 # as above; any other adapter's leaves sit in `module[NAMED][name]` under the same leaf names.
 NAMED, DEFAULT_ADAPTER = "lora_named", "default"
@@ -42,14 +43,8 @@ class LeafNames(tuple):
         return tuple.__contains__(self, key) or is_saved_leaf(key)
 
 
-ADAPTER_LEAVES = LeafNames(ADAPTER_LEAVES)
-TRAINABLE_LEAVES = LeafNames(TRAINABLE_LEAVES)
-# DoRA's trained magnitude `[*S, *out]` (only with LoraConfig(use_dora=True); optional: code that
-# walks ADAPTER_LEAVES must skip a leaf a module does not hold).
-LORA_MAGNITUDE = "lora_magnitude"
-# type(...)(...) keeps whatever tuple type these names have (a tuple subclass stays one).
-ADAPTER_LEAVES = type(ADAPTER_LEAVES)((*ADAPTER_LEAVES, LORA_MAGNITUDE))
-TRAINABLE_LEAVES = type(TRAINABLE_LEAVES)((*TRAINABLE_LEAVES, LORA_MAGNITUDE))
+ADAPTER_LEAVES = LeafNames((LORA_A, LORA_B, LORA_SCALE, LORA_MAGNITUDE))
+TRAINABLE_LEAVES = LeafNames((LORA_A, LORA_B, LORA_MAGNITUDE))
 
 Params = dict[str, Any]
 
