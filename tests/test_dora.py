@@ -18,7 +18,6 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import peft
 import pytest
 import torch

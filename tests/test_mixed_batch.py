@@ -136,13 +136,7 @@ def test_bad_input_is_named():
 # Against the real PEFT library's mixed batch
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    from tests.test_models_fixtures import hf_gpt2, hf_llama
-    root = tmp_path_factory.mktemp("hf")
-    hf_gpt2(root / "gpt2")
-    hf_llama(root / "llama")
-    return root
+from tests.test_peft import checkpoints  # noqa: E402,F401  (the tiny HF checkpoints)
 
 
 PEFT_TARGETS = {"gpt2": ["c_attn", "attn.c_proj", "c_fc"],
