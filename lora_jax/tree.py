@@ -168,8 +168,13 @@ def map_leaves(tree: Mapping, fn: Callable[[str, Any], Any]) -> Params:
 
 
 def count(tree: Any) -> int:
-    """Number of scalars in a tree."""
-    return sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(tree))
+    """Number of scalars in a tree. A quantised kernel (a pytree with `dequantize`, from
+    `models.quant`) counts as the kernel it stands for (`prod(shape)`), not as its packed codes
+    and scales: an NF4 kernel's codes hold two weights per byte, so the leaf sizes would count
+    half of it (PEFT counts a 4-bit layer's weights the same way)."""
+    is_quantized = lambda x: hasattr(x, "dequantize")  # noqa: E731
+    return sum(int(np.prod(x.shape)) if is_quantized(x) else int(np.size(x))
+               for x in jax.tree_util.tree_leaves(tree, is_leaf=is_quantized))
 
 
 def filter_leaves(params: Mapping, keep: Callable[[str], bool]) -> Params:

@@ -288,6 +288,9 @@ def test_quantize_params_matches_a_quantised_init(ids):
     structure = jax.tree.structure(jax.eval_shape(lambda k: model.init(k, ids)["params"],
                                                   jax.random.key(0)))
     assert jax.tree.structure(qparams) == structure
+    # summary counts a quantised kernel as the weights it stands for (NF4 packs two per byte).
+    for fmt in FORMATS:
+        assert lj.summary(quantize_params(params, fmt)).total == lj.summary(params).total
 
 
 class OneLayer(nn.Module):
