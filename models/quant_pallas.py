@@ -54,6 +54,13 @@ def _triton_params(num_warps: int, num_stages: int) -> Any:
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 
+def _dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Array:
+    """A 2-D tile product accumulated in float32 (`lax.dot_general`, which the Triton lowering
+    maps to `tt.dot`; `pl.dot` moved modules across JAX versions)."""
+    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
 def _interpret(interpret: bool | None) -> bool:
     """Interpret mode unless running on a GPU (None: decide from the default backend)."""
     return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
@@ -151,7 +158,7 @@ def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any
             x_odd = x_ref[:, pl.ds(t * NF4_BLOCK + 1, _HALF, stride=2)]
             w_hi, w_lo = _nf4_tile(c_ref[pl.ds(t * _HALF, _HALF), :], s_ref[pl.ds(t, 1), :],
                                    dtype)
-            return acc + pl.dot(x_even, w_hi) + pl.dot(x_odd, w_lo)
+            return acc + _dot(x_even, w_hi) + _dot(x_odd, w_lo)
 
         acc = jax.lax.fori_loop(0, k // NF4_BLOCK, step, jnp.zeros((bm_, bn_), jnp.float32))
         o_ref[...] = acc.astype(o_ref.dtype)
@@ -219,8 +226,8 @@ def nf4_matmul_t(dy: jax.Array, codes: jax.Array, scales: jax.Array,
             for b in range(blocks):
                 w_hi, w_lo = _nf4_tile(c_ref[pl.ds(b * _HALF, _HALF), cols],
                                        s_ref[pl.ds(b, 1), cols], dtype)
-                out.append(accs[2 * b] + pl.dot(g, w_hi, trans_b=True))
-                out.append(accs[2 * b + 1] + pl.dot(g, w_lo, trans_b=True))
+                out.append(accs[2 * b] + _dot(g, w_hi, trans_b=True))
+                out.append(accs[2 * b + 1] + _dot(g, w_lo, trans_b=True))
             return tuple(out)
 
         zeros = tuple(jnp.zeros((bm_, _HALF), jnp.float32) for _ in range(2 * blocks))
@@ -290,7 +297,7 @@ def int8_matmul(x: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32, *,
     def kernel(x_ref, c_ref, o_ref):
         def step(t, acc):
             rows = pl.ds(t * bk_, bk_)
-            return acc + pl.dot(x_ref[:, rows], c_ref[rows, :].astype(dtype))
+            return acc + _dot(x_ref[:, rows], c_ref[rows, :].astype(dtype))
 
         acc = jax.lax.fori_loop(0, k // bk_, step, jnp.zeros((bm_, bn_), jnp.float32))
         o_ref[...] = acc.astype(o_ref.dtype)
@@ -338,7 +345,7 @@ def int8_matmul_t(dy: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32,
     def kernel(dy_ref, c_ref, o_ref):
         def step(t, acc):
             cols = pl.ds(t * bn_, bn_)
-            return acc + pl.dot(dy_ref[:, cols], c_ref[:, cols].astype(dtype), trans_b=True)
+            return acc + _dot(dy_ref[:, cols], c_ref[:, cols].astype(dtype), trans_b=True)
 
         acc = jax.lax.fori_loop(0, n // bn_, step, jnp.zeros((bm_, bk_), jnp.float32))
         o_ref[...] = acc.astype(o_ref.dtype)
