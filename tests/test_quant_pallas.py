@@ -176,3 +176,17 @@ def test_tiny_llama_logits_equal_across_impls(fmt):
     logits = {impl: jax.jit(m.apply)(params, ids) for impl, m in models.items()}
     assert "pallas_call" in str(jax.make_jaxpr(models["pallas"].apply)(params, ids))
     assert rel(logits["pallas"], logits["xla"]) < 1e-5  # 1 layer of float32, other sum order
+
+
+def test_quant_gemm_benchmark_smoke():
+    """`benchmarks.quant_gemm --smoke --sweep` times every (format, impl, direction) on a tiny
+    shape and checks pallas against xla (float32 here: within TOL)."""
+    from benchmarks import quant_gemm
+    rows = quant_gemm.main(["--smoke", "--sweep"])
+    timed = {(r["format"], r["impl"], r["direction"]) for r in rows if "ms" in r}
+    want = {(f, i, d) for f in ("nf4", "int8") for i in ("xla", "pallas", "pallas-sweep")
+            for d in ("forward", "backward")} | {("bf16", "dense", "forward"),
+                                                 ("bf16", "dense", "backward")}
+    assert timed == want and not [r for r in rows if "error" in r]
+    checks = [r["max_rel_vs_xla"] for r in rows if r["impl"] == "pallas"]
+    assert len(checks) == 4 and max(checks) < 1e-5  # max-norm relative: looser than TOL's norm
