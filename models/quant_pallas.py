@@ -9,17 +9,21 @@ float kernel is ever written to memory. They run on the Triton backend on GPU
 Kernels (x, dy 2-D; the caller flattens leading axes and pads nothing itself):
   nf4_matmul(x [M, K], codes [K/2, N] u8, scales [K/64, N] f32) -> x @ W        [M, N]
   nf4_matmul_t(dy [M, N], codes, scales)                        -> dy @ W^T      [M, K]
-  int8_matmul(x [M, K], codes [K, N] i8)                        -> x @ codes     [M, N]
+  int8_matmul(x [M, K], codes [K, N] i8, scale [N])             -> (x @ codes) * scale
   int8_matmul_t(dy [M, N], codes)                               -> dy @ codes^T  [M, K]
-The int8 per-channel scale stays outside (it commutes with the contraction), as in
-`models.quant`; the NF4 block scales (`Nf4Kernel.block_scales()`, 1/64 of the kernel's
-elements) are an input.
+The int8 per-channel scale commutes with the contraction: the forward applies it to the
+float32 accumulator, the backward's caller to dy (as `models.quant` does). The NF4 block
+scales (`Nf4Kernel.block_scales()`, 1/64 of the kernel's elements) are an input.
 
 The NF4 layout is the stored one: byte row r of `codes` holds input rows 2r (high nibble) and
 2r + 1 (low nibble). Rather than interleaving the two nibble planes into a [64, bn] tile (a
 reshape that moves the minor axis, which Triton cannot do), each 64-row NF4 block contributes
 `x[:, even] @ W_hi + x[:, odd] @ W_lo`, with the even / odd input columns read by stride-2
 loads; the transposed kernel writes its even / odd output columns with stride-2 stores.
+
+Multi-device: a pallas_call has no SPMD partitioning rule, so under GSPMD (dp / FSDP meshes)
+XLA gathers its operands and runs it whole on every device. impl="pallas" is for one device
+until the call is wrapped in a `shard_map` over the batch axes.
 
 Shapes that do not tile (an output or contraction dimension with no power-of-two divisor >= 16
 in range) make `fits_*` return False; `models.quant` then takes its XLA path for that kernel.
@@ -268,16 +272,19 @@ def _int8_tiles(name: str, k: int, n: int, bk: int, bn: int) -> tuple[int, int]:
     return bk_, bn_
 
 
-def int8_matmul(x: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32, *,
-                bm: int = 128, bn: int = 128, bk: int = 64, num_warps: int = 4,
-                num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
-    """`x @ codes` for int8 codes [K, N], converted to x's dtype tile by tile (the per-channel
-    scale is the caller's, applied to the [M, N] result).
+def int8_matmul(x: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32,
+                scale: jax.Array | None = None, *, bm: int = 128, bn: int = 128, bk: int = 64,
+                num_warps: int = 4, num_stages: int = 3,
+                interpret: bool | None = None) -> jax.Array:
+    """`(x @ codes) * scale` for int8 codes [K, N], converted to x's dtype tile by tile; the
+    per-channel scale (optional) multiplies the float32 accumulator before the one rounding to
+    `out_dtype`, so a bf16 result is rounded once, as the XLA path's is.
 
     Args:
       x: [M, K] in the compute dtype.
       codes: int8 [K, N], `Int8Kernel.codes`.
       out_dtype: the result's dtype (accumulation is float32).
+      scale: float32 [N] (`Int8Kernel.scale`), or None for the bare codes product.
       bm, bn, bk: row block, column block, K step (powers of two; bn, bk shrink to divisors).
       num_warps, num_stages, interpret: as for `nf4_matmul`.
 
@@ -294,25 +301,31 @@ def int8_matmul(x: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32, *,
     xp = _pad_rows(x, bm_)
     dtype = x.dtype
 
-    def kernel(x_ref, c_ref, o_ref):
+    if scale is None:
+        scale = jnp.ones((n,), jnp.float32)
+    if scale.shape != (n,):
+        raise ValueError(f"int8_matmul: scale {scale.shape} must be [N] = [{n}]")
+
+    def kernel(x_ref, c_ref, s_ref, o_ref):
         def step(t, acc):
             rows = pl.ds(t * bk_, bk_)
             return acc + _dot(x_ref[:, rows], c_ref[rows, :].astype(dtype))
 
         acc = jax.lax.fori_loop(0, k // bk_, step, jnp.zeros((bm_, bn_), jnp.float32))
-        o_ref[...] = acc.astype(o_ref.dtype)
+        o_ref[...] = (acc * s_ref[...]).astype(o_ref.dtype)
 
     out = pl.pallas_call(
         kernel,
         grid=(xp.shape[0] // bm_, n // bn_),
         in_specs=[pl.BlockSpec((bm_, k), lambda i, j: (i, 0)),
-                  pl.BlockSpec((k, bn_), lambda i, j: (0, j))],
+                  pl.BlockSpec((k, bn_), lambda i, j: (0, j)),
+                  pl.BlockSpec((1, bn_), lambda i, j: (0, j))],
         out_specs=pl.BlockSpec((bm_, bn_), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((xp.shape[0], n), out_dtype),
         compiler_params=_triton_params(num_warps, num_stages),
         interpret=_interpret(interpret),
         name="int8_matmul",
-    )(xp, codes)
+    )(xp, codes, scale.astype(jnp.float32).reshape(1, n))
     return out[:m]
 
 
@@ -384,28 +397,33 @@ def _flat(a: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
     return a.reshape(math.prod(a.shape[:-1]), a.shape[-1]), a.shape[:-1]
 
 
+# The rules below return the compute dtype directly (the kernels round their float32
+# accumulator once, in the epilogue), rather than float32 for the caller to cast: a float32
+# [M, K] result would be one more full pass over memory that XLA cannot fuse into a custom call.
+
+
 def nf4_forward(x: jax.Array, q: Any, dtype: Any) -> jax.Array:
-    """`models.quant._nf4_forward` on the kernels: x [..., K] -> float32 [..., N]."""
+    """`models.quant._nf4_forward` on the kernels: x [..., K] -> [..., N] in `dtype`."""
     x2, lead = _flat(x.astype(dtype))
-    return nf4_matmul(x2, q.codes, q.block_scales(), jnp.float32).reshape(*lead, -1)
+    return nf4_matmul(x2, q.codes, q.block_scales(), dtype).reshape(*lead, -1)
 
 
 def nf4_backward(dy: jax.Array, q: Any, dtype: Any) -> jax.Array:
-    """`models.quant._nf4_backward` on the kernels: dy [..., N] -> float32 [..., K]."""
+    """`models.quant._nf4_backward` on the kernels: dy [..., N] -> [..., K] in `dtype`."""
     g, lead = _flat(dy.astype(dtype))
-    return nf4_matmul_t(g, q.codes, q.block_scales(), jnp.float32).reshape(*lead, -1)
+    return nf4_matmul_t(g, q.codes, q.block_scales(), dtype).reshape(*lead, -1)
 
 
 def int8_forward(x: jax.Array, q: Any, dtype: Any) -> jax.Array:
-    """`models.quant._int8_forward` on the kernels (scale applied to the result)."""
+    """`models.quant._int8_forward` on the kernels (the scale applied in the epilogue)."""
     x2, lead = _flat(x.astype(dtype))
-    return (int8_matmul(x2, q.codes, jnp.float32) * q.scale).reshape(*lead, -1)
+    return int8_matmul(x2, q.codes, dtype, q.scale).reshape(*lead, -1)
 
 
 def int8_backward(dy: jax.Array, q: Any, dtype: Any) -> jax.Array:
-    """`models.quant._int8_backward` on the kernels (scale applied to dy first)."""
+    """`models.quant._int8_backward` on the kernels (the scale applied to dy first, as there)."""
     g, lead = _flat((dy.astype(jnp.float32) * q.scale).astype(dtype))
-    return int8_matmul_t(g, q.codes, jnp.float32).reshape(*lead, -1)
+    return int8_matmul_t(g, q.codes, dtype).reshape(*lead, -1)
 
 
 RULES = {"nf4": (nf4_forward, nf4_backward), "int8": (int8_forward, int8_backward)}

@@ -61,10 +61,11 @@ def test_nf4_kernels_equal_the_dequantised_product(kernels, tiles, tiles_t):
 @pytest.mark.parametrize("tiles,tiles_t", [(dict(), dict()),
                                            (dict(bm=16, bn=32, bk=32), dict(bm=16, bk=64, bn=32))])
 def test_int8_kernels_equal_the_codes_product(kernels, tiles, tiles_t):
-    codes = kernels["int8"].codes
+    codes, scale = kernels["int8"].codes, kernels["int8"].scale
     c = codes.astype(jnp.float32)
     x, dy = gaussian((M, K), seed=4), gaussian((M, N), seed=5)
     assert rel(qp.int8_matmul(x, codes, jnp.float32, **tiles), x @ c) < TOL
+    assert rel(qp.int8_matmul(x, codes, jnp.float32, scale, **tiles), (x @ c) * scale) < TOL
     assert rel(qp.int8_matmul_t(dy, codes, jnp.float32, **tiles_t), dy @ c.T) < TOL
 
 
