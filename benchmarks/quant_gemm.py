@@ -155,7 +155,7 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     if args.smoke:
         shapes, m, iters, dtype = SMOKE_SHAPES, args.tokens or SMOKE_TOKENS, 1, jnp.float32
-        sweep = SWEEP[:2] if args.sweep else []  # the code path, not a search
+        sweep = SWEEP[:1] if args.sweep else []  # the code path, not a search
     else:
         shapes, m, iters, dtype = SHAPES_8B, args.tokens or TOKENS_8B, args.iters, jnp.bfloat16
         sweep = SWEEP if args.sweep else []

@@ -10,6 +10,7 @@ the result by a few ulps of its largest terms: 2e-6 relative (in norm) over K <=
 room for the order and still fails on any wrong nibble, row parity or scale (errors >= 1e-2).
 """
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +20,11 @@ import pytest
 from models import quant_pallas as qp
 from models.llama import Llama, LlamaConfig
 from models.options import RuntimeOptions
-from models.quant import quantize, quantized_matmul
+from models.quant import quantize as _eager_quantize, quantized_matmul
 
 M, K, N = 48, 256, 128  # M is no tile multiple: the kernels pad it and slice it back
 TOL = 2e-6
+quantize = jax.jit(_eager_quantize, static_argnums=1, static_argnames="dtype")  # eager is slow
 
 
 def gaussian(shape, seed, std=1.0):
@@ -36,8 +38,7 @@ def rel(a, b):
 @pytest.fixture(scope="module")
 def kernels():
     w = gaussian((K, N), seed=1, std=0.02)
-    quant = jax.jit(quantize, static_argnums=1, static_argnames="dtype")  # eager is slow
-    return {fmt: quant(w, fmt, dtype=jnp.float32) for fmt in ("nf4", "int8")}
+    return {fmt: quantize(w, fmt, dtype=jnp.float32) for fmt in ("nf4", "int8")}
 
 
 # Default tiles (one program) and small ones (several programs over M, N and K groups, and
@@ -167,9 +168,35 @@ def test_kernels_lower_to_triton_for_cuda():
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
-def test_tiny_llama_logits_equal_across_impls(fmt):
-    """A tiny quantised Llama gives the same logits with quant_impl="pallas" as with "xla"
-    (same params: the option changes how kernels multiply, not what is stored)."""
+def test_cuda_training_step_has_two_triton_calls_and_no_float_kernel(fmt, monkeypatch):
+    """value_and_grad of a bf16 pallas-impl projection exported for CUDA, as the GPU would
+    compile it (interpret mode off): one Triton call forward, one backward, and no float
+    tensor shaped like the [K, N] kernel in the StableHLO; impl="xla" has one (the check can
+    fail)."""
+    from jax._src.lib import triton
+    if getattr(triton, "dialect", None) is None:
+        pytest.skip("this jaxlib has no Triton bindings, so Pallas cannot lower to Triton here")
+    monkeypatch.setattr(qp, "_interpret", lambda interpret: False)
+    k, n = 192, 96
+    q = jax.eval_shape(lambda: quantize(jnp.zeros((k, n)), fmt, dtype=jnp.bfloat16))
+    x = jax.ShapeDtypeStruct((2, 24, k), jnp.bfloat16)
+    kernel_shaped = re.compile(rf"tensor<(?:{k}x{n}|{n}x{k})x(?:f32|bf16|f16)>")
+
+    def exported(impl):
+        loss = lambda x, q: jnp.sum(jnp.sin(
+            quantized_matmul(x, q, jnp.bfloat16, impl=impl).astype(jnp.float32)))
+        return _export_for_cuda(jax.value_and_grad(loss), x, q)
+
+    text = exported("pallas")
+    assert text.count("@__gpu$xla.gpu.triton(") == 2
+    assert not kernel_shaped.search(text)
+    assert kernel_shaped.search(exported("xla"))
+
+
+def test_tiny_llama_logits_equal_across_impls(fmt="nf4"):
+    """A tiny NF4 Llama gives the same logits with quant_impl="pallas" as with "xla" (same
+    params: the option changes how kernels multiply, not what is stored). int8 goes through
+    the same QuantDense -> quantized_matmul wiring, tested above."""
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 500, (2, 8)), jnp.int32)
     models = {impl: Llama(LlamaConfig.tiny(quantize=fmt, quant_impl=impl, num_hidden_layers=1))
               for impl in ("xla", "pallas")}
