@@ -99,7 +99,10 @@ def _check_2d(name: str, **arrays: jax.Array) -> None:
 
 def _nf4_values(idx: jax.Array) -> jax.Array:
     """The NF4 code book value of each 4-bit index (uint8), float32, by a select tree over the
-    index bits: Triton has no gather, and 15 selects of constants are cheap beside the GEMM."""
+    index bits (Triton has no gather). Only bits 0-3 are read, so an arithmetic shift of the
+    byte would decode the high nibble as well as a logical one. 15 selects per value, redone
+    by every row block: what that costs beside the tensor-core GEMM is what
+    `benchmarks/quant_gemm.py` measures (a larger `bm` amortises it over more rows)."""
     level = [float(v) for v in NF4_CODE]  # Python floats: kernels may not capture arrays
     for bit in range(4):
         on = (idx & (1 << bit)) != 0
