@@ -10,7 +10,7 @@ accumulate in float32 and round to bf16, so a few 1e-3; a wrong tile is O(1)). O
 2 M K N flops, the check.
 
     python -m benchmarks.quant_gemm --out benchmarks/results/quant_gemm_h200.jsonl  # one H200
-    python -m benchmarks.quant_gemm --sweep        # also time the kernels over a few tile sizes
+    python -m benchmarks.quant_gemm --sweep --shapes 4096x14336   # kernels over 5 tile sizes
     python -m benchmarks.quant_gemm --smoke        # CPU: tiny shapes, interpret mode
 """
 from __future__ import annotations
@@ -151,8 +151,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--tokens", type=int, default=None, help=f"M (default {TOKENS_8B})")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--sweep", action="store_true", help="also time the kernels over SWEEP")
+    ap.add_argument("--shapes", default="", help="only these K x N, e.g. 4096x14336,14336x4096 "
+                    "(a --sweep over all four 8B shapes compiles 80 kernels)")
     ap.add_argument("--out", default="", help="append the JSON lines to this file too")
     args = ap.parse_args(argv)
+    chosen = [tuple(int(d) for d in item.split("x")) for item in args.shapes.split(",") if item]
     if args.smoke:
         shapes, m, iters, dtype = SMOKE_SHAPES, args.tokens or SMOKE_TOKENS, 1, jnp.float32
         sweep = SWEEP[:1] if args.sweep else []  # the code path, not a search
@@ -170,7 +173,7 @@ def main(argv=None) -> list[dict]:
                 f.write(json.dumps(r) + "\n")
         return r
 
-    return run(shapes, m, iters, dtype, sweep, emit)
+    return run(chosen or shapes, m, iters, dtype, sweep, emit)
 
 
 if __name__ == "__main__":
