@@ -53,8 +53,14 @@ def _triton_params(num_warps: int, num_stages: int) -> Any:
         from jax.experimental.pallas import triton as pltriton
         cls = pltriton.CompilerParams
     except (ImportError, AttributeError):  # older JAX
-        from jax.experimental.pallas import gpu as plgpu
-        cls = plgpu.TritonCompilerParams
+        try:
+            from jax.experimental.pallas import gpu as plgpu
+            cls = plgpu.TritonCompilerParams
+        except (ImportError, AttributeError):
+            raise NotImplementedError(
+                f"jax {jax.__version__} has neither pallas.triton.CompilerParams nor "
+                "pallas.gpu.TritonCompilerParams: the Pallas kernels cannot select Triton; "
+                "use quant_impl='xla'") from None
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 

@@ -137,6 +137,16 @@ def test_bad_impl_is_refused():
     assert parse_args(["--quantize", "nf4", "--quant-impl", "pallas"]).quant_impl == "pallas"
 
 
+def _require_triton() -> None:
+    try:
+        from jax._src.lib import triton
+        ok = getattr(triton, "dialect", None) is not None
+    except ImportError:
+        ok = False
+    if not ok:
+        pytest.skip("this jaxlib has no Triton bindings, so Pallas cannot lower to Triton here")
+
+
 def _export_for_cuda(fn, *args) -> str:
     exported = jax.export.export(
         jax.jit(fn), platforms=("cuda",),
@@ -149,9 +159,7 @@ def test_kernels_lower_to_triton_for_cuda():
     """Cross-platform export runs the Pallas -> Triton lowering on this CPU machine (block
     shapes, strided loads/stores, dots, the select tree), in bf16 as on the GPU, with a K that
     is no power of two (192 = 3 NF4 blocks) and N=96 (tiles of 32)."""
-    from jax._src.lib import triton
-    if getattr(triton, "dialect", None) is None:
-        pytest.skip("this jaxlib has no Triton bindings, so Pallas cannot lower to Triton here")
+    _require_triton()
     m, k, n = 48, 192, 96
     S, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
     codes4, scales = S((k // 2, n), jnp.uint8), S((k // 64, n), jnp.float32)
@@ -173,9 +181,7 @@ def test_cuda_training_step_has_two_triton_calls_and_no_float_kernel(fmt, monkey
     compile it (interpret mode off): one Triton call forward, one backward, and no float
     tensor shaped like the [K, N] kernel in the StableHLO; impl="xla" has one (the check can
     fail)."""
-    from jax._src.lib import triton
-    if getattr(triton, "dialect", None) is None:
-        pytest.skip("this jaxlib has no Triton bindings, so Pallas cannot lower to Triton here")
+    _require_triton()
     monkeypatch.setattr(qp, "_interpret", lambda interpret: False)
     k, n = 192, 96
     q = jax.eval_shape(lambda: quantize(jnp.zeros((k, n)), fmt, dtype=jnp.bfloat16))
