@@ -13,7 +13,8 @@ fp8=1: another quantisation recipe from `benchmarks.fp8_recipes`, e.g. fwd_only)
 fp8_skip=q_proj+k_proj (with fp8=1: projections kept in bf16, `base_fp8_skip`),
 quant=nf4|int8|fp8 (a frozen base
 STORED quantised, `models.quant`: random normal(0.02) kernels quantised at init, per layer inside
-the scanned init), init=hf|scaled (hf: every kernel normal(0.02), as transformers initialises Llama; scaled: the
+the scanned init), quant_impl=xla|pallas (with quant=nf4|int8: `RuntimeOptions.quant_impl`,
+"pallas" dequantises inside the GEMM, `models.quant_pallas`), init=hf|scaled (hf: every kernel normal(0.02), as transformers initialises Llama; scaled: the
 residual-branch outputs o_proj and down_proj divided by sqrt(2 L), Megatron's "scaled init";
 on the 8B shape it did not reduce the FP8 forward's drift, see `benchmarks.fp8_drift`),
 dora=1|0 (DoRA, `LoraConfig(use_dora=True)`: a trained magnitude per output feature,
@@ -54,6 +55,7 @@ DEFAULTS = {"remat": "dots_saveable", "attn": "cudnn", "adapter_dtype": "bfloat1
             "cmdbuf": "1", "fp8_recipe": "tensor_e5m2", "init": "hf", "fp8_skip": "",
             "quant": ""}
 DEFAULTS["dora"] = "0"  # dora=1: LoraConfig(use_dora=True)
+DEFAULTS["quant_impl"] = "xla"  # quant_impl=pallas: fused NF4/int8 GEMM (models.quant_pallas)
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 
 
@@ -99,7 +101,9 @@ def build(shape: str, opts: dict, batch: int, seq: int, rank: int = 16):
                                    attention_impl=None if opts["attn"] == "auto" else opts["attn"],
                                    base_fp8=opts["fp8"] == "1",
                                    base_fp8_skip=projection_names(opts["fp8_skip"]),
-                                   **({"quantize": opts["quant"]} if opts["quant"] else {}))
+                                   **({"quantize": opts["quant"]} if opts["quant"] else {}),
+                                   **({"quant_impl": opts["quant_impl"]}
+                                      if opts["quant_impl"] != "xla" else {}))
     lora_cfg = lj.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
                              adapter_dtype=opts["adapter_dtype"], use_dora=opts["dora"] == "1")
 

@@ -10,6 +10,7 @@ driver installs it with `pip install --no-index` before the PEFT + bitsandbytes 
 
     python -m benchmarks.qlora --out benchmarks/results/qlora_h200.jsonl
     python -m benchmarks.qlora --tiny            # CPU smoke test: every lora-jax row, tiny shape
+    python -m benchmarks.qlora --only "jax nf4" "jax int8" --quant-impl pallas  # fused GEMM
 """
 import argparse
 import glob
@@ -38,7 +39,8 @@ def command(worker: str, shape: str, batch: int, extra: list[str], args) -> list
               "--steps", str(args.steps)]
     if worker == "jax":
         tiny = ["--variant", "attn=xla"] if args.tiny else []  # cuDNN attention is GPU-only
-        return [sys.executable, "-m", "benchmarks.jax_worker", *common, *extra, *tiny]
+        impl = ["--variant", f"quant_impl={args.quant_impl}"] if args.quant_impl != "xla" else []
+        return [sys.executable, "-m", "benchmarks.jax_worker", *common, *extra, *tiny, *impl]
     device = ["--device", "cpu"] if args.tiny else []
     return [sys.executable, "-m", "benchmarks.peft_worker", *common, *extra, *device]
 
@@ -72,6 +74,9 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny shape")
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--out", default="")
+    ap.add_argument("--quant-impl", choices=("xla", "pallas"), default="xla",
+                    help="how the lora-jax rows' NF4 / int8 kernels multiply (pallas: "
+                         "dequantised inside the GEMM, models.quant_pallas)")
     args = ap.parse_args(argv)
     if args.tiny:
         args.seq, args.steps = min(args.seq, 32), min(args.steps, 2)

@@ -74,6 +74,7 @@ class TrainConfig:
     remat: str = "none"
     attention: str | None = None
     quantize: str | None = None
+    quant_impl: str = "xla"
     # optimisation
     batch_size: int = 8
     seq_len: int = 128
@@ -244,6 +245,9 @@ def _numerics_flags(g, d: TrainConfig) -> None:
     g.add_argument("--quantize", choices=("nf4", "int8", "fp8"), default=d.quantize,
                    help="QLoRA: store the frozen block projections quantised (models.quant); "
                         "dp/fsdp only (--tp 1); adapters stay float32")
+    g.add_argument("--quant-impl", choices=("xla", "pallas"), default=d.quant_impl,
+                   help="with --quantize nf4|int8: 'pallas' dequantises inside the GEMM "
+                        "(models.quant_pallas, Triton on GPU); 'xla' dequantises first")
 
 
 def _optimisation_flags(g, d: TrainConfig) -> None:
@@ -337,6 +341,9 @@ def _check_quantize(cfg: TrainConfig) -> None:
     if cfg.quantize is not None and cfg.tp != 1:
         raise ValueError(f"--quantize {cfg.quantize} works with data parallelism and FSDP only: "
                          f"use --tp 1 (got --tp {cfg.tp}), or drop --quantize")
+    if cfg.quant_impl != "xla" and cfg.quantize is None:
+        raise ValueError(f"--quant-impl {cfg.quant_impl} chooses how a quantised base "
+                         "multiplies: add --quantize nf4|int8, or drop --quant-impl")
 
 
 def _check_reals(cfg: TrainConfig) -> None:

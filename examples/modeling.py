@@ -52,7 +52,9 @@ def runtime_options(cfg: TrainConfig) -> dict:
     dtype = jnp.dtype(cfg.dtype)
     return dict(dtype=dtype, param_dtype=dtype, scan_layers=cfg.scan_layers,
                 remat_policy=cfg.remat, attention_impl=cfg.attention,
-                **({"quantize": cfg.quantize} if getattr(cfg, "quantize", None) else {}))
+                **({"quantize": cfg.quantize} if getattr(cfg, "quantize", None) else {}),
+                **({"quant_impl": cfg.quant_impl}
+                   if getattr(cfg, "quant_impl", "xla") != "xla" else {}))
 
 
 def model_config(cfg: TrainConfig) -> tuple[Any, str]:

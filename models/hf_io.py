@@ -258,8 +258,8 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: A
             scan_layers: bool = False, remat_policy: str = "none",
             attention_impl: str | None = None, base_fp8: bool = False,
             base_fp8_skip: tuple[str, ...] = (), parallel: Parallelism = NoParallelism(),
-            shardings: Shardings = None, quantize: str | None = None
-            ) -> tuple[nn.Module, Params]:
+            shardings: Shardings = None, quantize: str | None = None,
+            quant_impl: str = "xla") -> tuple[nn.Module, Params]:
     """Load a local HF checkpoint directory as a Linen model and its params.
 
     Args:
@@ -274,6 +274,7 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: A
         read, put on its device(s) and quantised there before the next is read, so neither the
         host nor a device holds the whole model in `param_dtype` (`param_dtype` is then the
         dtype the kernels dequantise to).
+      quant_impl: how the quantised kernels multiply, "xla" or "pallas" (`RuntimeOptions`).
       shardings: where each leaf goes: None (default device), one `jax.sharding.Sharding`
         for all, a tree of Shardings shaped like the params, or a function
         `(dotted_path, shape) -> Sharding | None`. Each tensor is placed as it is read.
@@ -289,7 +290,8 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: A
                               else param_dtype, scan_layers=scan_layers,
                               remat_policy=remat_policy, attention_impl=attention_impl,
                               base_fp8=base_fp8, base_fp8_skip=base_fp8_skip,
-                              **({"quantize": quantize} if quantize else {}))
+                              **({"quantize": quantize} if quantize else {}),
+                              **({"quant_impl": quant_impl} if quant_impl != "xla" else {}))
     model = family(config).model_cls(config, parallel)
     sources = leaf_sources(model)
     with TensorIndex.open(path, family(config)) as index:

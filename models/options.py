@@ -16,6 +16,9 @@ from remat_policies import NONE as REMAT_NONE, resolve
 # Policy names ("none", "full", "dots_saveable", "save_only_these_names:a,b", ...) are parsed by
 # `remat_policies`, the one parser `lora_jax.remat_policy` uses too.
 ATTENTION_IMPLS = (None, "xla", "cudnn")
+# How a `quantize`d NF4 / int8 kernel multiplies: dequantise then GEMM ("xla"), or dequantise
+# inside the GEMM (`models.quant_pallas`). "xla" stays the default until a GPU run says otherwise.
+QUANT_IMPLS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,6 +48,10 @@ class RuntimeOptions:
         "nf4" | "int8" | "fp8" (`models.quant`), or None. The kernel leaf is then a small pytree
         (codes, scales); the output head and embeddings stay in `param_dtype`. Frozen only:
         such a kernel gets no gradient.
+      quant_impl: how a `quantize`d NF4 / int8 kernel multiplies: "xla" (dequantise to a
+        `[in, out]` compute-dtype kernel, then a GEMM) or "pallas" (the Pallas/Triton kernels of
+        `models.quant_pallas` dequantise tile by tile inside the GEMM, forward and backward;
+        FP8 and shapes they do not tile keep the XLA path).
     """
 
     dtype: Any = jnp.float32
@@ -55,6 +62,7 @@ class RuntimeOptions:
     base_fp8: bool = False
     base_fp8_skip: tuple[str, ...] = ()
     quantize: str | None = None
+    quant_impl: str = "xla"
 
     def __post_init__(self):
         # Canonical dtypes keep configs hashable and equal however the dtype was spelled.
@@ -74,6 +82,8 @@ class RuntimeOptions:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}: use one of "
                              f"{ATTENTION_IMPLS}")
+        if self.quant_impl not in QUANT_IMPLS:
+            raise ValueError(f"quant_impl={self.quant_impl!r}: use one of {QUANT_IMPLS}")
 
 
 def remat_policy_fn(policy: str | Callable) -> Callable | None:

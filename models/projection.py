@@ -40,6 +40,7 @@ def quantized_projection(parallel: Parallelism, config: Any, features: int, *, n
             "use data parallelism / FSDP (tp=1: the quantised leaves are split by the kernel's "
             "rules), or quantize=None")
     return QuantDense(features, quant=config.quantize, name=name, use_bias=use_bias,
+                      quant_impl=getattr(config, "quant_impl", "xla"),
                       dtype=config.dtype, param_dtype=config.param_dtype,
                       kernel_init=nn.initializers.normal(config.initializer_range),
                       bias_init=nn.initializers.zeros)

@@ -28,6 +28,10 @@ The matmul (`quantized_matmul`) is a `jax.custom_vjp` whose residuals are the qu
 only (parameters: no new memory): the backward dequantises again for `dx = dy @ W^T`, so no
 full-precision copy of a kernel lives from a layer's forward to its backward, and the kernel's
 cotangent is zero (the base is frozen; gradients flow only to the adapters beside it).
+
+`impl="pallas"` (`RuntimeOptions.quant_impl`) runs NF4 and int8 through `models.quant_pallas`,
+whose kernels dequantise tile by tile inside the GEMM (forward and `dy @ W^T`), so no
+compute-dtype copy of the kernel is written; the default "xla" dequantises, then multiplies.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from models import fp8 as fp8_recipe
+from models.options import QUANT_IMPLS  # how NF4 / int8 multiply (`quantized_matmul`'s impl)
 
 FORMATS = ("nf4", "int8", "fp8")
 NF4_BLOCK = 64
@@ -387,39 +392,68 @@ def _zero_cotangent(tree: Any) -> Any:
     return jax.tree.map(zero, tree)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _qmatmul(x: jax.Array, q: Any, dtype: Any) -> jax.Array:
-    return _RULES[type(q)][0](x, q, dtype).astype(dtype)
+def _rules(q: Any, impl: str) -> tuple[Callable, Callable]:
+    """The (forward, backward) pair for kernel `q`: the fused Pallas kernels
+    (`models.quant_pallas`) under impl="pallas" when they take `q` (2-D NF4 / int8 whose shape
+    tiles), else the XLA rules above (FP8, stacked kernels and odd shapes, explicitly)."""
+    if impl == "pallas":
+        # Imported here: quant_pallas imports this module's code book.
+        from models import quant_pallas
+        if quant_pallas.fits(q):
+            return quant_pallas.RULES[q.format]
+    return _RULES[type(q)]
 
 
-def _qmatmul_fwd(x, q, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _qmatmul(x: jax.Array, q: Any, dtype: Any, impl: str) -> jax.Array:
+    return _rules(q, impl)[0](x, q, dtype).astype(dtype)
+
+
+def _qmatmul_fwd(x, q, dtype, impl):
     # Residuals: the quantised leaves only (parameters already resident), never a dequantised
     # kernel, so a layer keeps no full-precision weight alive until its backward.
-    return _qmatmul(x, q, dtype), q
+    return _qmatmul(x, q, dtype, impl), q
 
 
-def _qmatmul_bwd(dtype, q, dy):
-    dx = _RULES[type(q)][1](dy, q, dtype).astype(dtype)
+def _qmatmul_bwd(dtype, impl, q, dy):
+    dx = _rules(q, impl)[1](dy, q, dtype).astype(dtype)
     return dx, _zero_cotangent(q)
 
 
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
-def quantized_matmul(x: jax.Array, q: Any, dtype: Any = None) -> jax.Array:
+def check_impl(impl: str) -> None:
+    """Raise ValueError unless `impl` is one of `QUANT_IMPLS`."""
+    if impl not in QUANT_IMPLS:
+        raise ValueError(f"quant_impl={impl!r}: use one of {QUANT_IMPLS} ('pallas' dequantises "
+                         "NF4 / int8 inside the GEMM, models.quant_pallas)")
+
+
+def quantized_matmul(x: jax.Array, q: Any, dtype: Any = None, impl: str = "xla") -> jax.Array:
     """`x [..., in] @ W [in, out]` for a quantised `W`, in `dtype` (default: the kernel's).
 
     Gradients flow to `x` only; the kernel is frozen. The output is named
     `QUANT_OUTPUT_NAME` for remat policies (a "dots" policy cannot see into a custom_vjp).
 
+    Args:
+      x: activations [..., in].
+      q: a quantised kernel (`Nf4Kernel`, `Int8Kernel`, `Fp8Kernel`).
+      dtype: the compute dtype (default: the kernel's).
+      impl: "xla" (dequantise, then a GEMM) or "pallas" (NF4 / int8 dequantised inside the
+        GEMM, forward and backward, `models.quant_pallas`; FP8, stacked kernels and shapes the
+        kernels do not tile take the XLA path).
+
     Example:
       >>> y = quantized_matmul(x, quantize(w, "int8"), jnp.bfloat16)
+      >>> y = quantized_matmul(x, quantize(w, "nf4"), jnp.bfloat16, impl="pallas")
     """
+    check_impl(impl)
     dtype = jnp.dtype(dtype or q.dtype)
     if x.shape[-1] != q.shape[-2]:
         raise ValueError(f"quantized_matmul: input features {x.shape[-1]} do not match the "
                          f"kernel's {q.shape[-2]} (kernel shape {q.shape})")
-    return checkpoint_name(_qmatmul(x.astype(dtype), q, dtype), QUANT_OUTPUT_NAME)
+    return checkpoint_name(_qmatmul(x.astype(dtype), q, dtype, impl), QUANT_OUTPUT_NAME)
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -436,6 +470,7 @@ class QuantDense(nn.Dense):
     """
 
     quant: str = "nf4"
+    quant_impl: str = "xla"  # "pallas": the fused kernels of models.quant_pallas
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -448,7 +483,7 @@ class QuantDense(nn.Dense):
 
         kernel = self.param("kernel", init)
         dtype = self.dtype or kernel.dtype
-        y = quantized_matmul(inputs, kernel, dtype)
+        y = quantized_matmul(inputs, kernel, dtype, self.quant_impl)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             y = y + bias.astype(dtype)

@@ -1,0 +1,438 @@
+"""Fused dequantise-in-the-GEMM Pallas kernels for NF4 and int8 kernels (issue 15).
+
+XLA does not fuse the dequantisation of a stored NF4 / int8 kernel into the GEMM: it writes a
+full compute-dtype copy `[K, N]` of every kernel that cuBLAS then reads (docs/PERFORMANCE.md,
+"HLO on the H200"). These kernels read the codes tile by tile and dequantise in registers, so no
+float kernel is ever written to memory. They run on the Triton backend on GPU
+(`jax.experimental.pallas.triton`) and in interpret mode elsewhere (CPU tests).
+
+Kernels (x, dy 2-D; the caller flattens leading axes and pads nothing itself):
+  nf4_matmul(x [M, K], codes [K/2, N] u8, scales [K/64, N] f32) -> x @ W        [M, N]
+  nf4_matmul_t(dy [M, N], codes, scales)                        -> dy @ W^T      [M, K]
+  int8_matmul(x [M, K], codes [K, N] i8, scale [N])             -> (x @ codes) * scale
+  int8_matmul_t(dy [M, N], codes)                               -> dy @ codes^T  [M, K]
+The int8 per-channel scale commutes with the contraction: the forward applies it to the
+float32 accumulator, the backward's caller to dy (as `models.quant` does). The NF4 block
+scales (`Nf4Kernel.block_scales()`, 1/64 of the kernel's elements) are an input.
+
+The NF4 layout is the stored one: byte row r of `codes` holds input rows 2r (high nibble) and
+2r + 1 (low nibble). Rather than interleaving the two nibble planes into a [64, bn] tile (a
+reshape that moves the minor axis, which Triton cannot do), each 64-row NF4 block contributes
+`x[:, even] @ W_hi + x[:, odd] @ W_lo`, with the even / odd input columns read by stride-2
+loads; the transposed kernel writes its even / odd output columns with stride-2 stores.
+
+Multi-device: a pallas_call has no SPMD partitioning rule, so under GSPMD (dp / FSDP meshes)
+XLA gathers its operands and runs it whole on every device. impl="pallas" is for one device
+until the call is wrapped in a `shard_map` over the batch axes.
+
+Shapes that do not tile (an output or contraction dimension with no power-of-two divisor >= 16
+in range) make `fits_*` return False; `models.quant` then takes its XLA path for that kernel.
+M is padded up to the row block and sliced back.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from models.quant import NF4_BLOCK, NF4_CODE
+
+MIN_TILE = 16  # Triton's smallest dot / block dimension
+_HALF = NF4_BLOCK // 2  # byte rows per NF4 block (two input rows per byte)
+
+
+def _triton_params(num_warps: int, num_stages: int) -> Any:
+    """Triton compiler params; without them a GPU pallas_call lowers to Mosaic GPU, not Triton.
+
+    The class moved across JAX versions (`pallas.triton.CompilerParams` now,
+    `pallas.gpu.TritonCompilerParams` in older releases), so look it up where it exists."""
+    try:
+        from jax.experimental.pallas import triton as pltriton
+        cls = pltriton.CompilerParams
+    except (ImportError, AttributeError):  # older JAX
+        try:
+            from jax.experimental.pallas import gpu as plgpu
+            cls = plgpu.TritonCompilerParams
+        except (ImportError, AttributeError):
+            raise NotImplementedError(
+                f"jax {jax.__version__} has neither pallas.triton.CompilerParams nor "
+                "pallas.gpu.TritonCompilerParams: the Pallas kernels cannot select Triton; "
+                "use quant_impl='xla'") from None
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Array:
+    """A 2-D tile product accumulated in float32 (`lax.dot_general`, which the Triton lowering
+    maps to `tt.dot`; `pl.dot` moved modules across JAX versions)."""
+    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _interpret(interpret: bool | None) -> bool:
+    """Interpret mode unless running on a GPU (None: decide from the default backend)."""
+    return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+
+
+def _pow2_divisor(n: int, most: int) -> int | None:
+    """The largest power of two in [MIN_TILE, most] dividing n, or None."""
+    p = 1 << (max(most, 1).bit_length() - 1)
+    while p >= MIN_TILE:
+        if n % p == 0:
+            return p
+        p //= 2
+    return None
+
+
+def _row_block(m: int, bm: int) -> int:
+    """The row block: `bm`, or the next power of two >= m (at least MIN_TILE) when m is small."""
+    return min(bm, max(MIN_TILE, 1 << max(m - 1, 0).bit_length()))
+
+
+def _pad_rows(a: jax.Array, bm: int) -> jax.Array:
+    pad = -a.shape[0] % bm
+    return a if pad == 0 else jnp.pad(a, ((0, pad), (0, 0)))
+
+
+def _check_2d(name: str, **arrays: jax.Array) -> None:
+    for arg, a in arrays.items():
+        if a.ndim != 2:
+            raise ValueError(f"{name}: {arg} must be 2-D, got shape {a.shape}; flatten the "
+                             "leading axes of the activations to [M, features] first")
+
+
+def _nf4_values(idx: jax.Array) -> jax.Array:
+    """The NF4 code book value of each 4-bit index (uint8), float32, by a select tree over the
+    index bits (Triton has no gather). Only bits 0-3 are read, so an arithmetic shift of the
+    byte would decode the high nibble as well as a logical one. 15 selects per value, redone
+    by every row block: what that costs beside the tensor-core GEMM is what
+    `benchmarks/quant_gemm.py` measures (a larger `bm` amortises it over more rows)."""
+    level = [float(v) for v in NF4_CODE]  # Python floats: kernels may not capture arrays
+    for bit in range(4):
+        on = (idx & (1 << bit)) != 0
+        level = [jnp.where(on, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
+    return level[0]
+
+
+def _nf4_tile(codes: jax.Array, scale: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """A byte tile [32, bn] and its block scale row [1, bn] -> the dequantised even (high
+    nibble) and odd (low nibble) input rows, each [32, bn] in `dtype` (the XLA path's values:
+    code value * scale in float32, then cast)."""
+    hi = (_nf4_values(codes >> 4) * scale).astype(dtype)
+    lo = (_nf4_values(codes & 15) * scale).astype(dtype)
+    return hi, lo
+
+
+# ----------------------------------------------------------------------------- NF4
+
+
+def fits_nf4(k: int, n: int, *, bn: int = 128, bn_t: int = 64) -> bool:
+    """True when an NF4 kernel [k, n] tiles for `nf4_matmul` and `nf4_matmul_t`."""
+    return k % NF4_BLOCK == 0 and _pow2_divisor(n, min(bn, bn_t)) is not None
+
+
+def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any = jnp.float32,
+               *, bm: int = 128, bn: int = 128, num_warps: int = 4, num_stages: int = 3,
+               interpret: bool | None = None) -> jax.Array:
+    """`x @ W` for an NF4 kernel W [K, N], dequantised tile by tile inside the GEMM.
+
+    Args:
+      x: activations [M, K] in the compute dtype (the dequantised tiles are cast to it).
+      codes: uint8 [K/2, N], `Nf4Kernel.codes` (high nibble = even input row).
+      scales: float32 [K/64, N], `Nf4Kernel.block_scales()`.
+      out_dtype: the result's dtype (accumulation is float32).
+      bm, bn: row / column block (powers of two; bm shrinks for small M, bn to a divisor of N).
+      num_warps, num_stages: Triton launch parameters.
+      interpret: force interpret mode (None: on unless the backend is a GPU).
+
+    Example:
+      >>> y = nf4_matmul(x, q.codes, q.block_scales(), jnp.float32)
+    """
+    _check_2d("nf4_matmul", x=x, codes=codes, scales=scales)
+    m, k = x.shape
+    n = codes.shape[1]
+    if k % NF4_BLOCK or codes.shape[0] * 2 != k or scales.shape != (k // NF4_BLOCK, n):
+        raise ValueError(f"nf4_matmul: x {x.shape}, codes {codes.shape}, scales {scales.shape} "
+                         f"do not form [M, K] @ NF4 [K, N] with K divisible by {NF4_BLOCK}")
+    bn_ = _pow2_divisor(n, bn)
+    if bn_ is None:
+        raise ValueError(f"nf4_matmul: N={n} has no power-of-two divisor in [{MIN_TILE}, {bn}]; "
+                         "use the XLA path (fits_nf4 says which shapes tile)")
+    bm_ = _row_block(m, bm)
+    xp = _pad_rows(x, bm_)
+    dtype = x.dtype
+
+    def kernel(x_ref, c_ref, s_ref, o_ref):
+        def step(t, acc):
+            # One NF4 block: 64 input rows = 32 byte rows, one scale row.
+            x_even = x_ref[:, pl.ds(t * NF4_BLOCK, _HALF, stride=2)]
+            x_odd = x_ref[:, pl.ds(t * NF4_BLOCK + 1, _HALF, stride=2)]
+            w_hi, w_lo = _nf4_tile(c_ref[pl.ds(t * _HALF, _HALF), :], s_ref[pl.ds(t, 1), :],
+                                   dtype)
+            return acc + _dot(x_even, w_hi) + _dot(x_odd, w_lo)
+
+        acc = jax.lax.fori_loop(0, k // NF4_BLOCK, step, jnp.zeros((bm_, bn_), jnp.float32))
+        o_ref[...] = acc.astype(o_ref.dtype)
+
+    out = pl.pallas_call(
+        kernel,
+        grid=(xp.shape[0] // bm_, n // bn_),
+        in_specs=[pl.BlockSpec((bm_, k), lambda i, j: (i, 0)),
+                  pl.BlockSpec((k // 2, bn_), lambda i, j: (0, j)),
+                  pl.BlockSpec((k // NF4_BLOCK, bn_), lambda i, j: (0, j))],
+        out_specs=pl.BlockSpec((bm_, bn_), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((xp.shape[0], n), out_dtype),
+        compiler_params=_triton_params(num_warps, num_stages),
+        interpret=_interpret(interpret),
+        name="nf4_matmul",
+    )(xp, codes, scales)
+    return out[:m]
+
+
+def nf4_matmul_t(dy: jax.Array, codes: jax.Array, scales: jax.Array,
+                 out_dtype: Any = jnp.float32, *, bm: int = 128, bk: int = 128, bn: int = 64,
+                 num_warps: int = 4, num_stages: int = 3,
+                 interpret: bool | None = None) -> jax.Array:
+    """`dy @ W^T` for an NF4 kernel W [K, N] (the input gradient), dequantised in the GEMM.
+
+    The grid runs over (row blocks, `bk`-row groups of K, a multiple of 64); each program loops
+    over N in steps of `bn`, reading a dy tile once for all NF4 blocks of its group, and keeps
+    one [bm, 32] accumulator per nibble plane and block, stored to the even / odd output
+    columns with stride-2 stores.
+
+    Args:
+      dy: [M, N] in the compute dtype.
+      codes, scales: as for `nf4_matmul`.
+      out_dtype: the result's dtype (accumulation is float32).
+      bm, bk, bn: row block, K group (a multiple of 64 dividing K; shrinks to one that does),
+        N step (a power of two; shrinks to a divisor of N).
+      num_warps, num_stages, interpret: as for `nf4_matmul`.
+
+    Example:
+      >>> dx = nf4_matmul_t(dy, q.codes, q.block_scales(), jnp.float32)
+    """
+    _check_2d("nf4_matmul_t", dy=dy, codes=codes, scales=scales)
+    m, n = dy.shape
+    k = codes.shape[0] * 2
+    if codes.shape[1] != n or scales.shape != (k // NF4_BLOCK, n) or k % NF4_BLOCK:
+        raise ValueError(f"nf4_matmul_t: dy {dy.shape}, codes {codes.shape}, scales "
+                         f"{scales.shape} do not form [M, N] @ (NF4 [K, N])^T")
+    bn_ = _pow2_divisor(n, bn)
+    if bn_ is None:
+        raise ValueError(f"nf4_matmul_t: N={n} has no power-of-two divisor in [{MIN_TILE}, "
+                         f"{bn}]; use the XLA path (fits_nf4 says which shapes tile)")
+    blocks = max(1, bk // NF4_BLOCK)
+    while (k // NF4_BLOCK) % blocks:
+        blocks -= 1
+    bk_ = blocks * NF4_BLOCK
+    bm_ = _row_block(m, bm)
+    dyp = _pad_rows(dy, bm_)
+    dtype = dy.dtype
+
+    def kernel(dy_ref, c_ref, s_ref, o_ref):
+        def step(t, accs):
+            cols = pl.ds(t * bn_, bn_)
+            g = dy_ref[:, cols]
+            out = []
+            for b in range(blocks):
+                w_hi, w_lo = _nf4_tile(c_ref[pl.ds(b * _HALF, _HALF), cols],
+                                       s_ref[pl.ds(b, 1), cols], dtype)
+                out.append(accs[2 * b] + _dot(g, w_hi, trans_b=True))
+                out.append(accs[2 * b + 1] + _dot(g, w_lo, trans_b=True))
+            return tuple(out)
+
+        zeros = tuple(jnp.zeros((bm_, _HALF), jnp.float32) for _ in range(2 * blocks))
+        accs = jax.lax.fori_loop(0, n // bn_, step, zeros)
+        for b in range(blocks):
+            o_ref[:, pl.ds(b * NF4_BLOCK, _HALF, stride=2)] = accs[2 * b].astype(o_ref.dtype)
+            o_ref[:, pl.ds(b * NF4_BLOCK + 1, _HALF, stride=2)] = (
+                accs[2 * b + 1].astype(o_ref.dtype))
+
+    out = pl.pallas_call(
+        kernel,
+        grid=(dyp.shape[0] // bm_, k // bk_),
+        in_specs=[pl.BlockSpec((bm_, n), lambda i, j: (i, 0)),
+                  pl.BlockSpec((bk_ // 2, n), lambda i, j: (j, 0)),
+                  pl.BlockSpec((blocks, n), lambda i, j: (j, 0))],
+        out_specs=pl.BlockSpec((bm_, bk_), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((dyp.shape[0], k), out_dtype),
+        compiler_params=_triton_params(num_warps, num_stages),
+        interpret=_interpret(interpret),
+        name="nf4_matmul_t",
+    )(dyp, codes, scales)
+    return out[:m]
+
+
+# ----------------------------------------------------------------------------- int8
+
+
+def fits_int8(k: int, n: int, *, bn: int = 128, bk: int = 64) -> bool:
+    """True when an int8 kernel [k, n] tiles for `int8_matmul` and `int8_matmul_t`."""
+    return _pow2_divisor(n, bn) is not None and _pow2_divisor(k, bk) is not None
+
+
+def _int8_tiles(name: str, k: int, n: int, bk: int, bn: int) -> tuple[int, int]:
+    bk_, bn_ = _pow2_divisor(k, bk), _pow2_divisor(n, bn)
+    if bk_ is None or bn_ is None:
+        raise ValueError(f"{name}: kernel [{k}, {n}] needs K and N with a power-of-two divisor "
+                         f">= {MIN_TILE}; use the XLA path (fits_int8 says which shapes tile)")
+    return bk_, bn_
+
+
+def int8_matmul(x: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32,
+                scale: jax.Array | None = None, *, bm: int = 128, bn: int = 128, bk: int = 64,
+                num_warps: int = 4, num_stages: int = 3,
+                interpret: bool | None = None) -> jax.Array:
+    """`(x @ codes) * scale` for int8 codes [K, N], converted to x's dtype tile by tile; the
+    per-channel scale (optional) multiplies the float32 accumulator before the one rounding to
+    `out_dtype`, so a bf16 result is rounded once, as the XLA path's is.
+
+    Args:
+      x: [M, K] in the compute dtype.
+      codes: int8 [K, N], `Int8Kernel.codes`.
+      out_dtype: the result's dtype (accumulation is float32).
+      scale: float32 [N] (`Int8Kernel.scale`), or None for the bare codes product.
+      bm, bn, bk: row block, column block, K step (powers of two; bn, bk shrink to divisors).
+      num_warps, num_stages, interpret: as for `nf4_matmul`.
+
+    Example:
+      >>> y = int8_matmul(x, q.codes) * q.scale
+    """
+    _check_2d("int8_matmul", x=x, codes=codes)
+    m, k = x.shape
+    if codes.shape[0] != k:
+        raise ValueError(f"int8_matmul: x {x.shape} and codes {codes.shape} do not contract")
+    n = codes.shape[1]
+    bk_, bn_ = _int8_tiles("int8_matmul", k, n, bk, bn)
+    bm_ = _row_block(m, bm)
+    xp = _pad_rows(x, bm_)
+    dtype = x.dtype
+
+    if scale is None:
+        scale = jnp.ones((n,), jnp.float32)
+    if scale.shape != (n,):
+        raise ValueError(f"int8_matmul: scale {scale.shape} must be [N] = [{n}]")
+
+    def kernel(x_ref, c_ref, s_ref, o_ref):
+        def step(t, acc):
+            rows = pl.ds(t * bk_, bk_)
+            return acc + _dot(x_ref[:, rows], c_ref[rows, :].astype(dtype))
+
+        acc = jax.lax.fori_loop(0, k // bk_, step, jnp.zeros((bm_, bn_), jnp.float32))
+        o_ref[...] = (acc * s_ref[...]).astype(o_ref.dtype)
+
+    out = pl.pallas_call(
+        kernel,
+        grid=(xp.shape[0] // bm_, n // bn_),
+        in_specs=[pl.BlockSpec((bm_, k), lambda i, j: (i, 0)),
+                  pl.BlockSpec((k, bn_), lambda i, j: (0, j)),
+                  pl.BlockSpec((1, bn_), lambda i, j: (0, j))],
+        out_specs=pl.BlockSpec((bm_, bn_), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((xp.shape[0], n), out_dtype),
+        compiler_params=_triton_params(num_warps, num_stages),
+        interpret=_interpret(interpret),
+        name="int8_matmul",
+    )(xp, codes, scale.astype(jnp.float32).reshape(1, n))
+    return out[:m]
+
+
+def int8_matmul_t(dy: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32, *,
+                  bm: int = 128, bk: int = 128, bn: int = 64, num_warps: int = 4,
+                  num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
+    """`dy @ codes^T` for int8 codes [K, N] (the input gradient; the caller scales dy by the
+    per-channel scale first).
+
+    Args:
+      dy: [M, N] in the compute dtype.
+      codes: int8 [K, N].
+      out_dtype: the result's dtype (accumulation is float32).
+      bm, bk, bn: row block, output column block over K, N step (powers of two).
+      num_warps, num_stages, interpret: as for `nf4_matmul`.
+
+    Example:
+      >>> dx = int8_matmul_t((dy * q.scale).astype(dy.dtype), q.codes)
+    """
+    _check_2d("int8_matmul_t", dy=dy, codes=codes)
+    m, n = dy.shape
+    if codes.shape[1] != n:
+        raise ValueError(f"int8_matmul_t: dy {dy.shape} and codes {codes.shape} do not contract")
+    k = codes.shape[0]
+    bk_, bn_ = _int8_tiles("int8_matmul_t", k, n, bk, bn)
+    bm_ = _row_block(m, bm)
+    dyp = _pad_rows(dy, bm_)
+    dtype = dy.dtype
+
+    def kernel(dy_ref, c_ref, o_ref):
+        def step(t, acc):
+            cols = pl.ds(t * bn_, bn_)
+            return acc + _dot(dy_ref[:, cols], c_ref[:, cols].astype(dtype), trans_b=True)
+
+        acc = jax.lax.fori_loop(0, n // bn_, step, jnp.zeros((bm_, bk_), jnp.float32))
+        o_ref[...] = acc.astype(o_ref.dtype)
+
+    out = pl.pallas_call(
+        kernel,
+        grid=(dyp.shape[0] // bm_, k // bk_),
+        in_specs=[pl.BlockSpec((bm_, n), lambda i, j: (i, 0)),
+                  pl.BlockSpec((bk_, n), lambda i, j: (j, 0))],
+        out_specs=pl.BlockSpec((bm_, bk_), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((dyp.shape[0], k), out_dtype),
+        compiler_params=_triton_params(num_warps, num_stages),
+        interpret=_interpret(interpret),
+        name="int8_matmul_t",
+    )(dyp, codes)
+    return out[:m]
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def fits(q: Any) -> bool:
+    """True when the kernels take quantised kernel `q` (a 2-D NF4 or int8 kernel whose shape
+    tiles); `models.quant` runs every other kernel (FP8, stacked, odd shapes) on its XLA path."""
+    if len(q.shape) != 2:
+        return False
+    k, n = q.shape
+    if q.format == "nf4":
+        return fits_nf4(k, n)
+    if q.format == "int8":
+        return fits_int8(k, n)
+    return False
+
+
+def _flat(a: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+    return a.reshape(math.prod(a.shape[:-1]), a.shape[-1]), a.shape[:-1]
+
+
+# The rules below return the compute dtype directly (the kernels round their float32
+# accumulator once, in the epilogue), rather than float32 for the caller to cast: a float32
+# [M, K] result would be one more full pass over memory that XLA cannot fuse into a custom call.
+
+
+def nf4_forward(x: jax.Array, q: Any, dtype: Any) -> jax.Array:
+    """`models.quant._nf4_forward` on the kernels: x [..., K] -> [..., N] in `dtype`."""
+    x2, lead = _flat(x.astype(dtype))
+    return nf4_matmul(x2, q.codes, q.block_scales(), dtype).reshape(*lead, -1)
+
+
+def nf4_backward(dy: jax.Array, q: Any, dtype: Any) -> jax.Array:
+    """`models.quant._nf4_backward` on the kernels: dy [..., N] -> [..., K] in `dtype`."""
+    g, lead = _flat(dy.astype(dtype))
+    return nf4_matmul_t(g, q.codes, q.block_scales(), dtype).reshape(*lead, -1)
+
+
+def int8_forward(x: jax.Array, q: Any, dtype: Any) -> jax.Array:
+    """`models.quant._int8_forward` on the kernels (the scale applied in the epilogue)."""
+    x2, lead = _flat(x.astype(dtype))
+    return int8_matmul(x2, q.codes, dtype, q.scale).reshape(*lead, -1)
+
+
+def int8_backward(dy: jax.Array, q: Any, dtype: Any) -> jax.Array:
+    """`models.quant._int8_backward` on the kernels (the scale applied to dy first, as there)."""
+    g, lead = _flat((dy.astype(jnp.float32) * q.scale).astype(dtype))
+    return int8_matmul_t(g, q.codes, dtype).reshape(*lead, -1)
+
+
+RULES = {"nf4": (nf4_forward, nf4_backward), "int8": (int8_forward, int8_backward)}
