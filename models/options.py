@@ -45,6 +45,12 @@ class RuntimeOptions:
         "nf4" | "int8" | "fp8" (`models.quant`), or None. The kernel leaf is then a small pytree
         (codes, scales); the output head and embeddings stay in `param_dtype`. Frozen only:
         such a kernel gets no gradient.
+      mlp_chunk: tokens per chunk of a sequence-chunked MLP (`models.chunking`), or None: the
+        MLP runs over `T / mlp_chunk` slices of the sequence one after another, forward and
+        backward, so only one chunk's `[chunk, intermediate]` activations exist (14 GiB each
+        for the 8B shape at 512k tokens unchunked). Same result up to rounding; for long
+        context on one device (not with the tensor/sequence-parallel layers). Must divide the
+        sequence length of calls longer than one chunk.
     """
 
     dtype: Any = jnp.float32
@@ -55,6 +61,7 @@ class RuntimeOptions:
     base_fp8: bool = False
     base_fp8_skip: tuple[str, ...] = ()
     quantize: str | None = None
+    mlp_chunk: int | None = None
 
     def __post_init__(self):
         # Canonical dtypes keep configs hashable and equal however the dtype was spelled.
@@ -71,6 +78,10 @@ class RuntimeOptions:
         if self.quantize is not None and self.base_fp8:
             raise ValueError("quantize and base_fp8 are two ways to run a frozen base in low "
                              "precision: choose one (quantize='fp8' stores the FP8 kernel)")
+        if self.mlp_chunk is not None and (isinstance(self.mlp_chunk, bool) or not isinstance(
+                self.mlp_chunk, int) or self.mlp_chunk < 1):
+            raise ValueError(f"mlp_chunk={self.mlp_chunk!r}: give a positive number of tokens "
+                             "per chunk (dividing the sequence length), or None for no chunking")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}: use one of "
                              f"{ATTENTION_IMPLS}")
