@@ -20,6 +20,7 @@ IDS = (jnp.arange(32, dtype=jnp.int32).reshape(2, 16) * 7) % 128
 LORA = lj.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)  # B != 0
 
 
+@jax.jit
 def _params():
     model = Llama(LlamaConfig.from_hf_dict(SHAPE, scan_layers=True))
     return lj.inject(model.init(jax.random.key(0), IDS)["params"], LORA, jax.random.key(1))
