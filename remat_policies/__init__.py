@@ -16,8 +16,9 @@ a bad one gets the same error, listing the valid ones.
                                   (a fraction f of its tokens; the rest stays on the device):
                                   `offload_layer_input`, read by `models.stack`
 
-The factories that need more than names (`save_from_both_policies`, the offloading ones) have no
-string form: build the policy in code and pass the callable, which `resolve` returns unchanged.
+The factories that need more than names (`save_from_both_policies`, the offloading ones, whose
+one named use is `offload_layer_input`) have no string form: build the policy in code and pass
+the callable, which `resolve` returns unchanged.
 """
 from __future__ import annotations
 
@@ -128,6 +129,10 @@ def offload_fraction(policy) -> float | None:
 def offload_layer_input(dst: str = "pinned_host") -> Policy:
     """Save nothing but a layer's named input: its offloaded part in `dst` memory, the rest on
     the device; recompute everything else (the names are set by `models.stack`).
+
+    Give a model config the *name* (`remat_policy="offload_layer_input:0.5"`), not this
+    function: the name is what tells the stack to name its layers' inputs (and how to split
+    them); with the function alone nothing is named, so nothing is saved or offloaded.
 
     Example:
       >>> block = nn.remat(Block, policy=offload_layer_input())
