@@ -29,7 +29,7 @@ Long context (docs/PERFORMANCE.md, "Long context on one GPU"):
                   (`compiled.memory_analysis()`): whether a size fits, without running it
 
     python -m benchmarks.jax_worker --shape 8b --batch 1 --seq 524288 --compile-only \
-        --variant remat=offload_layer_input:0.5 --variant mlp_chunk=8192
+        --variant remat=offload_layer_input:0.75 --variant mlp_chunk=8192
 """
 import argparse
 import dataclasses

@@ -26,7 +26,7 @@ the largest fit, `oom_at`), then a table.
     python -m benchmarks.max_fit --shape 8b --frameworks jax --batches 1 --layers 2 \
         --seqs 131072 262144 524288 --jax-variant remat=offload_layer_input,mlp_chunk=8192
     python -m benchmarks.max_fit --shape 8b --frameworks jax --batches 1 --compile-only \
-        --seqs 131072 262144 524288 --jax-variant remat=offload_layer_input:0.5,mlp_chunk=8192
+        --seqs 131072 262144 524288 --jax-variant remat=offload_layer_input:0.75,mlp_chunk=8192
 
 Peak memory: PyTorch's is reset before each size. JAX has no reset, so its figure is the process
 high-water mark, which (sizes only grow) is the current size's unless a smaller one used more.
