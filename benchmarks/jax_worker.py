@@ -18,7 +18,19 @@ the scanned init), quant_impl=xla|pallas (with quant=nf4|int8: `RuntimeOptions.q
 residual-branch outputs o_proj and down_proj divided by sqrt(2 L), Megatron's "scaled init";
 on the 8B shape it did not reduce the FP8 forward's drift, see `benchmarks.fp8_drift`),
 dora=1|0 (DoRA, `LoraConfig(use_dora=True)`: a trained magnitude per output feature,
-`benchmarks.dora_vs_peft`).
+`benchmarks.dora_vs_peft`), mlp_chunk=<tokens> (a sequence-chunked MLP, `RuntimeOptions.mlp_chunk`;
+empty: unchunked). remat= takes every `remat_policies` name, `offload_layer_input[:f]` too (each
+layer's input, or a fraction f of its tokens, kept in pinned host memory).
+
+Long context (docs/PERFORMANCE.md, "Long context on one GPU"):
+  --layers N      the shape with N layers instead of its own (per-layer memory and time at a
+                  length where the whole model's step would take too long)
+  --compile-only  lower and compile the step for (--batch, --seq) on abstract inputs (no weights
+                  are allocated, nothing runs) and print XLA's own memory accounting
+                  (`compiled.memory_analysis()`): whether a size fits, without running it
+
+    python -m benchmarks.jax_worker --shape 8b --batch 1 --seq 524288 --compile-only \
+        --variant remat=offload_layer_input:0.75 --variant mlp_chunk=8192
 """
 import argparse
 import dataclasses
@@ -56,6 +68,7 @@ DEFAULTS = {"remat": "dots_saveable", "attn": "cudnn", "adapter_dtype": "bfloat1
             "quant": ""}
 DEFAULTS["dora"] = "0"  # dora=1: LoraConfig(use_dora=True)
 DEFAULTS["quant_impl"] = "xla"  # quant_impl=pallas: fused NF4/int8 GEMM (models.quant_pallas)
+DEFAULTS["mlp_chunk"] = ""  # mlp_chunk=8192: the MLP over 8192-token slices of the sequence
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 
 
@@ -89,18 +102,34 @@ def parse_variant(items: list[str]) -> dict:
     return opts
 
 
-def build(shape: str, opts: dict, batch: int, seq: int, rank: int = 16):
+def shape_config(shape: str, layers: int | None = None) -> dict:
+    """The `config.json` dict of a benchmark shape, with `layers` layers if given."""
+    if layers is not None and layers < 1:
+        raise SystemExit(f"--layers {layers}: give a positive number of layers")
+    config = dict(SHAPES[shape])
+    if layers is not None:
+        config["num_hidden_layers"] = layers
+    return config
+
+
+def build(shape: str, opts: dict, batch: int, seq: int, rank: int = 16, *,
+          layers: int | None = None, abstract: bool = False):
+    """(config, model, base, adapters) of a benchmark configuration. `layers` overrides the
+    shape's layer count; `abstract` gives base and adapters as `jax.ShapeDtypeStruct`s (nothing
+    allocated: for `compile_memory`)."""
     if opts["fp8"] == "1":
         from benchmarks.fp8_recipes import use_recipe
         use_recipe(opts["fp8_recipe"])
     if opts["init"] not in ("hf", "scaled"):
         raise SystemExit(f"init={opts['init']!r}: use hf or scaled")
     unrolled = opts["scan"] == "0"
-    cfg = LlamaConfig.from_hf_dict(SHAPES[shape], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+    cfg = LlamaConfig.from_hf_dict(shape_config(shape, layers), dtype=jnp.bfloat16,
+                                   param_dtype=jnp.bfloat16,
                                    scan_layers=True, remat_policy=opts["remat"],
                                    attention_impl=None if opts["attn"] == "auto" else opts["attn"],
                                    base_fp8=opts["fp8"] == "1",
                                    base_fp8_skip=projection_names(opts["fp8_skip"]),
+                                   mlp_chunk=int(opts["mlp_chunk"]) if opts["mlp_chunk"] else None,
                                    **({"quantize": opts["quant"]} if opts["quant"] else {}),
                                    **({"quant_impl": opts["quant_impl"]}
                                       if opts["quant_impl"] != "xla" else {}))
@@ -117,7 +146,8 @@ def build(shape: str, opts: dict, batch: int, seq: int, rank: int = 16):
         params = lj.inject(params, lora_cfg, jax.random.fold_in(key, 1))
         return lj.split(unstack_layers(params) if unrolled else params)
 
-    base, adapters = init(jax.random.key(0))
+    key = jax.random.key(0)
+    base, adapters = jax.eval_shape(init, key) if abstract else init(key)
     if unrolled:
         cfg = dataclasses.replace(cfg, scan_layers=False)
     return cfg, Llama(cfg), base, adapters
@@ -147,6 +177,35 @@ def make_step(cfg, model, tx, opts):
     return step
 
 
+def compile_memory(cfg, model, base, adapters, opts: dict, batch: int, seq: int) -> dict:
+    """Lower and compile the training step for a [batch, seq] batch without running it; XLA's
+    memory accounting of the executable in GiB, and the compile time.
+
+    `peak_gib` is arguments + outputs - aliased (the donated adapter and optimizer state) +
+    temporaries: what the device must hold at once by XLA's own count (the allocator adds some
+    fragmentation). `host_*` is pinned host memory (offloaded remat residuals live there).
+    Works on abstract inputs (`build(..., abstract=True)`): nothing is allocated or run.
+    """
+    tx = lj.optimizer(optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0), adapters)
+    opt_state = jax.eval_shape(tx.init, adapters)
+    step = make_step(cfg, model, tx, opts)
+    ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+    t0 = time.perf_counter()
+    compiled = step.lower(adapters, opt_state, base, ids).compile()
+    compile_s = time.perf_counter() - t0
+    stats = compiled.memory_analysis()
+    if stats is None:  # some backends keep no accounting
+        return {"compile_s": compile_s, "memory": None, "peak_gib": None}
+    fields = ("argument", "output", "alias", "temp", "generated_code", "host_argument",
+              "host_output", "host_alias", "host_temp")
+    memory = {f"{f}_gib": getattr(stats, f"{f}_size_in_bytes", 0) / 2**30 for f in fields}
+    peak = (memory["argument_gib"] + memory["output_gib"] - memory["alias_gib"]
+            + memory["temp_gib"])
+    host = (memory["host_argument_gib"] + memory["host_output_gib"] - memory["host_alias_gib"]
+            + memory["host_temp_gib"])
+    return {"compile_s": compile_s, "memory": memory, "peak_gib": peak, "host_peak_gib": host}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1b")
@@ -159,10 +218,27 @@ def main():
                     help="after timing, trace --profile-steps more steps into this directory "
                          "and add a summary of the GPU time (benchmarks.trace_summary)")
     ap.add_argument("--profile-steps", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="the shape with this many layers (per-layer cost at long context)")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="compile the step on abstract inputs and print XLA's memory accounting; "
+                         "run nothing")
     args = ap.parse_args()
     opts = parse_variant(args.variant)
+    variant = ",".join(f"{k}={v}" for k, v in opts.items() if DEFAULTS[k] != v)
+    if args.compile_only:
+        cfg, model, base, adapters = build(args.shape, opts, args.batch, args.seq,
+                                           layers=args.layers, abstract=True)
+        print(json.dumps({
+            "framework": "lora-jax", "mode": "compile-only", "variant": variant,
+            "shape": args.shape, "layers": cfg.num_hidden_layers, "batch": args.batch,
+            "seq": args.seq, **compile_memory(cfg, model, base, adapters, opts, args.batch,
+                                              args.seq),
+            "backend": jax.default_backend(), "jax": jax.__version__, "opts": opts}))
+        return
     t0 = time.perf_counter()
-    cfg, model, base, adapters = build(args.shape, opts, args.batch, args.seq)
+    cfg, model, base, adapters = build(args.shape, opts, args.batch, args.seq,
+                                       layers=args.layers)
     jax.block_until_ready((base, adapters))
     init_s = time.perf_counter() - t0
     tx = lj.optimizer(optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0), adapters)
@@ -191,12 +267,12 @@ def main():
         print(render(profile), file=sys.stderr)
     tps = args.batch * args.seq / dt
     stats = jax.devices()[0].memory_stats() or {}
-    variant = ",".join(f"{k}={v}" for k, v in opts.items() if DEFAULTS[k] != v)
     print(json.dumps({
-        "framework": "lora-jax", "variant": variant, "shape": args.shape, "batch": args.batch,
+        "framework": "lora-jax", "variant": variant, "shape": args.shape,
+        "layers": cfg.num_hidden_layers, "batch": args.batch,
         "seq": args.seq, "step_s": dt, "tokens_per_s": tps,
         "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
-        "mfu": tps * flops_per_token(SHAPES[args.shape], args.seq) / PEAK_BF16,
+        "mfu": tps * flops_per_token(shape_config(args.shape, args.layers), args.seq) / PEAK_BF16,
         "loss": float(loss), "init_s": init_s, "warmup_s": compile_s, "jax": jax.__version__,
         "opts": opts, **({"profile": profile} if profile else {})}))
 

@@ -21,6 +21,12 @@ the largest fit, `oom_at`), then a table.
     python -m benchmarks.max_fit --shape 8b --frameworks jax --batches 1 --seqs 4096 8192 16384
     # CPU smoke test (cuDNN attention falls back to XLA's off GPU)
     python -m benchmarks.max_fit --shape tiny --seq 64 --batches 1 2 --frameworks jax peft-eager
+    # long context (jax only): the 8B shape with 2 of its layers, then XLA's accounting alone
+    # (--compile-only: each size compiled, not run; it "fits" when XLA's peak is under the limit)
+    python -m benchmarks.max_fit --shape 8b --frameworks jax --batches 1 --layers 2 \
+        --seqs 131072 262144 524288 --jax-variant remat=offload_layer_input,mlp_chunk=8192
+    python -m benchmarks.max_fit --shape 8b --frameworks jax --batches 1 --compile-only \
+        --seqs 131072 262144 524288 --jax-variant remat=offload_layer_input:0.75,mlp_chunk=8192
 
 Peak memory: PyTorch's is reset before each size. JAX has no reset, so its figure is the process
 high-water mark, which (sizes only grow) is the current size's unless a smaller one used more.
@@ -48,6 +54,11 @@ XLA_ERRORS = {"JaxRuntimeError", "XlaRuntimeError"}
 XLA_OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory")
 
 
+class OutOfMemoryError(RuntimeError):
+    """--compile-only: XLA's accounting of a compiled step exceeds the device's memory limit
+    (named like torch's, so `is_oom` takes it as what it stands for)."""
+
+
 def sizes(batches: list[int], seqs: list[int]) -> list[tuple[int, int]]:
     """(batch, seq) pairs by tokens per step, so that the first out-of-memory ends the search."""
     return sorted(itertools.product(batches, seqs), key=lambda bs: (bs[0] * bs[1], bs[1]))
@@ -70,15 +81,17 @@ def search(pairs, attempt, on_oom=lambda: None, emit=lambda row: None) -> list[d
     """Try `attempt(batch, seq) -> (peak_gib, step_s)` on each pair until one runs out of memory.
 
     Returns one row per pair tried: {batch, seq, fits, peak_gib, step_s} (and `oom`, the error's
-    first line). Larger pairs are not tried after an out-of-memory error: a failed JAX call may
-    have consumed its donated buffers. Any other error propagates, so a crash never reads as
-    "does not fit".
+    first line; `attempt` may return a third item, a dict of further fields for the row). Larger
+    pairs are not tried after an out-of-memory error: a failed JAX call may have consumed its
+    donated buffers. Any other error propagates, so a crash never reads as "does not fit".
     """
     rows = []
     for batch, seq in pairs:
         row = {"batch": batch, "seq": seq, "fits": False, "peak_gib": None, "step_s": None}
         try:
-            row["peak_gib"], row["step_s"] = attempt(batch, seq)
+            result = attempt(batch, seq)
+            row["peak_gib"], row["step_s"] = result[:2]
+            row.update(result[2] if len(result) > 2 else {})
             row["fits"] = True
         except Exception as err:
             if not is_oom(err):
@@ -107,7 +120,8 @@ def summarize(rows: list[dict]) -> dict:
 # ---------------------------------------------------------------- worker: one configuration
 
 
-def jax_attempt(shape: str, variant: str, first: tuple[int, int]):
+def jax_attempt(shape: str, variant: str, first: tuple[int, int], layers: int | None = None,
+                compile_only: bool = False):
     """Build the lora-jax model once; returns (attempt, on_oom, variant label)."""
     from benchmarks import jax_worker as jw  # before jax: it sets the allocator's memory fraction
     import jax
@@ -116,7 +130,10 @@ def jax_attempt(shape: str, variant: str, first: tuple[int, int]):
     opts = jw.parse_variant([v for v in variant.split(",") if v and v != "default"])
     if jax.default_backend() != "gpu" and opts["attn"] == "cudnn":
         opts["attn"] = "xla"  # cuDNN is GPU-only; the CPU smoke test runs the same code otherwise
-    cfg, model, base, adapters = jw.build(shape, opts, *first)
+    label = ",".join(f"{k}={v}" for k, v in opts.items() if jw.DEFAULTS[k] != v)
+    if compile_only:
+        return compiled_attempt(jw, shape, opts, first, layers), lambda: None, label
+    cfg, model, base, adapters = jw.build(shape, opts, *first, layers=layers)
     # The step donates adapters and optimizer state, and a call that ran out of memory may already
     # have consumed them: every attempt starts from this host copy.
     host = jax.device_get(adapters)
@@ -136,8 +153,28 @@ def jax_attempt(shape: str, variant: str, first: tuple[int, int]):
         stats = jax.devices()[0].memory_stats() or {}  # None on CPU
         return stats.get("peak_bytes_in_use", 0) / 2**30, step_s
 
-    label = ",".join(f"{k}={v}" for k, v in opts.items() if jw.DEFAULTS[k] != v)
     return attempt, lambda: None, label
+
+
+def compiled_attempt(jw, shape: str, opts: dict, first: tuple[int, int], layers: int | None):
+    """--compile-only: an attempt that compiles the step on abstract inputs and returns XLA's
+    peak (`jax_worker.compile_memory`), raising `OutOfMemoryError` past the device's limit."""
+    import jax
+    cfg, model, base, adapters = jw.build(shape, opts, *first, layers=layers, abstract=True)
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")  # None on CPU
+    host_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+    def attempt(batch: int, seq: int):
+        report = jw.compile_memory(cfg, model, base, adapters, opts, batch, seq)
+        peak = report["peak_gib"]
+        if limit and peak is not None and peak > limit / 2**30:
+            raise OutOfMemoryError(f"compiled step needs {peak:.1f} GiB by XLA's accounting, "
+                                   f"over the device limit {limit / 2**30:.1f} GiB")
+        return peak, None, {"compile_s": report["compile_s"], "memory": report["memory"],
+                            "host_peak_gib": report.get("host_peak_gib"),
+                            "host_ram_gib": host_ram, "layers": cfg.num_hidden_layers}
+
+    return attempt
 
 
 def peft_attempt(shape: str, compile_: bool, checkpointing: bool, dynamic: tuple[int, ...]):
@@ -181,7 +218,8 @@ def worker(args) -> None:
     pairs = sizes(args.batches, args.seqs)
     t0 = time.perf_counter()
     if args.worker == "jax":
-        attempt, on_oom, label = jax_attempt(args.shape, args.variant, pairs[0])
+        attempt, on_oom, label = jax_attempt(args.shape, args.variant, pairs[0], args.layers,
+                                             args.compile_only)
     else:
         dynamic = tuple(d for d, values in enumerate((args.batches, args.seqs)) if len(values) > 1)
         attempt, on_oom, label = peft_attempt(args.shape, args.worker == "peft+compile",
@@ -246,12 +284,15 @@ def run_config(conf: dict, args) -> dict:
     batches = batches_for(conf["key"], args.batches_for, args.batches)
     cmd = [sys.executable, "-m", "benchmarks.max_fit", "--worker", conf["framework"],
            "--shape", args.shape, "--batches", *map(str, batches), "--seqs", *map(str, args.seqs),
-           *conf["flags"]]
+           *conf["flags"], *(["--layers", str(args.layers)] if args.layers else []),
+           *(["--compile-only"] if args.compile_only else [])]
     t0 = time.perf_counter()
     rows, meta, error = run_worker(cmd, args.timeout)
     record = {"framework": "lora-jax" if conf["framework"] == "jax" else conf["framework"],
               "variant": meta.get("variant", conf["key"].partition(":")[2]), "shape": args.shape,
               "seq": args.seqs[0] if len(args.seqs) == 1 else args.seqs, "attempts": rows,
+              **({"layers": args.layers} if args.layers else {}),
+              **({"mode": "compile-only"} if args.compile_only else {}),
               **summarize(rows), "init_s": meta.get("init_s"), "wall_s": time.perf_counter() - t0}
     return {**record, "error": error} if error else record
 
@@ -262,6 +303,7 @@ def table(records: list[dict]) -> str:
         name = r["framework"] + (f" [{r['variant']}]" if r["variant"] else "")
         fit = f"{r['max_batch']} x {r['max_seq']}"
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        peak += "*" if r.get("mode") == "compile-only" else ""
         limit = (f"OOM at {r['oom_at'][0]} x {r['oom_at'][1]}" if r["oom_at"] else
                  r.get("error", "no OOM: all sizes fit").splitlines()[0][:60])
         out.append(f"{name:<40}{fit:>14}{r['max_tokens']:>13}{peak:>10}  {limit}")
@@ -287,11 +329,23 @@ def parse_args(argv=None):
                     help="HF gradient checkpointing for the plain PEFT names (bare: on)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
     ap.add_argument("--out", default="", help="append the JSON records to this file")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="jax only: the shape with this many layers (per-layer memory and time "
+                         "at long context)")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="jax only: compile each size, run nothing; peak GiB (marked *) is XLA's "
+                         "memory_analysis() of the step")
     ap.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="default", help=argparse.SUPPRESS)
     ap.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.seqs = args.seqs or [args.seq]
+    if args.layers is not None and args.layers < 1:
+        ap.error(f"--layers {args.layers}: give a positive number of layers")
+    others = [f for f in args.frameworks if not f.startswith("jax")]
+    if (args.layers or args.compile_only) and others and not args.worker:
+        ap.error(f"--layers and --compile-only are for the jax framework only; drop {others} "
+                 "(run them separately)")
     return args
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from models.attention import AttentionContext, attend, begin_forward, finish_forward
 from models.cache import KVCache
+from models.chunking import chunked_mlp
 from models.norms import LayerNorm
 from models.options import RuntimeOptions, runtime_fields
 from models.parallel import NoParallelism, Parallelism
@@ -206,7 +207,7 @@ class GPT2Block(nn.Module):
 
         h, layer_kv = GPT2Attention(c, self.parallel, name="attn")(norm("ln_1")(x), ctx, layer_kv)
         x = x + _dropout(c.resid_pdrop, h, deterministic)
-        h = GPT2MLP(c, self.parallel, name="mlp")(norm("ln_2")(x))
+        h = chunked_mlp(GPT2MLP(c, self.parallel, name="mlp"), norm("ln_2")(x), c, self.parallel)
         x = x + _dropout(c.resid_pdrop, h, deterministic)
         return self.parallel.constrain(x, "residual"), layer_kv
 

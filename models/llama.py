@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from models.attention import AttentionContext, attend, begin_forward, finish_forward
 from models.cache import KVCache
+from models.chunking import chunked_mlp
 from models.norms import RMSNorm
 from models.options import RuntimeOptions, runtime_fields
 from models.parallel import NoParallelism, Parallelism
@@ -246,7 +247,8 @@ class LlamaDecoderLayer(nn.Module):
         h, layer_kv = LlamaAttention(c, self.parallel, name="self_attn")(
             norm("input_layernorm")(x), ctx, layer_kv)
         x = x + h
-        x = x + LlamaMLP(c, self.parallel, name="mlp")(norm("post_attention_layernorm")(x))
+        x = x + chunked_mlp(LlamaMLP(c, self.parallel, name="mlp"),
+                            norm("post_attention_layernorm")(x), c, self.parallel)
         return self.parallel.constrain(x, "residual"), layer_kv
 
 

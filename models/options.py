@@ -52,6 +52,12 @@ class RuntimeOptions:
         `[in, out]` compute-dtype kernel, then a GEMM) or "pallas" (the Pallas/Triton kernels of
         `models.quant_pallas` dequantise tile by tile inside the GEMM, forward and backward;
         FP8 and shapes they do not tile keep the XLA path).
+      mlp_chunk: tokens per chunk of a sequence-chunked MLP (`models.chunking`), or None: the
+        MLP runs over `T / mlp_chunk` slices of the sequence one after another, forward and
+        backward, so only one chunk's `[chunk, intermediate]` activations exist (14 GiB each
+        for the 8B shape at 512k tokens unchunked). Same result up to rounding; for long
+        context on one device (not with the tensor/sequence-parallel layers). Must divide the
+        sequence length of calls longer than one chunk.
     """
 
     dtype: Any = jnp.float32
@@ -63,6 +69,7 @@ class RuntimeOptions:
     base_fp8_skip: tuple[str, ...] = ()
     quantize: str | None = None
     quant_impl: str = "xla"
+    mlp_chunk: int | None = None
 
     def __post_init__(self):
         # Canonical dtypes keep configs hashable and equal however the dtype was spelled.
@@ -79,6 +86,10 @@ class RuntimeOptions:
         if self.quantize is not None and self.base_fp8:
             raise ValueError("quantize and base_fp8 are two ways to run a frozen base in low "
                              "precision: choose one (quantize='fp8' stores the FP8 kernel)")
+        if self.mlp_chunk is not None and (isinstance(self.mlp_chunk, bool) or not isinstance(
+                self.mlp_chunk, int) or self.mlp_chunk < 1):
+            raise ValueError(f"mlp_chunk={self.mlp_chunk!r}: give a positive number of tokens "
+                             "per chunk (dividing the sequence length), or None for no chunking")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}: use one of "
                              f"{ATTENTION_IMPLS}")

@@ -14,17 +14,50 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from models.options import REMAT_NONE, remat_policy_for
 from models.parallel import Parallelism
+from remat_policies import LAYER_INPUT_DEVICE, LAYER_INPUT_HOST, offload_fraction
 
 # Positional index of `deterministic` in a block's __call__, counting `self` (for remat).
 _DETERMINISTIC_ARGNUM = 4
 
 
+def name_layer_input(x: jax.Array, fraction: float) -> jax.Array:
+    """x [B, T, D] with its first `round(fraction * T)` tokens named LAYER_INPUT_HOST and the
+    rest LAYER_INPUT_DEVICE, for an `offload_layer_input` policy (`remat_policies`).
+
+    Only inside a rematerialised function do the names mean anything; the value is unchanged.
+    """
+    length = x.shape[1]
+    offloaded = round(fraction * length)
+    if offloaded == length:
+        return checkpoint_name(x, LAYER_INPUT_HOST)
+    if offloaded == 0:
+        return checkpoint_name(x, LAYER_INPUT_DEVICE)
+    return jnp.concatenate([checkpoint_name(x[:, :offloaded], LAYER_INPUT_HOST),
+                            checkpoint_name(x[:, offloaded:], LAYER_INPUT_DEVICE)], axis=1)
+
+
+def _with_named_input(block_cls: type, fraction: float) -> type:
+    """`block_cls` whose call first names its input (`name_layer_input`); same parameters."""
+
+    class NamedInput(block_cls):
+        def __call__(self, x, ctx, layer_kv, deterministic):
+            return super().__call__(name_layer_input(x, fraction), ctx, layer_kv, deterministic)
+
+    NamedInput.__name__ = NamedInput.__qualname__ = f"{block_cls.__name__}NamedInput"
+    return NamedInput
+
+
 def _maybe_remat(block_cls: type, config: Any, scanned: bool) -> type:
     if config.remat_policy == REMAT_NONE:
         return block_cls
+    fraction = offload_fraction(config.remat_policy)
+    if fraction is not None:  # the policy saves the layer input by these names, nothing else
+        block_cls = _with_named_input(block_cls, fraction)
     # prevent_cse only matters outside scan; inside it costs performance for nothing.
     return nn.remat(block_cls, policy=remat_policy_for(config), prevent_cse=not scanned,
                     static_argnums=(_DETERMINISTIC_ARGNUM,))

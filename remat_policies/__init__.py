@@ -12,8 +12,13 @@ a bad one gets the same error, listing the valid ones.
                                   `save_anything_except_these_names`) called with the names after
                                   ":" (none given: called with none)
 
-The factories that need more than names (`save_from_both_policies`, the offloading ones) have no
-string form: build the policy in code and pass the callable, which `resolve` returns unchanged.
+    "offload_layer_input[:f]"     recompute each layer, keeping its input in pinned host memory
+                                  (a fraction f of its tokens; the rest stays on the device):
+                                  `offload_layer_input`, read by `models.stack`
+
+The factories that need more than names (`save_from_both_policies`, the offloading ones, whose
+one named use is `offload_layer_input`) have no string form: build the policy in code and pass
+the callable, which `resolve` returns unchanged.
 """
 from __future__ import annotations
 
@@ -40,7 +45,8 @@ def policy_names() -> tuple[str, ...]:
     """
     policies = sorted(n for n in dir(jax.checkpoint_policies)
                       if not n.startswith("_") and n not in NAME_FACTORIES + _NOT_BY_NAME)
-    return (NONE, FULL, *policies, *(f"{f}[:name,...]" for f in NAME_FACTORIES))
+    return (NONE, FULL, *policies, *(f"{f}[:name,...]" for f in NAME_FACTORIES),
+            f"{OFFLOAD_LAYER_INPUT}[:fraction]")
 
 
 def resolve(policy: str | Policy) -> Policy:
@@ -61,6 +67,8 @@ def resolve(policy: str | Policy) -> Policy:
     """
     if callable(policy):
         return policy
+    if offload_fraction(policy) is not None:
+        return offload_layer_input()
     name, sep, names = policy.partition(":") if isinstance(policy, str) else (None, "", "")
     factory = getattr(jax.checkpoint_policies, name, None) if name in NAME_FACTORIES else None
     if factory is not None:
@@ -71,3 +79,65 @@ def resolve(policy: str | Policy) -> Policy:
     raise ValueError(f"remat_policy={policy!r}: not a policy of jax.checkpoint_policies, nor "
                      f"'none' or 'full'. Valid names: {', '.join(policy_names())}; or pass a "
                      "policy function.")
+
+
+# -- offloading the layer boundaries ------------------------------------------------------------
+#
+# Under full recomputation a layer keeps only its input for the backward pass: one [B, T, D]
+# value per layer, 4 GiB for the 8B shape at 512k tokens in bf16, 128 GiB for its 32 layers.
+# `offload_layer_input` moves that value to pinned host memory as the forward pass makes it and
+# brings it back for the layer's backward. The stack (`models.stack`) names the input inside the
+# rematerialised layer with the two names below: the first `round(f * T)` tokens as
+# LAYER_INPUT_HOST (offloaded), the rest as LAYER_INPUT_DEVICE (kept on the device). Splitting by
+# tokens rather than by layers works the same in a scanned stack, whose layers all share one
+# policy, and lets the boundaries be divided between device and host memory in any proportion.
+
+OFFLOAD_LAYER_INPUT = "offload_layer_input"
+LAYER_INPUT_HOST = "layer_input_offloaded"
+LAYER_INPUT_DEVICE = "layer_input_on_device"
+
+
+def offload_fraction(policy) -> float | None:
+    """The fraction of each layer input's tokens an `offload_layer_input[:f]` policy offloads
+    (1.0 without ":f"); None for any other policy.
+
+    Raises:
+      ValueError: f is not a number in [0, 1].
+
+    Example:
+      >>> offload_fraction("offload_layer_input:0.5"), offload_fraction("full")
+      (0.5, None)
+    """
+    if not isinstance(policy, str):
+        return None
+    name, sep, value = policy.partition(":")
+    if name != OFFLOAD_LAYER_INPUT:
+        return None
+    if not sep:
+        return 1.0
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = -1.0
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"remat_policy={policy!r}: the part after ':' is the fraction of each "
+                         "layer input's tokens to offload to host memory, a number in [0, 1] "
+                         f"(e.g. '{OFFLOAD_LAYER_INPUT}:0.5'); without it all is offloaded")
+    return fraction
+
+
+def offload_layer_input(dst: str = "pinned_host") -> Policy:
+    """Save nothing but a layer's named input: its offloaded part in `dst` memory, the rest on
+    the device; recompute everything else (the names are set by `models.stack`).
+
+    Give a model config the *name* (`remat_policy="offload_layer_input:0.5"`), not this
+    function: the name is what tells the stack to name its layers' inputs (and how to split
+    them); with the function alone nothing is named, so nothing is saved or offloaded.
+
+    Example:
+      >>> block = nn.remat(Block, policy=offload_layer_input())
+    """
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[LAYER_INPUT_DEVICE],
+        names_which_can_be_offloaded=[LAYER_INPUT_HOST],
+        offload_src="device", offload_dst=dst)

@@ -124,7 +124,7 @@ def documented_commands() -> list[list[str]]:
 
 def test_documented_commands_parse():
     commands = documented_commands()
-    assert len(commands) == 4
+    assert len(commands) == 6
     for argv in commands:
         max_fit.configs(max_fit.parse_args(argv))
     args = max_fit.parse_args(commands[1])  # the 8B comparison: each configuration's batches
