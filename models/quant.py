@@ -19,7 +19,8 @@ Formats (`FORMATS`):
   fp8   `Fp8Kernel`  e4m3 `codes_t [*S, out, in]`: stored transposed, the contraction axis last,
         the layout the H200's FP8 GEMM runs at full rate; `scale [*S, out]` per output channel
         (or one value repeated: per tensor). The activations are scaled per call as in
-        `models.fp8` (e4m3 forward, e5m2 input gradient), so both GEMMs run in FP8.
+        `models.fp8` (e4m3 forward, e5m2 input gradient), so both GEMMs run in FP8. Inside a
+        shard_map `amax_axes` reduces that per-tensor amax over the devices (`sharding.quantized`).
 
 Leaves keep the kernel's 2-D layout (`codes`, `absmax` like `kernel`; `codes_t` transposed;
 `scale` like the output axis), so `sharding.rules` splits them as it splits the kernel.

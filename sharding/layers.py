@@ -20,6 +20,9 @@ FSDP: frozen kernels are stored split over fsdp on their other feature dim and a
 inside, one layer at a time (again in the backward pass, rather than kept); they get no gradient,
 so nothing is scattered back. Adapters are not split over fsdp (see
 `sharding.rules.derive_adapter_spec`).
+Quantised kernels (`quant=`, `models.quant`): the leaves enter split like the kernel and each
+device runs `quantized_matmul` on its shard (`sharding.quantized`); the param tree is
+`QuantDense`'s.
 """
 from __future__ import annotations
 
