@@ -156,3 +156,27 @@ def test_shapes_a_shard_cannot_hold_are_refused_clearly():
     column = ColumnParallelDense(6, mesh=mesh_of(tp=4), quant="int8", name="q_proj")
     with pytest.raises(MeshError, match=r"q_proj.*int8 kernel \[in=128, out=6\].*dividing 6"):
         jax.eval_shape(column.init, jax.random.key(0), x)
+
+
+def test_fsdp_gathers_the_codes_not_a_dequantised_kernel():
+    """NF4 column and row layers under fsdp2 x tp2, forward and backward: every fsdp all-gather
+    of the compiled program moves uint8 codes or the float32 block scales (1/64 of the kernel's
+    entries), none a float kernel; and the traced backward gathers again (the gathers sit in a
+    `jax.checkpoint`, so none is kept from the forward)."""
+    from sharding.hlo import collectives
+    mesh = mesh_of(fsdp=2, tp=2)
+    x = jax.device_put(jnp.asarray(gaussian((4, 8, 256), seed=1, std=1.0)),
+                       NamedSharding(mesh, P(BATCH_AXES)))
+    q = shard_params({"down_proj": {"kernel": quantize(
+        jnp.asarray(gaussian((256, 256), seed=2)), "nf4")}}, mesh)["down_proj"]["kernel"]
+    for layer in (column_parallel, row_parallel):
+        forward = lambda x: layer(x, q, mesh=mesh)  # noqa: E731
+        backward = jax.grad(lambda x: jnp.sum(jnp.sin(forward(x))))
+        traced = [str(jax.make_jaxpr(f)(x)).count("all_gather[") for f in (forward, backward)]
+        assert traced[1] == 2 * traced[0] > 0, traced
+        text = jax.jit(backward).lower(x).compile().as_text()
+        gathers = [op for op in collectives(text) if op.kind == "all-gather"]
+        assert gathers
+        for op in gathers:
+            dtype = op.line.split("=", 1)[1].strip().lstrip("(").split("[")[0]
+            assert dtype == "u8" or (dtype == "f32" and op.elements <= 256 * 256 // 64), op.line
