@@ -168,6 +168,12 @@ def check_divisible(path: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> N
     """Raise `MeshError` if an axis of `shape` does not split evenly as `spec` asks."""
     for dim, (size, axes) in enumerate(zip(shape, tuple(spec))):
         parts = 1 if axes is None else axis_size(mesh, axes)
+        if size % parts and path.endswith(".kernel.absmax") and dim == len(shape) - 2:
+            raise MeshError(f"{path} has shape {shape}: NF4 keeps one scale per 64 input "
+                            f"features, and axis {dim} ({size} blocks) is split over {axes} = "
+                            f"{parts} devices, so each device needs in / {parts} to be a multiple "
+                            f"of 64: choose a {axes} size dividing {size}, or quantize='int8' / "
+                            "'fp8'")
         if size % parts:
             raise MeshError(f"{path} has shape {shape}; axis {dim} ({size}) is split over {axes} "
                             f"= {parts} devices but is not divisible by {parts}: choose mesh sizes "

@@ -31,7 +31,7 @@ import lora_jax as lj
 from models.llama import Llama, LlamaConfig
 from models.loss import cross_entropy
 from models.quant import QuantDense, quantize, quantized_matmul
-from sharding import BATCH_AXES, MeshError, TensorParallelism, shard_params
+from sharding import BATCH_AXES, MeshError, TensorParallelism, leaf_sharding, shard_params
 from sharding.layers import ColumnParallelDense, RowParallelDense, column_parallel, row_parallel
 from tests.sharding_common import mesh_of, run_fast
 from tests.test_quant import FORMATS, gaussian
@@ -152,6 +152,9 @@ def test_shapes_a_shard_cannot_hold_are_refused_clearly():
     with pytest.raises(MeshError, match=r"down_proj.*nf4 kernel \[in=128, out=64\].*multiple "
                                         r"of 64.*dividing in / 64 = 2"):
         jax.eval_shape(row.init, jax.random.key(0), x)
+    # Placing such a tree by the partition rules (what loaders do) says the same, earlier.
+    with pytest.raises(MeshError, match=r"down_proj.kernel.absmax.*NF4 keeps one scale per 64"):
+        leaf_sharding(mesh_of(tp=4))("model.layers.0.mlp.down_proj.kernel.absmax", (2, 64))
     # Any format: out=6 does not split over tp=4.
     column = ColumnParallelDense(6, mesh=mesh_of(tp=4), quant="int8", name="q_proj")
     with pytest.raises(MeshError, match=r"q_proj.*int8 kernel \[in=128, out=6\].*dividing 6"):
