@@ -21,6 +21,8 @@ Each layout runs in its own process (clean device memory); `--layouts` picks the
     python -m benchmarks.parallel_throughput --shape 1b --layouts 1gpu dp tp_sp dp=2,tp=4,sp=1
     python -m benchmarks.parallel_throughput --shape tiny --attn xla --tp 2 --seq 64 --steps 2
         (with XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu)
+    python -m benchmarks.parallel_throughput --shape 8b --batch 4 --quantize nf4 \
+        --layouts 1gpu tp_sp fsdp_tp       (QLoRA: the base stored quantised, models.quant)
 """
 import argparse
 import json
@@ -50,6 +52,8 @@ def parse_args(argv=None):
     ap.add_argument("--attn", default="cudnn", help="cudnn | xla (use xla on CPU)")
     ap.add_argument("--adapter-dtype", default="bfloat16")
     ap.add_argument("--chunk", type=int, default=4096, help="loss chunk (tokens or vocab)")
+    ap.add_argument("--quantize", choices=("nf4", "int8", "fp8"), default=None,
+                    help="store the frozen block projections quantised (QLoRA's base)")
     ap.add_argument("--layout", default=None, help=argparse.SUPPRESS)  # child-process mode
     return ap.parse_args(argv)
 
@@ -95,7 +99,8 @@ def run_layout(args) -> dict:
     # ---- model
     cfg = LlamaConfig.from_hf_dict(SHAPES[args.shape], dtype=jnp.bfloat16,
                                    param_dtype=jnp.bfloat16, scan_layers=True,
-                                   remat_policy=args.remat, attention_impl=args.attn)
+                                   remat_policy=args.remat, attention_impl=args.attn,
+                                   quantize=args.quantize)
     sharding.check_config_fits(mesh, cfg)
     batch = args.batch or DEFAULT_BATCH[args.shape]
     replicas = sizes["dp"] * sizes["fsdp"]
@@ -151,7 +156,8 @@ def run_layout(args) -> dict:
             "step_s": step_s, "tokens_per_s": tokens_per_step / step_s,
             "tokens_per_s_per_gpu": tokens_per_step / step_s / n_dev,
             "peak_gib_per_gpu": peak / 2**30, "losses": losses, "ce": ce,
-            "warmup_s": warmup_s, "platform": jax.devices()[0].platform,
+            "warmup_s": warmup_s, "quantize": args.quantize,
+            "platform": jax.devices()[0].platform,
             "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}
 
 

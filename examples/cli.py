@@ -244,7 +244,7 @@ def _numerics_flags(g, d: TrainConfig) -> None:
     g.add_argument("--attention", choices=("xla", "cudnn"), help="attention implementation")
     g.add_argument("--quantize", choices=("nf4", "int8", "fp8"), default=d.quantize,
                    help="QLoRA: store the frozen block projections quantised (models.quant); "
-                        "dp/fsdp only (--tp 1); adapters stay float32")
+                        "any --dp/--fsdp/--tp/--sp; adapters stay float32")
     g.add_argument("--quant-impl", choices=("xla", "pallas"), default=d.quant_impl,
                    help="with --quantize nf4|int8: 'pallas' dequantises inside the GEMM "
                         "(models.quant_pallas, Triton on GPU); 'xla' dequantises first")
@@ -337,13 +337,20 @@ def check(cfg: TrainConfig) -> None:
 
 
 def _check_quantize(cfg: TrainConfig) -> None:
-    """A quantised base is frozen and split by GSPMD only (no tensor-parallel layers yet)."""
-    if cfg.quantize is not None and cfg.tp != 1:
-        raise ValueError(f"--quantize {cfg.quantize} works with data parallelism and FSDP only: "
-                         f"use --tp 1 (got --tp {cfg.tp}), or drop --quantize")
+    """A quantised base runs with every layout (dp, fsdp, tp, sp); it takes plain LoRA only, so
+    the variants that read or rewrite the kernel are refused here, before any loading."""
     if cfg.quant_impl != "xla" and cfg.quantize is None:
         raise ValueError(f"--quant-impl {cfg.quant_impl} chooses how a quantised base "
                          "multiplies: add --quantize nf4|int8, or drop --quant-impl")
+    if cfg.quantize is None:
+        return
+    if cfg.dora:
+        raise ValueError(f"--dora needs the kernel's weight norm, which a quantised base "
+                         f"(--quantize {cfg.quantize}) does not give: drop one of them")
+    if cfg.init not in ("default", "gaussian"):  # pissa*, olora: they rewrite the kernels
+        raise ValueError(f"--init {cfg.init} rewrites the base kernels, which a quantised base "
+                         f"(--quantize {cfg.quantize}) cannot hold: use --init default or "
+                         "gaussian, or drop --quantize")
 
 
 def _check_reals(cfg: TrainConfig) -> None:

@@ -118,7 +118,9 @@ def train(cfg: TrainConfig) -> Trained:
     check_config_fits(mesh, config)
     lora_cfg = lj.adapter_config(cfg.adapter_in) if cfg.adapter_in else modeling.lora_config(cfg)
     plain = models.build(config)
-    parallel = (models.NoParallelism() if mesh.size == 1 or cfg.quantize  # quantised: GSPMD
+    # A quantised base at tp=1 is split by GSPMD (QuantDense); at tp>1 the shard_map layers
+    # take it (sharding.quantized).
+    parallel = (models.NoParallelism() if mesh.size == 1 or (cfg.quantize and cfg.tp == 1)
                 else TensorParallelism(mesh=mesh, sequence_parallel=cfg.sp))
     model = models.build(modeling.training_config(config), parallel)
     init_base = lambda key: plain.init(key, jnp.zeros((1, 1), jnp.int32))["params"]  # noqa: E731

@@ -30,11 +30,17 @@ FP8_OUTPUT_NAME = "fp8_base_dot"
 _TINY = 1e-12  # an all-zero tensor gets scale 1e-12 / max, not a division by zero
 
 
-def quantize(x: jax.Array, dtype, rowwise: bool = False) -> tuple[jax.Array, jax.Array]:
+def quantize(x: jax.Array, dtype, rowwise: bool = False,
+             axes: tuple[str, ...] = ()) -> tuple[jax.Array, jax.Array]:
     """Scaled cast: (x / scale) in `dtype` and the float32 scale, amax -> fp8 max. The scale is
-    per tensor, or with `rowwise` per row (amax over the last axis, shape [..., 1])."""
+    per tensor, or with `rowwise` per row (amax over the last axis, shape [..., 1]).
+
+    `axes`: mesh axes (inside `shard_map`) that `x` is split over; the amax is the maximum over
+    them (`pmax`), so every device scales its shard as one device scales the whole tensor."""
     amax = (jnp.max(jnp.abs(x), axis=-1, keepdims=True) if rowwise
             else jnp.max(jnp.abs(x))).astype(jnp.float32)
+    if axes:
+        amax = jax.lax.pmax(amax, axes)
     scale = jnp.maximum(amax, _TINY) / float(jnp.finfo(dtype).max)
     return (x.astype(jnp.float32) / scale).astype(dtype), scale
 

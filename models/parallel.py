@@ -30,6 +30,9 @@ class Parallelism(Protocol):
     def dense(self, features: int, *, role: Role, name: str, use_bias: bool, dtype: Any,
               param_dtype: Any, kernel_init: Callable, bias_init: Callable,
               dot_general: Callable | None = None) -> nn.Module: ...
+    # An implementation that stores frozen kernels quantised also takes `quant=` (a
+    # `models.quant` format) in `dense`; `models.projection` passes it only for block
+    # projections of a `quantize=` model, and builds `QuantDense` itself for `NoParallelism`.
 
     def constrain(self, x: jax.Array, mark: Mark) -> jax.Array: ...
 

@@ -20,7 +20,8 @@ def projection(parallel: Parallelism, config: Any, features: int, *, role: Role,
     quantisation error hurts the loss most. Projections named in `config.base_fp8_skip` stay in
     the compute dtype too."""
     if getattr(config, "quantize", None) and role != "replicated":
-        return quantized_projection(parallel, config, features, name=name, use_bias=use_bias)
+        return quantized_projection(parallel, config, features, name=name, use_bias=use_bias,
+                                    role=role)
     fp8 = config.base_fp8 and role != "replicated" and name not in config.base_fp8_skip
     return parallel.dense(features, role=role, name=name, use_bias=use_bias, dtype=config.dtype,
                           param_dtype=config.param_dtype,
@@ -30,15 +31,16 @@ def projection(parallel: Parallelism, config: Any, features: int, *, role: Role,
 
 
 def quantized_projection(parallel: Parallelism, config: Any, features: int, *, name: str,
-                         use_bias: bool) -> nn.Module:
-    """A block projection whose frozen kernel is stored in `config.quantize`'s format
-    (`models.quant.QuantDense`): dp and FSDP shard its leaves by the kernel's rules (GSPMD); the
-    tensor-parallel shard_map layers do not take quantised kernels yet."""
+                         use_bias: bool, role: Role) -> nn.Module:
+    """A block projection whose frozen kernel is stored in `config.quantize`'s format: without
+    parallelism `models.quant.QuantDense` (dp and FSDP then shard its leaves by the kernel's
+    rules, GSPMD); otherwise the parallelism's layer of that role, asked with `quant=` (the
+    tensor-parallel shard_map layers multiply each device's shard of the quantised kernel)."""
     if not isinstance(parallel, NoParallelism):
-        raise NotImplementedError(
-            f"quantize={config.quantize!r} is not supported by {type(parallel).__name__} yet; "
-            "use data parallelism / FSDP (tp=1: the quantised leaves are split by the kernel's "
-            "rules), or quantize=None")
+        return parallel.dense(features, role=role, name=name, use_bias=use_bias,
+                              dtype=config.dtype, param_dtype=config.param_dtype,
+                              kernel_init=nn.initializers.normal(config.initializer_range),
+                              bias_init=nn.initializers.zeros, quant=config.quantize)
     return QuantDense(features, quant=config.quantize, name=name, use_bias=use_bias,
                       quant_impl=getattr(config, "quant_impl", "xla"),
                       dtype=config.dtype, param_dtype=config.param_dtype,

@@ -19,7 +19,8 @@ Formats (`FORMATS`):
   fp8   `Fp8Kernel`  e4m3 `codes_t [*S, out, in]`: stored transposed, the contraction axis last,
         the layout the H200's FP8 GEMM runs at full rate; `scale [*S, out]` per output channel
         (or one value repeated: per tensor). The activations are scaled per call as in
-        `models.fp8` (e4m3 forward, e5m2 input gradient), so both GEMMs run in FP8.
+        `models.fp8` (e4m3 forward, e5m2 input gradient), so both GEMMs run in FP8. Inside a
+        shard_map `amax_axes` reduces that per-tensor amax over the devices (`sharding.quantized`).
 
 Leaves keep the kernel's 2-D layout (`codes`, `absmax` like `kernel`; `codes_t` transposed;
 `scale` like the output axis), so `sharding.rules` splits them as it splits the kernel.
@@ -205,6 +206,10 @@ class Fp8Kernel(_Quantized):
     codes_t: jax.Array  # float8_e4m3fn [*S, out, in]
     scale: jax.Array  # float32 [*S, out]
     dtype: Any = flax.struct.field(pytree_node=False, default=jnp.bfloat16)
+    # Set only inside a shard_map (sharding.quantized): the mesh axes the activation and its
+    # gradient are split over, whose per-tensor amax is reduced over them (pmax) so a shard is
+    # scaled as the whole tensor is on one device. () in a params tree.
+    amax_axes: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
     format = "fp8"
 
     @property
@@ -362,7 +367,7 @@ def _int8_backward(dy, q, dtype):
 
 
 def _fp8_forward(x, q, dtype):
-    x8, sx = fp8_recipe.quantize(x, fp8_recipe.FORWARD_DTYPE)
+    x8, sx = fp8_recipe.quantize(x, fp8_recipe.FORWARD_DTYPE, axes=q.amax_axes)
     y = fp8_recipe._last_axis_dot(x8, q.codes_t, dtype)  # W^T [out, in]: contraction last
     return y.astype(jnp.float32) * (sx * q.scale)
 
@@ -371,7 +376,7 @@ def _fp8_backward(dy, q, dtype):
     # dx = (dy * scale) @ W8^T-as-stored^T: the gradient carries the channel scale, so the
     # GEMM sees the stored codes; transposed to [in, out] for the fast last-axis layout.
     dy8, sdy = fp8_recipe.quantize(dy.astype(jnp.float32) * q.scale,
-                                   fp8_recipe.GRADIENT_DTYPE)
+                                   fp8_recipe.GRADIENT_DTYPE, axes=q.amax_axes)
     w8 = jnp.swapaxes(q.codes_t, -1, -2)  # [in, out]
     return fp8_recipe._last_axis_dot(dy8, w8, dtype).astype(jnp.float32) * sdy
 

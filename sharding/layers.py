@@ -20,6 +20,9 @@ FSDP: frozen kernels are stored split over fsdp on their other feature dim and a
 inside, one layer at a time (again in the backward pass, rather than kept); they get no gradient,
 so nothing is scattered back. Adapters are not split over fsdp (see
 `sharding.rules.derive_adapter_spec`).
+Quantised kernels (`quant=`, `models.quant`): the leaves enter split like the kernel and each
+device runs `quantized_matmul` on its shard (`sharding.quantized`); the param tree is
+`QuantDense`'s.
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ from lora_jax.errors import LoraError
 from lora_jax.tree import LORA_A, LORA_B
 from lora_jax import dora
 from lora_jax.tree import LORA_MAGNITUDE
+from models.quant import check_format, is_quantized, quantize, quantized_matmul
+from sharding import quantized
 from sharding.compat import all_gather, shard_map, to_varying
 from sharding.mesh import (BATCH_AXES, FSDP, TP, MeshError, axis_size, axis_sizes,
                            check_sequence_fits, drop_trivial_axes)
@@ -80,8 +85,11 @@ def check_sequence_shape(mesh: Mesh, shape: tuple[int, ...]) -> None:
 def column_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
                     lora: Lora | None = None, *, mesh: Mesh, sequence_parallel: bool = False,
                     lora_x: jax.Array | None = None, lora_dtype: Any = None,
-                    mixed: MixedBatch | None = None) -> jax.Array:
+                    mixed: MixedBatch | None = None, name: str = "column_parallel") -> jax.Array:
     """`x @ kernel + bias + s (lora_x @ A) @ B` with the kernel's output features split over tp.
+
+    `kernel` may be stored quantised (`models.quant`: NF4, int8, FP8): each device multiplies
+    its shard with `quantized_matmul` (see `sharding.quantized`); `name` labels its errors.
 
     With `mixed` (a mixed batch), lora holds N stacked adapters (A [N, in, r], B [N, r, out],
     s [N]) and row i runs adapter `mixed.index[i]`; the index is split like x's rows.
@@ -102,14 +110,17 @@ def column_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = No
     body = functools.partial(_column_local, sequence_parallel=sequence_parallel,
                              sizes=axis_sizes(mesh), lora_dtype=lora_dtype,
                              mixed_method=None if mixed is None else mixed.method)
-    return _run(body, mesh, "column", x, kernel, bias, lora, lora_x, x_spec, out_spec, mixed)
+    return _run(body, mesh, "column", x, kernel, bias, lora, lora_x, x_spec, out_spec, mixed,
+                name)
 
 
 def row_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
                  lora: Lora | None = None, *, mesh: Mesh, sequence_parallel: bool = False,
                  lora_x: jax.Array | None = None, lora_dtype: Any = None,
-                 mixed: MixedBatch | None = None) -> jax.Array:
+                 mixed: MixedBatch | None = None, name: str = "row_parallel") -> jax.Array:
     """`x @ kernel + bias + s (lora_x @ A) @ B` with the kernel's input features split over tp.
+
+    `kernel` may be stored quantised, as `column_parallel` says.
 
     With `mixed`: N stacked adapters, one per row as `column_parallel` says; each device adds
     its rows' partial `s[k] (x_i A_i[k]) B[k]` before the one reduction, as for one adapter.
@@ -133,13 +144,25 @@ def row_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
     body = functools.partial(_row_local, sequence_parallel=sequence_parallel,
                              sizes=axis_sizes(mesh), lora_dtype=lora_dtype,
                              mixed_method=None if mixed is None else mixed.method)
-    return _run(body, mesh, "row", x, kernel, bias, lora, lora_x, x_spec, out_spec, mixed)
+    return _run(body, mesh, "row", x, kernel, bias, lora, lora_x, x_spec, out_spec, mixed, name)
 
 
-def _run(body, mesh, role, x, kernel, bias, lora, lora_x, x_spec, out_spec, mixed=None):
+def _run(body, mesh, role, x, kernel, bias, lora, lora_x, x_spec, out_spec, mixed=None,
+         name=None):
     """shard_map `body` over the operands that are present, with the role's specs (axes of size
-    1 dropped: see `drop_trivial_axes`)."""
+    1 dropped: see `drop_trivial_axes`). A quantised kernel goes in as its leaves."""
+    prune = functools.partial(drop_trivial_axes, mesh=mesh)
     ops, specs = {"x": x, "kernel": kernel}, {"x": x_spec, "kernel": KERNEL_SPECS[role]}
+    if is_quantized(kernel):
+        if getattr(lora, "magnitude", None) is not None:
+            raise LoraError(f"{name}: DoRA's weight norm over a quantised base is not "
+                            "supported; use plain LoRA, or load the base unquantised.")
+        # FP8's activation amax is reduced over every axis the input or the output (hence the
+        # output gradient) is split on: see sharding.quantized.
+        split_on = _mesh_axes_of(prune(x_spec), prune(out_spec))
+        ops["kernel"], specs["kernel"], local = quantized.operand(
+            kernel, role, mesh, layer=name or role, amax_axes=split_on)
+        body = functools.partial(body, quant=local)
     if bias is not None:
         ops["bias"], specs["bias"] = bias, BIAS_SPECS[role]
     if lora is not None:
@@ -158,13 +181,23 @@ def _run(body, mesh, role, x, kernel, bias, lora, lora_x, x_spec, out_spec, mixe
             a_spec, b_spec, _ = specs["lora"]
             specs["lora"] = (P(None, *a_spec), P(None, *b_spec), P())
             ops["index"], specs["index"] = mixed.index, P(x_spec[0])
-    prune = functools.partial(drop_trivial_axes, mesh=mesh)
     specs = jax.tree.map(prune, specs, is_leaf=lambda s: isinstance(s, P))
     fn = shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=prune(out_spec))
     return fn(ops)
 
 
-def _column_local(ops, *, sequence_parallel, sizes, lora_dtype, mixed_method=None):
+def _mesh_axes_of(*specs: P) -> tuple[str, ...]:
+    """The mesh axis names the specs split on, each once, in order of appearance."""
+    names: list[str] = []
+    for spec in specs:
+        for entry in spec:
+            for axis in (() if entry is None else (entry,) if isinstance(entry, str) else entry):
+                if axis not in names:
+                    names.append(axis)
+    return tuple(names)
+
+
+def _column_local(ops, *, sequence_parallel, sizes, lora_dtype, mixed_method=None, quant=None):
     x, tp = ops["x"], sizes[TP] > 1
     if sequence_parallel and tp:
         x = all_gather(x, TP, axis=1)
@@ -172,7 +205,7 @@ def _column_local(ops, *, sequence_parallel, sizes, lora_dtype, mixed_method=Non
         # x is replicated over tp; cast it to varying once so that the base and the adapter
         # share one psum of the input gradient in the backward pass.
         x = to_varying(x, TP)
-    y = _base_matmul(x, ops["kernel"], 0, sizes)
+    y = _base_matmul(x, ops["kernel"], 0, sizes, quant)
     if "bias" in ops:
         y = y + ops["bias"]
     if "index" in ops:  # a mixed batch: this device's rows, each with its own adapter
@@ -238,9 +271,9 @@ def _gathered_for_norm(kernel: jax.Array, fsdp_axis: int, sizes: dict[str, int])
     return kernel if sizes[FSDP] == 1 else all_gather(kernel, FSDP, axis=fsdp_axis)
 
 
-def _row_local(ops, *, sequence_parallel, sizes, lora_dtype, mixed_method=None):
+def _row_local(ops, *, sequence_parallel, sizes, lora_dtype, mixed_method=None, quant=None):
     x = ops["x"]
-    y = _base_matmul(x, ops["kernel"], 1, sizes)
+    y = _base_matmul(x, ops["kernel"], 1, sizes, quant)
     if "index" in ops:  # a mixed batch: linear in x's features, so its partial sums like one
         x_in = ops.get("lora_x", x)
         y = add_delta(y, mixed_delta(x_in, Adapter(*ops["lora"]),
@@ -263,14 +296,17 @@ def _row_local(ops, *, sequence_parallel, sizes, lora_dtype, mixed_method=None):
     return name_output(y) if "lora" in ops else y
 
 
-def _base_matmul(x: jax.Array, kernel: jax.Array, fsdp_axis: int,
-                 sizes: dict[str, int]) -> jax.Array:
+def _base_matmul(x: jax.Array, kernel: Any, fsdp_axis: int, sizes: dict[str, int],
+                 quant: quantized.LocalQuant | None = None) -> jax.Array:
     """x @ kernel, the kernel first all-gathered over fsdp (on `fsdp_axis`) when FSDP is on.
 
     The gather sits inside `jax.checkpoint` so that the backward pass gathers again instead of
     keeping the gathered kernel as a residual: kept, every layer's gathered kernel would stay
     resident from its forward to its backward, which is the memory FSDP exists to free.
+    With `quant`, `kernel` is a quantised kernel's leaves (`sharding.quantized.matmul`).
     """
+    if quant is not None:
+        return quantized.matmul(x, kernel, quant, sizes)
     if sizes[FSDP] == 1:
         return _matmul(x, kernel)
     gathered = lambda x, k: _matmul(x, all_gather(k, FSDP, axis=fsdp_axis))  # noqa: E731
@@ -297,11 +333,19 @@ class _ParallelDense(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Callable = nn.linear.default_kernel_init
     bias_init: Callable = nn.initializers.zeros_init()
+    # Store the frozen kernel quantised in this format (`models.quant.FORMATS`), with
+    # `QuantDense`'s param tree, so a checkpoint is the same at tp=1 and tp>1.
+    quant: str | None = None
 
     def _params(self, x: jax.Array):
         """(kernel, bias or None) as stored, the adapter or None, the adapter's dtype."""
-        kernel = self.param("kernel", self.kernel_init, (jnp.shape(x)[-1], self.features),
-                            self.param_dtype)
+        shape = (jnp.shape(x)[-1], self.features)
+        if self.quant is None:
+            kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        else:  # as QuantDense: the kernel_init draw in float32, quantised
+            check_format(self.quant)
+            kernel = self.param("kernel", lambda key: quantize(
+                self.kernel_init(key, shape, jnp.float32), self.quant, dtype=self.param_dtype))
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
                 if self.use_bias else None)
         return kernel, bias, self._adapter(kernel.shape), compute_dtype(self.dtype, x, kernel)
@@ -311,8 +355,16 @@ class _ParallelDense(nn.Module):
         kernel, bias, lora, lora_dtype = self._params(x)
         # Drawn here, on the global x, so the mask is the single-device one (see `dropout`).
         lora_x = dropout(self, x) if lora is not None else None
-        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = self._promote(x, kernel, bias)
         return x, kernel, bias, lora, lora_x, lora_dtype
+
+    def _promote(self, x, kernel, bias):
+        """nn.Dense's dtype promotion; for a quantised kernel `QuantDense`'s: everything in the
+        layer's dtype, else the kernel's dequantised dtype (the kernel itself stays stored)."""
+        if not is_quantized(kernel):
+            return promote_dtype(x, kernel, bias, dtype=self.dtype)
+        dtype = self.dtype or kernel.dtype
+        return x.astype(dtype), kernel, None if bias is None else bias.astype(dtype)
 
     def _adapter(self, kernel_shape: tuple[int, int]) -> Adapter | None:
         adapter = read_adapter(self)
@@ -342,6 +394,10 @@ class _ParallelDense(nn.Module):
                              f"{tuple(kernel_shape)}: lora_a {a.shape}, lora_b {b.shape}")
         return adapter
 
+    def _label(self) -> str:
+        """The layer's dotted path for error messages (its name when it is the top module)."""
+        return ".".join(self.path) or str(self.name)
+
     def _mixed(self, lora: Adapter | None) -> MixedBatch | None:
         return None if lora is None else current_mixed()
 
@@ -358,7 +414,7 @@ class ColumnParallelDense(_ParallelDense):
         x, kernel, bias, lora, lora_x, lora_dtype = self._operands(x)
         return column_parallel(x, kernel, bias, lora, mesh=self.mesh, lora_x=lora_x,
                                sequence_parallel=self.sequence_parallel, lora_dtype=lora_dtype,
-                               mixed=self._mixed(lora))
+                               mixed=self._mixed(lora), name=self._label())
 
 
 class RowParallelDense(_ParallelDense):
@@ -371,7 +427,7 @@ class RowParallelDense(_ParallelDense):
         x, kernel, bias, lora, lora_x, lora_dtype = self._operands(x)
         return row_parallel(x, kernel, bias, lora, mesh=self.mesh, lora_x=lora_x,
                             sequence_parallel=self.sequence_parallel, lora_dtype=lora_dtype,
-                            mixed=self._mixed(lora))
+                            mixed=self._mixed(lora), name=self._label())
 
 
 class ReplicatedDense(_ParallelDense):
@@ -383,8 +439,10 @@ class ReplicatedDense(_ParallelDense):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel, bias, lora, lora_dtype = self._params(x)
-        x_in, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = _matmul(x_in, kernel)
+        x_in, kernel, bias = self._promote(x, kernel, bias)
+        # A quantised kernel here is split by GSPMD, as QuantDense's is at tp=1.
+        y = (quantized_matmul(x_in, kernel, x_in.dtype) if is_quantized(kernel)
+             else _matmul(x_in, kernel))
         if bias is not None:
             y = y + bias
         if lora is None:

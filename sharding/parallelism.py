@@ -43,7 +43,9 @@ class TensorParallelism:
     sequence_parallel: bool = False
 
     def dense(self, features, *, role, name, use_bias, dtype, param_dtype, kernel_init,
-              bias_init, dot_general=None) -> nn.Module:
+              bias_init, dot_general=None, quant=None) -> nn.Module:
+        """The role's shard_map layer; `quant` stores its frozen kernel quantised
+        (`models.quant` format: each device multiplies its shard, see `sharding.quantized`)."""
         if dot_general is not None:
             raise NotImplementedError(
                 "base_fp8 (a custom dot_general) is not supported by the tensor-parallel layers; "
@@ -52,7 +54,8 @@ class TensorParallelism:
             raise ValueError(f"unknown parallel role {role!r}: use one of {sorted(_LAYERS)}")
         return _LAYERS[role](features, mesh=self.mesh, sequence_parallel=self.sequence_parallel,
                              use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                             kernel_init=kernel_init, bias_init=bias_init, name=name)
+                             kernel_init=kernel_init, bias_init=bias_init, name=name,
+                             quant=quant)
 
     def constrain(self, x: jax.Array, mark: str) -> jax.Array:
         """Pin an activation's layout: "residual" [B, S, D] is split on batch (and on S under

@@ -36,6 +36,13 @@ Rules = Sequence[tuple[str, P]]
 # shard_map operands, so a tree sharded by the rules enters them without resharding.
 KERNEL_SPECS = {"column": P(FSDP, TP), "row": P(TP, FSDP), "replicated": P()}
 BIAS_SPECS = {"column": P(TP), "row": P(), "replicated": P()}
+# A quantised kernel's leaves (models/quant.py), split as the kernel is: codes and NF4 block
+# scales keep its [in, out] layout, FP8's codes_t is [out, in] (the transposed spec), the
+# per-channel scale follows the out axis. The shard_map layers use these for their operands.
+QUANT_SPECS = {
+    role: {"codes": KERNEL_SPECS[role], "absmax": KERNEL_SPECS[role],
+           "codes_t": P(*reversed(KERNEL_SPECS[role])), "scale": P(KERNEL_SPECS[role][1])}
+    for role in ("column", "row")}
 EMBED_SPEC = P(TP, FSDP)
 
 _COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj|c_attn|c_fc|lm_head)"
@@ -48,12 +55,12 @@ DEFAULT_RULES: Rules = (
     # Quantised kernels (models/quant.py): codes and block scales keep the kernel's [in, out]
     # layout, FP8's codes_t is [out, in], per-channel scales follow the out axis; the double
     # quantisation's group scales and offset (a few floats per kernel) are replicated (.*).
-    (rf"(^|\.){_COLUMN}\.kernel\.(codes|absmax)$", KERNEL_SPECS["column"]),
-    (rf"(^|\.){_ROW}\.kernel\.(codes|absmax)$", KERNEL_SPECS["row"]),
-    (rf"(^|\.){_COLUMN}\.kernel\.codes_t$", P(TP, FSDP)),
-    (rf"(^|\.){_ROW}\.kernel\.codes_t$", P(FSDP, TP)),
-    (rf"(^|\.){_COLUMN}\.kernel\.scale$", P(TP)),
-    (rf"(^|\.){_ROW}\.kernel\.scale$", P(FSDP)),
+    (rf"(^|\.){_COLUMN}\.kernel\.(codes|absmax)$", QUANT_SPECS["column"]["codes"]),
+    (rf"(^|\.){_ROW}\.kernel\.(codes|absmax)$", QUANT_SPECS["row"]["codes"]),
+    (rf"(^|\.){_COLUMN}\.kernel\.codes_t$", QUANT_SPECS["column"]["codes_t"]),
+    (rf"(^|\.){_ROW}\.kernel\.codes_t$", QUANT_SPECS["row"]["codes_t"]),
+    (rf"(^|\.){_COLUMN}\.kernel\.scale$", QUANT_SPECS["column"]["scale"]),
+    (rf"(^|\.){_ROW}\.kernel\.scale$", QUANT_SPECS["row"]["scale"]),
     (r"(^|\.)(embed_tokens|wte)\.embedding$", EMBED_SPEC),
     (r".*", P()),
 )
@@ -161,6 +168,12 @@ def check_divisible(path: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> N
     """Raise `MeshError` if an axis of `shape` does not split evenly as `spec` asks."""
     for dim, (size, axes) in enumerate(zip(shape, tuple(spec))):
         parts = 1 if axes is None else axis_size(mesh, axes)
+        if size % parts and path.endswith(".kernel.absmax") and dim == len(shape) - 2:
+            raise MeshError(f"{path} has shape {shape}: NF4 keeps one scale per 64 input "
+                            f"features, and axis {dim} ({size} blocks) is split over {axes} = "
+                            f"{parts} devices, so each device needs in / {parts} to be a multiple "
+                            f"of 64: choose a {axes} size dividing {size}, or quantize='int8' / "
+                            "'fp8'")
         if size % parts:
             raise MeshError(f"{path} has shape {shape}; axis {dim} ({size}) is split over {axes} "
                             f"= {parts} devices but is not divisible by {parts}: choose mesh sizes "

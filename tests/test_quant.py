@@ -383,7 +383,8 @@ def test_load_hf_quantises_tensor_by_tensor(tmp_path, monkeypatch, ids):
 @pytest.mark.slow
 def test_cli_quantize_flag(tmp_path, capsys):
     """`--quantize nf4` trains LoRA over the NF4 base; the merged export writes plain kernels
-    (an unadapted one is exactly the dequantised NF4 kernel); --tp > 1 is refused clearly."""
+    (an unadapted one is exactly the dequantised NF4 kernel); --tp > 1 parses, DoRA and the
+    base-rewriting inits are refused clearly."""
     import json
     import models
     from examples import train as train_lib
@@ -406,8 +407,11 @@ def test_cli_quantize_flag(tmp_path, capsys):
                     "nf4").dequantize(jnp.float32)
     np.testing.assert_array_equal(np.asarray(layer["k_proj"]["kernel"]), np.asarray(want))
     assert (tmp_path / "peft" / "adapter_model.safetensors").exists()
-    with pytest.raises(ValueError, match="--tp 1"):
-        parse_args(["--quantize", "nf4", "--tp", "2"])
+    assert parse_args(["--quantize", "nf4", "--tp", "2", "--sp"]).tp == 2  # tests/test_quant_tp
+    with pytest.raises(ValueError, match="--dora"):
+        parse_args(["--quantize", "nf4", "--dora"])
+    with pytest.raises(ValueError, match="--init pissa rewrites the base"):
+        parse_args(["--quantize", "int8", "--init", "pissa"])
 
 
 @pytest.mark.slow
