@@ -105,10 +105,10 @@ def _check_2d(name: str, **arrays: jax.Array) -> None:
 
 def _nf4_values(idx: jax.Array) -> jax.Array:
     """The NF4 code book value of each 4-bit index (uint8), float32, by a select tree over the
-    index bits (Triton has no gather). Only bits 0-3 are read, so an arithmetic shift of the
-    byte would decode the high nibble as well as a logical one. 15 selects per value, redone
-    by every row block: what that costs beside the tensor-core GEMM is what
-    `benchmarks/quant_gemm.py` measures (a larger `bm` amortises it over more rows)."""
+    index bits. Only bits 0-3 are read, so an arithmetic shift of the byte would decode the
+    high nibble as well as a logical one. 15 selects per value, redone by every row block: on
+    the H200 this made the NF4 kernel ~4x slower than XLA (issue 15); `decode="lut"` (the
+    default) replaces it with one table load per value."""
     level = [float(v) for v in NF4_CODE]  # Python floats: kernels may not capture arrays
     for bit in range(4):
         on = (idx & (1 << bit)) != 0
@@ -116,13 +116,78 @@ def _nf4_values(idx: jax.Array) -> jax.Array:
     return level[0]
 
 
-def _nf4_tile(codes: jax.Array, scale: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """A byte tile [32, bn] and its block scale row [1, bn] -> the dequantised even (high
-    nibble) and odd (low nibble) input rows, each [32, bn] in `dtype` (the XLA path's values:
-    code value * scale in float32, then cast)."""
-    hi = (_nf4_values(codes >> 4) * scale).astype(dtype)
-    lo = (_nf4_values(codes & 15) * scale).astype(dtype)
-    return hi, lo
+DECODES = ("lut", "select")
+
+
+def _code_book() -> jax.Array:
+    """The 16 NF4 values as a float32 kernel input (for `decode="lut"`)."""
+    return jnp.asarray(NF4_CODE, jnp.float32)
+
+
+def _nf4_decode(codes: jax.Array, lut_ref: Any) -> tuple[jax.Array, jax.Array]:
+    """Byte tile -> (high nibble values, low nibble values), float32, unscaled.
+
+    With a code book ref, each value is a gather load `lut_ref[index]` (Triton lowers an
+    integer-array indexer to per-element pointers into a 64-byte table that stays in L1), so
+    the decode is a shift/mask and one load per value instead of 15 selects. The values are the
+    float32 code book's, bit for bit, whichever way they are decoded."""
+    hi, lo = codes >> 4, codes & 15
+    if lut_ref is None:
+        return _nf4_values(hi), _nf4_values(lo)
+    return lut_ref[hi.astype(jnp.int32)], lut_ref[lo.astype(jnp.int32)]
+
+
+def _nf4_tile(c_ref: Any, s_ref: Any, lut_ref: Any, byte_row: Any, byte_rows: int, cols: Any,
+              dtype) -> tuple[jax.Array, jax.Array]:
+    """Dequantise `byte_rows` byte rows of the codes (from `byte_row`, a multiple of 32) over
+    columns `cols`: the even (high nibble) and odd (low nibble) input rows, each
+    [byte_rows, cols] in `dtype`, with the XLA path's values (code value * block scale in
+    float32, then cast). One NF4 block (32 byte rows) takes a single scale row, broadcast;
+    several take a per-row gather of their scale rows (row r belongs to block r // 32)."""
+    codes = c_ref[pl.ds(byte_row, byte_rows), cols]
+    first = byte_row // _HALF
+    if byte_rows == _HALF:
+        scale = s_ref[pl.ds(first, 1), cols]
+    else:
+        rows = first + jax.lax.broadcasted_iota(jnp.int32, (byte_rows,), 0) // _HALF
+        scale = s_ref[rows, cols]
+    hi, lo = _nf4_decode(codes, lut_ref)
+    return (hi * scale).astype(dtype), (lo * scale).astype(dtype)
+
+
+def _nf4_step_bytes(k: int, bk: int) -> int:
+    """Byte rows per K step: `bk` input rows (a multiple of 64, at least one NF4 block),
+    shrunk to a whole number of NF4 blocks dividing K."""
+    blocks = max(1, bk // NF4_BLOCK)
+    while (k // NF4_BLOCK) % blocks:
+        blocks -= 1
+    return blocks * _HALF
+
+
+def _group_size(rows: int, group: int | None) -> int:
+    """The largest power of two <= `group` dividing `rows` (row blocks per program group)."""
+    g = 1 << (max(group or 1, 1).bit_length() - 1)
+    while rows % g:
+        g //= 2
+    return g
+
+
+def _grid(rows: int, cols: int, group: int | None):
+    """(grid, program -> (row block, column block)) for a [rows, cols] grid of output tiles.
+
+    group=None: the plain 2-D grid (CUDA launches axis 0 fastest, so consecutive programs walk
+    down a column of tiles and re-read all of x for every column block). group=g: a 1-D grid in
+    grouped order (g row blocks x all column blocks, row fastest), so the programs running at
+    once share g row blocks of x and a few column blocks of the codes in L2."""
+    if group is None:
+        return (rows, cols), lambda i, j: (i, j)
+    g = _group_size(rows, group)
+
+    def tile(p):
+        width = g * cols
+        return (p // width) * g + p % g, (p % width) // g
+
+    return (rows * cols,), tile
 
 
 # ----------------------------------------------------------------------------- NF4
@@ -133,10 +198,19 @@ def fits_nf4(k: int, n: int, *, bn: int = 128, bn_t: int = 64) -> bool:
     return k % NF4_BLOCK == 0 and _pow2_divisor(n, min(bn, bn_t)) is not None
 
 
+def _check_decode(name: str, decode: str) -> None:
+    if decode not in DECODES:
+        raise ValueError(f"{name}: decode={decode!r}; use one of {DECODES}")
+
+
 def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any = jnp.float32,
-               *, bm: int = 128, bn: int = 128, num_warps: int = 4, num_stages: int = 3,
+               *, bm: int = 128, bn: int = 128, bk: int = 64, group: int | None = None,
+               decode: str = "lut", num_warps: int = 4, num_stages: int = 3,
                interpret: bool | None = None) -> jax.Array:
     """`x @ W` for an NF4 kernel W [K, N], dequantised tile by tile inside the GEMM.
+
+    Each K step dequantises `bk` input rows (`bk / 64` NF4 blocks) and contributes
+    `x[:, even] @ W_hi + x[:, odd] @ W_lo`: two dots of depth `bk / 2`.
 
     Args:
       x: activations [M, K] in the compute dtype (the dequantised tiles are cast to it).
@@ -144,13 +218,18 @@ def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any
       scales: float32 [K/64, N], `Nf4Kernel.block_scales()`.
       out_dtype: the result's dtype (accumulation is float32).
       bm, bn: row / column block (powers of two; bm shrinks for small M, bn to a divisor of N).
+      bk: input rows per K step, a multiple of 64 (shrinks to whole NF4 blocks dividing K).
+      group: None for the plain 2-D grid, or row blocks per program group (grouped launch
+        order for L2 reuse, see `_grid`; shrinks to a power of two dividing the row blocks).
+      decode: "lut" (code book table load, the default) or "select" (the select tree).
       num_warps, num_stages: Triton launch parameters.
       interpret: force interpret mode (None: on unless the backend is a GPU).
 
     Example:
-      >>> y = nf4_matmul(x, q.codes, q.block_scales(), jnp.float32)
+      >>> y = nf4_matmul(x, q.codes, q.block_scales(), jnp.float32, bk=128, group=8)
     """
     _check_2d("nf4_matmul", x=x, codes=codes, scales=scales)
+    _check_decode("nf4_matmul", decode)
     m, k = x.shape
     n = codes.shape[1]
     if k % NF4_BLOCK or codes.shape[0] * 2 != k or scales.shape != (k // NF4_BLOCK, n):
@@ -160,47 +239,50 @@ def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any
     if bn_ is None:
         raise ValueError(f"nf4_matmul: N={n} has no power-of-two divisor in [{MIN_TILE}, {bn}]; "
                          "use the XLA path (fits_nf4 says which shapes tile)")
+    step = _nf4_step_bytes(k, bk)  # byte rows per K step; 2 * step input rows
     bm_ = _row_block(m, bm)
     xp = _pad_rows(x, bm_)
     dtype = x.dtype
+    use_lut = decode == "lut"
+    grid, tile = _grid(xp.shape[0] // bm_, n // bn_, group)
 
-    def kernel(x_ref, c_ref, s_ref, o_ref):
-        def step(t, acc):
-            # One NF4 block: 64 input rows = 32 byte rows, one scale row.
-            x_even = x_ref[:, pl.ds(t * NF4_BLOCK, _HALF, stride=2)]
-            x_odd = x_ref[:, pl.ds(t * NF4_BLOCK + 1, _HALF, stride=2)]
-            w_hi, w_lo = _nf4_tile(c_ref[pl.ds(t * _HALF, _HALF), :], s_ref[pl.ds(t, 1), :],
-                                   dtype)
+    def kernel(x_ref, c_ref, s_ref, lut_ref, o_ref):
+        def body(t, acc):
+            x_even = x_ref[:, pl.ds(t * 2 * step, step, stride=2)]
+            x_odd = x_ref[:, pl.ds(t * 2 * step + 1, step, stride=2)]
+            w_hi, w_lo = _nf4_tile(c_ref, s_ref, lut_ref if use_lut else None, t * step, step,
+                                   slice(None), dtype)
             return acc + _dot(x_even, w_hi) + _dot(x_odd, w_lo)
 
-        acc = jax.lax.fori_loop(0, k // NF4_BLOCK, step, jnp.zeros((bm_, bn_), jnp.float32))
+        acc = jax.lax.fori_loop(0, k // (2 * step), body, jnp.zeros((bm_, bn_), jnp.float32))
         o_ref[...] = acc.astype(o_ref.dtype)
 
     out = pl.pallas_call(
         kernel,
-        grid=(xp.shape[0] // bm_, n // bn_),
-        in_specs=[pl.BlockSpec((bm_, k), lambda i, j: (i, 0)),
-                  pl.BlockSpec((k // 2, bn_), lambda i, j: (0, j)),
-                  pl.BlockSpec((k // NF4_BLOCK, bn_), lambda i, j: (0, j))],
-        out_specs=pl.BlockSpec((bm_, bn_), lambda i, j: (i, j)),
+        grid=grid,
+        in_specs=[pl.BlockSpec((bm_, k), lambda *p: (tile(*p)[0], 0)),
+                  pl.BlockSpec((k // 2, bn_), lambda *p: (0, tile(*p)[1])),
+                  pl.BlockSpec((k // NF4_BLOCK, bn_), lambda *p: (0, tile(*p)[1])),
+                  pl.BlockSpec((16,), lambda *p: (0,))],
+        out_specs=pl.BlockSpec((bm_, bn_), lambda *p: tile(*p)),
         out_shape=jax.ShapeDtypeStruct((xp.shape[0], n), out_dtype),
         compiler_params=_triton_params(num_warps, num_stages),
         interpret=_interpret(interpret),
         name="nf4_matmul",
-    )(xp, codes, scales)
+    )(xp, codes, scales, _code_book())
     return out[:m]
 
 
 def nf4_matmul_t(dy: jax.Array, codes: jax.Array, scales: jax.Array,
                  out_dtype: Any = jnp.float32, *, bm: int = 128, bk: int = 128, bn: int = 64,
-                 num_warps: int = 4, num_stages: int = 3,
-                 interpret: bool | None = None) -> jax.Array:
+                 group: int | None = None, decode: str = "lut", num_warps: int = 4,
+                 num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
     """`dy @ W^T` for an NF4 kernel W [K, N] (the input gradient), dequantised in the GEMM.
 
     The grid runs over (row blocks, `bk`-row groups of K, a multiple of 64); each program loops
-    over N in steps of `bn`, reading a dy tile once for all NF4 blocks of its group, and keeps
-    one [bm, 32] accumulator per nibble plane and block, stored to the even / odd output
-    columns with stride-2 stores.
+    over N in steps of `bn`, dequantising the group's [bk/2, bn] byte tile into its even and
+    odd rows and accumulating `dy_tile @ W_hi^T`, `dy_tile @ W_lo^T` ([bm, bk/2] each); the two
+    are stored to the even / odd output columns with stride-2 stores.
 
     Args:
       dy: [M, N] in the compute dtype.
@@ -208,12 +290,14 @@ def nf4_matmul_t(dy: jax.Array, codes: jax.Array, scales: jax.Array,
       out_dtype: the result's dtype (accumulation is float32).
       bm, bk, bn: row block, K group (a multiple of 64 dividing K; shrinks to one that does),
         N step (a power of two; shrinks to a divisor of N).
-      num_warps, num_stages, interpret: as for `nf4_matmul`.
+      group, decode, num_warps, num_stages, interpret: as for `nf4_matmul` (group counts row
+        blocks per group of programs over the K groups).
 
     Example:
       >>> dx = nf4_matmul_t(dy, q.codes, q.block_scales(), jnp.float32)
     """
     _check_2d("nf4_matmul_t", dy=dy, codes=codes, scales=scales)
+    _check_decode("nf4_matmul_t", decode)
     m, n = dy.shape
     k = codes.shape[0] * 2
     if codes.shape[1] != n or scales.shape != (k // NF4_BLOCK, n) or k % NF4_BLOCK:
@@ -223,45 +307,41 @@ def nf4_matmul_t(dy: jax.Array, codes: jax.Array, scales: jax.Array,
     if bn_ is None:
         raise ValueError(f"nf4_matmul_t: N={n} has no power-of-two divisor in [{MIN_TILE}, "
                          f"{bn}]; use the XLA path (fits_nf4 says which shapes tile)")
-    blocks = max(1, bk // NF4_BLOCK)
-    while (k // NF4_BLOCK) % blocks:
-        blocks -= 1
-    bk_ = blocks * NF4_BLOCK
+    half = _nf4_step_bytes(k, bk)  # byte rows per program = output columns per nibble plane
+    bk_ = 2 * half
     bm_ = _row_block(m, bm)
     dyp = _pad_rows(dy, bm_)
     dtype = dy.dtype
+    use_lut = decode == "lut"
+    grid, tile = _grid(dyp.shape[0] // bm_, k // bk_, group)
 
-    def kernel(dy_ref, c_ref, s_ref, o_ref):
-        def step(t, accs):
+    def kernel(dy_ref, c_ref, s_ref, lut_ref, o_ref):
+        def body(t, accs):
             cols = pl.ds(t * bn_, bn_)
             g = dy_ref[:, cols]
-            out = []
-            for b in range(blocks):
-                w_hi, w_lo = _nf4_tile(c_ref[pl.ds(b * _HALF, _HALF), cols],
-                                       s_ref[pl.ds(b, 1), cols], dtype)
-                out.append(accs[2 * b] + _dot(g, w_hi, trans_b=True))
-                out.append(accs[2 * b + 1] + _dot(g, w_lo, trans_b=True))
-            return tuple(out)
+            w_hi, w_lo = _nf4_tile(c_ref, s_ref, lut_ref if use_lut else None, 0, half, cols,
+                                   dtype)
+            return (accs[0] + _dot(g, w_hi, trans_b=True),
+                    accs[1] + _dot(g, w_lo, trans_b=True))
 
-        zeros = tuple(jnp.zeros((bm_, _HALF), jnp.float32) for _ in range(2 * blocks))
-        accs = jax.lax.fori_loop(0, n // bn_, step, zeros)
-        for b in range(blocks):
-            o_ref[:, pl.ds(b * NF4_BLOCK, _HALF, stride=2)] = accs[2 * b].astype(o_ref.dtype)
-            o_ref[:, pl.ds(b * NF4_BLOCK + 1, _HALF, stride=2)] = (
-                accs[2 * b + 1].astype(o_ref.dtype))
+        zeros = jnp.zeros((bm_, half), jnp.float32)
+        acc_hi, acc_lo = jax.lax.fori_loop(0, n // bn_, body, (zeros, zeros))
+        o_ref[:, pl.ds(0, half, stride=2)] = acc_hi.astype(o_ref.dtype)
+        o_ref[:, pl.ds(1, half, stride=2)] = acc_lo.astype(o_ref.dtype)
 
     out = pl.pallas_call(
         kernel,
-        grid=(dyp.shape[0] // bm_, k // bk_),
-        in_specs=[pl.BlockSpec((bm_, n), lambda i, j: (i, 0)),
-                  pl.BlockSpec((bk_ // 2, n), lambda i, j: (j, 0)),
-                  pl.BlockSpec((blocks, n), lambda i, j: (j, 0))],
-        out_specs=pl.BlockSpec((bm_, bk_), lambda i, j: (i, j)),
+        grid=grid,
+        in_specs=[pl.BlockSpec((bm_, n), lambda *p: (tile(*p)[0], 0)),
+                  pl.BlockSpec((half, n), lambda *p: (tile(*p)[1], 0)),
+                  pl.BlockSpec((bk_ // NF4_BLOCK, n), lambda *p: (tile(*p)[1], 0)),
+                  pl.BlockSpec((16,), lambda *p: (0,))],
+        out_specs=pl.BlockSpec((bm_, bk_), lambda *p: tile(*p)),
         out_shape=jax.ShapeDtypeStruct((dyp.shape[0], k), out_dtype),
         compiler_params=_triton_params(num_warps, num_stages),
         interpret=_interpret(interpret),
         name="nf4_matmul_t",
-    )(dyp, codes, scales)
+    )(dyp, codes, scales, _code_book())
     return out[:m]
 
 
