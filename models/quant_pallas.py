@@ -205,8 +205,8 @@ def _check_decode(name: str, decode: str) -> None:
 
 def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any = jnp.float32,
                *, bm: int = 128, bn: int = 128, bk: int = 64, group: int | None = None,
-               decode: str = "lut", num_warps: int = 4, num_stages: int = 3,
-               interpret: bool | None = None) -> jax.Array:
+               decode: str = "lut", scale_acc: bool = False, num_warps: int = 4,
+               num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
     """`x @ W` for an NF4 kernel W [K, N], dequantised tile by tile inside the GEMM.
 
     Each K step dequantises `bk` input rows (`bk / 64` NF4 blocks) and contributes
@@ -222,6 +222,12 @@ def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any
       group: None for the plain 2-D grid, or row blocks per program group (grouped launch
         order for L2 reuse, see `_grid`; shrinks to a power of two dividing the row blocks).
       decode: "lut" (code book table load, the default) or "select" (the select tree).
+      scale_acc: apply each block scale to the block's [bm, bn] dot result (it is constant
+        over the block's 64 rows per column) instead of to every weight: the decode is then
+        code -> compute dtype only, one NF4 block per dot (`bk` then only sets how many blocks
+        one loop step unrolls). Exact in float32 up to summation order; in bf16 the code value
+        is rounded before the scale multiplies it, not after, so results differ from the XLA
+        path's by bf16 rounding (~4e-3 relative), as the XLA path differs from float32.
       num_warps, num_stages: Triton launch parameters.
       interpret: force interpret mode (None: on unless the backend is a GPU).
 
@@ -246,8 +252,20 @@ def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any
     use_lut = decode == "lut"
     grid, tile = _grid(xp.shape[0] // bm_, n // bn_, group)
 
+    def scaled_step(t, acc, x_ref, c_ref, s_ref, lut_ref):
+        for b in range(step // _HALF):  # one NF4 block per dot, its scale on the result
+            row = t * 2 * step + b * NF4_BLOCK
+            codes = c_ref[pl.ds(t * step + b * _HALF, _HALF), :]
+            hi, lo = _nf4_decode(codes, lut_ref if use_lut else None)
+            part = (_dot(x_ref[:, pl.ds(row, _HALF, stride=2)], hi.astype(dtype))
+                    + _dot(x_ref[:, pl.ds(row + 1, _HALF, stride=2)], lo.astype(dtype)))
+            acc = acc + part * s_ref[pl.ds(t * (step // _HALF) + b, 1), :]
+        return acc
+
     def kernel(x_ref, c_ref, s_ref, lut_ref, o_ref):
         def body(t, acc):
+            if scale_acc:
+                return scaled_step(t, acc, x_ref, c_ref, s_ref, lut_ref)
             x_even = x_ref[:, pl.ds(t * 2 * step, step, stride=2)]
             x_odd = x_ref[:, pl.ds(t * 2 * step + 1, step, stride=2)]
             w_hi, w_lo = _nf4_tile(c_ref, s_ref, lut_ref if use_lut else None, t * step, step,
