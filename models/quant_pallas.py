@@ -164,28 +164,25 @@ def _nf4_step_bytes(k: int, bk: int) -> int:
     return blocks * _HALF
 
 
-def _group_size(rows: int, group: int | None) -> int:
-    """The largest power of two <= `group` dividing `rows` (row blocks per program group)."""
-    g = 1 << (max(group or 1, 1).bit_length() - 1)
-    while rows % g:
-        g //= 2
-    return g
-
-
 def _grid(rows: int, cols: int, group: int | None):
     """(grid, program -> (row block, column block)) for a [rows, cols] grid of output tiles.
 
     group=None: the plain 2-D grid (CUDA launches axis 0 fastest, so consecutive programs walk
-    down a column of tiles and re-read all of x for every column block). group=g: a 1-D grid in
-    grouped order (g row blocks x all column blocks, row fastest), so the programs running at
-    once share g row blocks of x and a few column blocks of the codes in L2."""
+    down a column of tiles and re-read all of x, 64 MB at M=8192, K=4096, for every column
+    block). group=g: a 1-D grid in grouped order, g row blocks by all column blocks with the
+    row fastest (the last group has the rows left over), so the programs running at once share
+    g row blocks of x and a few column blocks of the codes in L2."""
     if group is None:
         return (rows, cols), lambda i, j: (i, j)
-    g = _group_size(rows, group)
+    if group < 1:
+        raise ValueError(f"group={group}: give a number of row blocks >= 1, or None")
+    g = min(group, rows)
 
     def tile(p):
-        width = g * cols
-        return (p // width) * g + p % g, (p % width) // g
+        first = (p // (g * cols)) * g
+        size = jnp.minimum(rows - first, g)  # the last group may be short
+        within = p % (g * cols)
+        return first + within % size, within // size
 
     return (rows * cols,), tile
 
@@ -204,8 +201,8 @@ def _check_decode(name: str, decode: str) -> None:
 
 
 def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any = jnp.float32,
-               *, bm: int = 128, bn: int = 128, bk: int = 64, group: int | None = None,
-               decode: str = "lut", scale_acc: bool = False, num_warps: int = 4,
+               *, bm: int = 256, bn: int = 128, bk: int = 64, group: int | None = None,
+               decode: str = "lut", scale_acc: bool = False, num_warps: int = 8,
                num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
     """`x @ W` for an NF4 kernel W [K, N], dequantised tile by tile inside the GEMM.
 
@@ -218,6 +215,7 @@ def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any
       scales: float32 [K/64, N], `Nf4Kernel.block_scales()`.
       out_dtype: the result's dtype (accumulation is float32).
       bm, bn: row / column block (powers of two; bm shrinks for small M, bn to a divisor of N).
+        The defaults (and num_warps=8) were the fastest of the H200 sweep (issue 15).
       bk: input rows per K step, a multiple of 64 (shrinks to whole NF4 blocks dividing K).
       group: None for the plain 2-D grid, or row blocks per program group (grouped launch
         order for L2 reuse, see `_grid`; shrinks to a power of two dividing the row blocks).
@@ -292,8 +290,8 @@ def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any
 
 
 def nf4_matmul_t(dy: jax.Array, codes: jax.Array, scales: jax.Array,
-                 out_dtype: Any = jnp.float32, *, bm: int = 128, bk: int = 128, bn: int = 64,
-                 group: int | None = None, decode: str = "lut", num_warps: int = 4,
+                 out_dtype: Any = jnp.float32, *, bm: int = 256, bk: int = 128, bn: int = 64,
+                 group: int | None = None, decode: str = "lut", num_warps: int = 8,
                  num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
     """`dy @ W^T` for an NF4 kernel W [K, N] (the input gradient), dequantised in the GEMM.
 
@@ -381,7 +379,7 @@ def _int8_tiles(name: str, k: int, n: int, bk: int, bn: int) -> tuple[int, int]:
 
 def int8_matmul(x: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32,
                 scale: jax.Array | None = None, *, bm: int = 128, bn: int = 128, bk: int = 64,
-                num_warps: int = 4, num_stages: int = 3,
+                group: int | None = None, num_warps: int = 4, num_stages: int = 3,
                 interpret: bool | None = None) -> jax.Array:
     """`(x @ codes) * scale` for int8 codes [K, N], converted to x's dtype tile by tile; the
     per-channel scale (optional) multiplies the float32 accumulator before the one rounding to
@@ -393,7 +391,7 @@ def int8_matmul(x: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32,
       out_dtype: the result's dtype (accumulation is float32).
       scale: float32 [N] (`Int8Kernel.scale`), or None for the bare codes product.
       bm, bn, bk: row block, column block, K step (powers of two; bn, bk shrink to divisors).
-      num_warps, num_stages, interpret: as for `nf4_matmul`.
+      group, num_warps, num_stages, interpret: as for `nf4_matmul`.
 
     Example:
       >>> y = int8_matmul(x, q.codes) * q.scale
@@ -421,13 +419,14 @@ def int8_matmul(x: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32,
         acc = jax.lax.fori_loop(0, k // bk_, step, jnp.zeros((bm_, bn_), jnp.float32))
         o_ref[...] = (acc * s_ref[...]).astype(o_ref.dtype)
 
+    grid, tile = _grid(xp.shape[0] // bm_, n // bn_, group)
     out = pl.pallas_call(
         kernel,
-        grid=(xp.shape[0] // bm_, n // bn_),
-        in_specs=[pl.BlockSpec((bm_, k), lambda i, j: (i, 0)),
-                  pl.BlockSpec((k, bn_), lambda i, j: (0, j)),
-                  pl.BlockSpec((1, bn_), lambda i, j: (0, j))],
-        out_specs=pl.BlockSpec((bm_, bn_), lambda i, j: (i, j)),
+        grid=grid,
+        in_specs=[pl.BlockSpec((bm_, k), lambda *p: (tile(*p)[0], 0)),
+                  pl.BlockSpec((k, bn_), lambda *p: (0, tile(*p)[1])),
+                  pl.BlockSpec((1, bn_), lambda *p: (0, tile(*p)[1]))],
+        out_specs=pl.BlockSpec((bm_, bn_), lambda *p: tile(*p)),
         out_shape=jax.ShapeDtypeStruct((xp.shape[0], n), out_dtype),
         compiler_params=_triton_params(num_warps, num_stages),
         interpret=_interpret(interpret),
@@ -437,8 +436,9 @@ def int8_matmul(x: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32,
 
 
 def int8_matmul_t(dy: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32, *,
-                  bm: int = 128, bk: int = 128, bn: int = 64, num_warps: int = 4,
-                  num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
+                  bm: int = 128, bk: int = 128, bn: int = 64, group: int | None = None,
+                  num_warps: int = 4, num_stages: int = 3,
+                  interpret: bool | None = None) -> jax.Array:
     """`dy @ codes^T` for int8 codes [K, N] (the input gradient; the caller scales dy by the
     per-channel scale first).
 
@@ -447,7 +447,7 @@ def int8_matmul_t(dy: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32,
       codes: int8 [K, N].
       out_dtype: the result's dtype (accumulation is float32).
       bm, bk, bn: row block, output column block over K, N step (powers of two).
-      num_warps, num_stages, interpret: as for `nf4_matmul`.
+      group, num_warps, num_stages, interpret: as for `nf4_matmul`.
 
     Example:
       >>> dx = int8_matmul_t((dy * q.scale).astype(dy.dtype), q.codes)
@@ -470,12 +470,13 @@ def int8_matmul_t(dy: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32,
         acc = jax.lax.fori_loop(0, n // bn_, step, jnp.zeros((bm_, bk_), jnp.float32))
         o_ref[...] = acc.astype(o_ref.dtype)
 
+    grid, tile = _grid(dyp.shape[0] // bm_, k // bk_, group)
     out = pl.pallas_call(
         kernel,
-        grid=(dyp.shape[0] // bm_, k // bk_),
-        in_specs=[pl.BlockSpec((bm_, n), lambda i, j: (i, 0)),
-                  pl.BlockSpec((bk_, n), lambda i, j: (j, 0))],
-        out_specs=pl.BlockSpec((bm_, bk_), lambda i, j: (i, j)),
+        grid=grid,
+        in_specs=[pl.BlockSpec((bm_, n), lambda *p: (tile(*p)[0], 0)),
+                  pl.BlockSpec((bk_, n), lambda *p: (tile(*p)[1], 0))],
+        out_specs=pl.BlockSpec((bm_, bk_), lambda *p: tile(*p)),
         out_shape=jax.ShapeDtypeStruct((dyp.shape[0], k), out_dtype),
         compiler_params=_triton_params(num_warps, num_stages),
         interpret=_interpret(interpret),
