@@ -156,11 +156,11 @@ def _nf4_tile(c_ref: Any, s_ref: Any, lut_ref: Any, byte_row: Any, byte_rows: in
 
 
 def _nf4_step_bytes(k: int, bk: int) -> int:
-    """Byte rows per K step: `bk` input rows (a multiple of 64, at least one NF4 block),
-    shrunk to a whole number of NF4 blocks dividing K."""
-    blocks = max(1, bk // NF4_BLOCK)
+    """Byte rows per K step: `bk` input rows rounded down to a power-of-two number of NF4
+    blocks (Triton tiles are powers of two) that divides K / 64; at least one block."""
+    blocks = 1 << (max(1, bk // NF4_BLOCK).bit_length() - 1)
     while (k // NF4_BLOCK) % blocks:
-        blocks -= 1
+        blocks //= 2
     return blocks * _HALF
 
 
@@ -216,7 +216,7 @@ def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any
       out_dtype: the result's dtype (accumulation is float32).
       bm, bn: row / column block (powers of two; bm shrinks for small M, bn to a divisor of N).
         The defaults (and num_warps=8) were the fastest of the H200 sweep (issue 15).
-      bk: input rows per K step, a multiple of 64 (shrinks to whole NF4 blocks dividing K).
+      bk: input rows per K step, 64 times a power of two (shrinks to a block count dividing K).
       group: None for the plain 2-D grid, or row blocks per program group (grouped launch
         order for L2 reuse, see `_grid`; shrinks to a power of two dividing the row blocks).
       decode: "lut" (code book table load, the default) or "select" (the select tree).
@@ -304,7 +304,7 @@ def nf4_matmul_t(dy: jax.Array, codes: jax.Array, scales: jax.Array,
       dy: [M, N] in the compute dtype.
       codes, scales: as for `nf4_matmul`.
       out_dtype: the result's dtype (accumulation is float32).
-      bm, bk, bn: row block, K group (a multiple of 64 dividing K; shrinks to one that does),
+      bm, bk, bn: row block, K group (64 times a power of two; shrinks to one dividing K),
         N step (a power of two; shrinks to a divisor of N).
       group, decode, num_warps, num_stages, interpret: as for `nf4_matmul` (group counts row
         blocks per group of programs over the K groups).
