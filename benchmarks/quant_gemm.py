@@ -10,7 +10,7 @@ accumulate in float32 and round to bf16, so a few 1e-3; a wrong tile is O(1)). O
 2 M K N flops, the check.
 
     python -m benchmarks.quant_gemm --out benchmarks/results/quant_gemm_h200.jsonl  # one H200
-    python -m benchmarks.quant_gemm --sweep --shapes 4096x14336   # kernels over 5 tile sizes
+    python -m benchmarks.quant_gemm --sweep --shapes 4096x14336   # kernels over SWEEP
     python -m benchmarks.quant_gemm --smoke        # CPU: tiny shapes, interpret mode
 """
 from __future__ import annotations
@@ -33,14 +33,25 @@ TOKENS_8B = 8192
 SMOKE_SHAPES, SMOKE_TOKENS = [(256, 128)], 48
 FORMATS = ("nf4", "int8")
 IMPLS = ("xla", "pallas")
-# Tile candidates for --sweep (forward kwargs, backward kwargs), all powers of two.
+# Candidates for --sweep (forward kwargs, backward kwargs). The first is the NF4 default
+# (table decode, bm=256, 8 warps); then the select tree it replaced, two NF4 blocks per K step
+# (bk), grouped launch order (group), scales on the accumulator, and bm=128 tiles. Keys the int8
+# kernels lack (decode, scale_acc) make a candidate NF4-only.
 SWEEP = [
-    (dict(bm=128, bn=128, num_warps=4, num_stages=3), dict(bm=128, bk=128, bn=64, num_warps=4)),
-    (dict(bm=128, bn=128, num_warps=8, num_stages=3), dict(bm=128, bk=128, bn=64, num_warps=8)),
-    (dict(bm=256, bn=128, num_warps=8, num_stages=3), dict(bm=256, bk=128, bn=64, num_warps=8)),
-    (dict(bm=128, bn=256, num_warps=8, num_stages=3), dict(bm=128, bk=256, bn=64, num_warps=8)),
-    (dict(bm=64, bn=128, num_warps=4, num_stages=4), dict(bm=64, bk=128, bn=128, num_warps=4)),
+    (dict(bm=256, bn=128, num_warps=8), dict(bm=256, bk=128, bn=64, num_warps=8)),
+    (dict(bm=256, bn=128, num_warps=8, decode="select"),
+     dict(bm=256, bk=128, bn=64, num_warps=8, decode="select")),
+    (dict(bm=256, bn=128, bk=128, num_warps=8), dict(bm=256, bk=256, bn=64, num_warps=8)),
+    (dict(bm=256, bn=128, num_warps=8, group=8), dict(bm=256, bk=128, bn=64, num_warps=8,
+                                                       group=8)),
+    (dict(bm=256, bn=128, bk=128, num_warps=8, group=8, scale_acc=True),
+     dict(bm=256, bk=128, bn=128, num_warps=8, group=8)),
+    (dict(bm=128, bn=128, bk=128, num_warps=4, group=8), dict(bm=128, bk=128, bn=64, num_warps=4,
+                                                               group=8)),
+    (dict(bm=128, bn=256, bk=128, num_warps=8, group=8), dict(bm=128, bk=256, bn=64, num_warps=8,
+                                                               group=8)),
 ]
+NF4_ONLY = ("decode", "scale_acc")
 
 
 def median_ms(fn, *args, iters: int) -> float:
@@ -119,6 +130,8 @@ def sweep_tiles(fmt: str, q, x, dy, base: dict, iters: int, emit, sweep) -> list
     rows = []
     scales = q.block_scales() if fmt == "nf4" else None
     for fwd_tiles, bwd_tiles in sweep:
+        if fmt != "nf4" and any(key in t for t in (fwd_tiles, bwd_tiles) for key in NF4_ONLY):
+            continue
         # Codes and scales are arguments: closed over, a 4096 x 14336 kernel would be embedded
         # in the program as a constant.
         if fmt == "nf4":
