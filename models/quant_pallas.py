@@ -149,14 +149,16 @@ def _nf4_tile(c_ref: Any, s_ref: Any, lut_ref: Any, byte_row: Any, byte_rows: in
     columns `cols`: the even (high nibble) and odd (low nibble) input rows, each
     [byte_rows, cols] in `dtype`, with the XLA path's values (code value * block scale in
     float32, then cast). One NF4 block (32 byte rows) takes a single scale row, broadcast;
-    several take a per-row gather of their scale rows (row r belongs to block r // 32)."""
+    with several, byte row r takes block r // 32's row, by a chain of (blocks - 1) selects
+    between broadcast rows (cheaper per element than a gather load for the 2-4 blocks a step
+    holds)."""
     codes = c_ref[pl.ds(byte_row, byte_rows), cols]
     first = byte_row // _HALF
-    if byte_rows == _HALF:
-        scale = s_ref[pl.ds(first, 1), cols]
-    else:
-        rows = first + jax.lax.broadcasted_iota(jnp.int32, (byte_rows,), 0) // _HALF
-        scale = s_ref[rows, cols]
+    scale = s_ref[pl.ds(first, 1), cols]
+    if byte_rows > _HALF:
+        row = jax.lax.broadcasted_iota(jnp.int32, codes.shape, 0)
+        for b in range(1, byte_rows // _HALF):
+            scale = jnp.where(row >= b * _HALF, s_ref[pl.ds(first + b, 1), cols], scale)
     hi, lo = _nf4_decode(codes, lut_ref)
     return (hi * scale).astype(dtype), (lo * scale).astype(dtype)
 

@@ -43,10 +43,11 @@ def kernels():
 
 # Default tiles (one program) and small ones (several programs over M, N and K groups, and
 # several steps of every loop), so block indexing is exercised, not only the loops.
-# The variants of issue 15 ride along: two NF4 blocks per K step (bk=128, a per-row scale
-# gather), grouped launch order (group=2 over 3 row blocks: a short last group), the select-tree
-# decode and scales on the accumulator.
-TILES = [dict(), dict(bm=16, bn=32, bk=128, group=2),
+# The variants of issue 15 ride along: several NF4 blocks per K step (bk=256: 4, one step;
+# bk=128: 2, two steps; each byte row must pick its own block's scale), grouped launch order
+# (group=2 over 3 row blocks: a short last group), the select-tree decode, scales on the
+# accumulator.
+TILES = [dict(), dict(bm=16, bn=32, bk=256, group=2),
          dict(bm=16, bn=32, bk=128, decode="select", scale_acc=True)]
 TILES_T = [dict(), dict(bm=16, bk=128, bn=32, group=2), dict(bm=16, bk=64, bn=32, decode="select")]
 
@@ -195,8 +196,8 @@ def test_kernels_lower_to_triton_for_cuda():
              (qp.nf4_matmul_t, (S((m, n), bf16), codes4, scales)),
              (qp.int8_matmul, (S((m, k), bf16), codes8)),
              (qp.int8_matmul_t, (S((m, n), bf16), codes8))]
-    # Issue 15's variants: table decode with 1 and 3 NF4 blocks per step (the per-row scale
-    # gather), grouped order, the select tree, scales on the accumulator.
+    # Issue 15's variants: table decode, grouped order, the select tree, scales on the
+    # accumulator; several NF4 blocks per step below.
     variants = {qp.nf4_matmul: [dict(), dict(group=2), dict(decode="select"),
                                 dict(scale_acc=True, group=4)],
                 qp.nf4_matmul_t: [dict(), dict(group=2), dict(decode="select")],
