@@ -25,7 +25,8 @@ Issue 15 (the first H200 sweep: NF4 ~4x slower than dequantise-then-cuBLAS): the
 is a code book table load per value (`decode="lut"`, default) instead of a 15-select tree; `bk`
 sets how many NF4 blocks one K step dequantises (dots of depth bk / 2); `group` launches the
 programs in grouped order for L2 reuse (`_grid`); `scale_acc` moves the NF4 block scale from
-the weights onto the dot result. `benchmarks/quant_gemm.py --sweep` times them.
+the weights onto the dot result; `swap_ab` computes the transposed product so the dequantised
+tile is the dot's first operand (`_mm`). `benchmarks/quant_gemm.py --sweep` times them.
 
 Multi-device: a pallas_call has no SPMD partitioning rule, so under GSPMD (dp / FSDP meshes)
 XLA gathers its operands and runs it whole on every device. impl="pallas" is for one device
@@ -75,6 +76,27 @@ def _dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Array:
     maps to `tt.dot`; `pl.dot` moved modules across JAX versions)."""
     dims = (((1,), (1 if trans_b else 0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _mm(a: jax.Array, b: jax.Array, *, trans_b: bool = False, swap: bool = False) -> jax.Array:
+    """`a @ b` (`a @ b^T` with trans_b) in float32, or with swap its transpose, computed as
+    `b^T @ a^T`: the weight tile `b` becomes the dot's first operand. Hopper's wgmma reads its
+    second operand from shared memory but can take the first from registers, where the
+    dequantised tile already is (the "swap AB" of mixed-precision GEMMs); accumulators of a
+    swapped kernel are [columns, rows] and transposed once in the epilogue (`_unswap`)."""
+    if not swap:
+        return _dot(a, b, trans_b=trans_b)
+    dims = (((1 if trans_b else 0,), (1,)), ((), ()))
+    return jax.lax.dot_general(b, a, dims, preferred_element_type=jnp.float32)
+
+
+def _acc(rows: int, cols: int, swap: bool) -> jax.Array:
+    """A zero float32 accumulator for a [rows, cols] result (stored transposed with swap)."""
+    return jnp.zeros((cols, rows) if swap else (rows, cols), jnp.float32)
+
+
+def _unswap(acc: jax.Array, swap: bool) -> jax.Array:
+    return acc.T if swap else acc
 
 
 def _interpret(interpret: bool | None) -> bool:
@@ -210,8 +232,9 @@ def _check_decode(name: str, decode: str) -> None:
 
 def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any = jnp.float32,
                *, bm: int = 256, bn: int = 128, bk: int = 64, group: int | None = None,
-               decode: str = "lut", scale_acc: bool = False, num_warps: int = 8,
-               num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
+               decode: str = "lut", scale_acc: bool = False, swap_ab: bool = False,
+               num_warps: int = 8, num_stages: int = 3,
+               interpret: bool | None = None) -> jax.Array:
     """`x @ W` for an NF4 kernel W [K, N], dequantised tile by tile inside the GEMM.
 
     Each K step dequantises `bk` input rows (`bk / 64` NF4 blocks) and contributes
@@ -235,6 +258,8 @@ def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any
         is rounded before the scale multiplies it, not after, so results differ from the XLA
         path's by bf16 rounding (max-norm ~7e-3 on a [64, 256] x [256, 128] test), no further from
         the float32 product than the XLA path is (~4e-3 both).
+      swap_ab: compute the transposed product `W^T x^T`, so the dequantised tile is the dot's
+        first operand, which Hopper's wgmma can read from registers (see `_mm`).
       num_warps, num_stages: Triton launch parameters.
       interpret: force interpret mode (None: on unless the backend is a GPU).
 
@@ -264,9 +289,11 @@ def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any
             row = t * 2 * step + b * NF4_BLOCK
             codes = c_ref[pl.ds(t * step + b * _HALF, _HALF), :]
             hi, lo = _nf4_decode(codes, lut_ref if use_lut else None)
-            part = (_dot(x_ref[:, pl.ds(row, _HALF, stride=2)], hi.astype(dtype))
-                    + _dot(x_ref[:, pl.ds(row + 1, _HALF, stride=2)], lo.astype(dtype)))
-            acc = acc + part * s_ref[pl.ds(t * (step // _HALF) + b, 1), :]
+            part = (_mm(x_ref[:, pl.ds(row, _HALF, stride=2)], hi.astype(dtype), swap=swap_ab)
+                    + _mm(x_ref[:, pl.ds(row + 1, _HALF, stride=2)], lo.astype(dtype),
+                          swap=swap_ab))
+            scale = s_ref[pl.ds(t * (step // _HALF) + b, 1), :]
+            acc = acc + part * (scale.T if swap_ab else scale)
         return acc
 
     def kernel(x_ref, c_ref, s_ref, lut_ref, o_ref):
@@ -277,10 +304,10 @@ def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any
             x_odd = x_ref[:, pl.ds(t * 2 * step + 1, step, stride=2)]
             w_hi, w_lo = _nf4_tile(c_ref, s_ref, lut_ref if use_lut else None, t * step, step,
                                    slice(None), dtype)
-            return acc + _dot(x_even, w_hi) + _dot(x_odd, w_lo)
+            return acc + _mm(x_even, w_hi, swap=swap_ab) + _mm(x_odd, w_lo, swap=swap_ab)
 
-        acc = jax.lax.fori_loop(0, k // (2 * step), body, jnp.zeros((bm_, bn_), jnp.float32))
-        o_ref[...] = acc.astype(o_ref.dtype)
+        acc = jax.lax.fori_loop(0, k // (2 * step), body, _acc(bm_, bn_, swap_ab))
+        o_ref[...] = _unswap(acc, swap_ab).astype(o_ref.dtype)
 
     out = pl.pallas_call(
         kernel,
@@ -300,8 +327,9 @@ def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any
 
 def nf4_matmul_t(dy: jax.Array, codes: jax.Array, scales: jax.Array,
                  out_dtype: Any = jnp.float32, *, bm: int = 256, bk: int = 128, bn: int = 64,
-                 group: int | None = None, decode: str = "lut", num_warps: int = 8,
-                 num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
+                 group: int | None = None, decode: str = "lut", swap_ab: bool = False,
+                 num_warps: int = 8, num_stages: int = 3,
+                 interpret: bool | None = None) -> jax.Array:
     """`dy @ W^T` for an NF4 kernel W [K, N] (the input gradient), dequantised in the GEMM.
 
     The grid runs over (row blocks, `bk`-row groups of K, a multiple of 64); each program loops
@@ -315,8 +343,8 @@ def nf4_matmul_t(dy: jax.Array, codes: jax.Array, scales: jax.Array,
       out_dtype: the result's dtype (accumulation is float32).
       bm, bk, bn: row block, K group (64 times a power of two; shrinks to one dividing K),
         N step (a power of two; shrinks to a divisor of N).
-      group, decode, num_warps, num_stages, interpret: as for `nf4_matmul` (group counts row
-        blocks per group of programs over the K groups).
+      group, decode, swap_ab, num_warps, num_stages, interpret: as for `nf4_matmul` (group
+        counts row blocks per group of programs over the K groups).
 
     Example:
       >>> dx = nf4_matmul_t(dy, q.codes, q.block_scales(), jnp.float32)
@@ -346,13 +374,13 @@ def nf4_matmul_t(dy: jax.Array, codes: jax.Array, scales: jax.Array,
             g = dy_ref[:, cols]
             w_hi, w_lo = _nf4_tile(c_ref, s_ref, lut_ref if use_lut else None, 0, half, cols,
                                    dtype)
-            return (accs[0] + _dot(g, w_hi, trans_b=True),
-                    accs[1] + _dot(g, w_lo, trans_b=True))
+            return (accs[0] + _mm(g, w_hi, trans_b=True, swap=swap_ab),
+                    accs[1] + _mm(g, w_lo, trans_b=True, swap=swap_ab))
 
-        zeros = jnp.zeros((bm_, half), jnp.float32)
+        zeros = _acc(bm_, half, swap_ab)
         acc_hi, acc_lo = jax.lax.fori_loop(0, n // bn_, body, (zeros, zeros))
-        o_ref[:, pl.ds(0, half, stride=2)] = acc_hi.astype(o_ref.dtype)
-        o_ref[:, pl.ds(1, half, stride=2)] = acc_lo.astype(o_ref.dtype)
+        o_ref[:, pl.ds(0, half, stride=2)] = _unswap(acc_hi, swap_ab).astype(o_ref.dtype)
+        o_ref[:, pl.ds(1, half, stride=2)] = _unswap(acc_lo, swap_ab).astype(o_ref.dtype)
 
     out = pl.pallas_call(
         kernel,
@@ -388,8 +416,8 @@ def _int8_tiles(name: str, k: int, n: int, bk: int, bn: int) -> tuple[int, int]:
 
 def int8_matmul(x: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32,
                 scale: jax.Array | None = None, *, bm: int = 128, bn: int = 128, bk: int = 64,
-                group: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                interpret: bool | None = None) -> jax.Array:
+                group: int | None = None, swap_ab: bool = False, num_warps: int = 4,
+                num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
     """`(x @ codes) * scale` for int8 codes [K, N], converted to x's dtype tile by tile; the
     per-channel scale (optional) multiplies the float32 accumulator before the one rounding to
     `out_dtype`, so a bf16 result is rounded once, as the XLA path's is.
@@ -400,7 +428,7 @@ def int8_matmul(x: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32,
       out_dtype: the result's dtype (accumulation is float32).
       scale: float32 [N] (`Int8Kernel.scale`), or None for the bare codes product.
       bm, bn, bk: row block, column block, K step (powers of two; bn, bk shrink to divisors).
-      group, num_warps, num_stages, interpret: as for `nf4_matmul`.
+      group, swap_ab, num_warps, num_stages, interpret: as for `nf4_matmul`.
 
     Example:
       >>> y = int8_matmul(x, q.codes) * q.scale
@@ -423,10 +451,10 @@ def int8_matmul(x: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32,
     def kernel(x_ref, c_ref, s_ref, o_ref):
         def step(t, acc):
             rows = pl.ds(t * bk_, bk_)
-            return acc + _dot(x_ref[:, rows], c_ref[rows, :].astype(dtype))
+            return acc + _mm(x_ref[:, rows], c_ref[rows, :].astype(dtype), swap=swap_ab)
 
-        acc = jax.lax.fori_loop(0, k // bk_, step, jnp.zeros((bm_, bn_), jnp.float32))
-        o_ref[...] = (acc * s_ref[...]).astype(o_ref.dtype)
+        acc = jax.lax.fori_loop(0, k // bk_, step, _acc(bm_, bn_, swap_ab))
+        o_ref[...] = (_unswap(acc, swap_ab) * s_ref[...]).astype(o_ref.dtype)
 
     grid, tile = _grid(xp.shape[0] // bm_, n // bn_, group)
     out = pl.pallas_call(
@@ -446,7 +474,7 @@ def int8_matmul(x: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32,
 
 def int8_matmul_t(dy: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32, *,
                   bm: int = 128, bk: int = 128, bn: int = 64, group: int | None = None,
-                  num_warps: int = 4, num_stages: int = 3,
+                  swap_ab: bool = False, num_warps: int = 4, num_stages: int = 3,
                   interpret: bool | None = None) -> jax.Array:
     """`dy @ codes^T` for int8 codes [K, N] (the input gradient; the caller scales dy by the
     per-channel scale first).
@@ -456,7 +484,7 @@ def int8_matmul_t(dy: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32,
       codes: int8 [K, N].
       out_dtype: the result's dtype (accumulation is float32).
       bm, bk, bn: row block, output column block over K, N step (powers of two).
-      group, num_warps, num_stages, interpret: as for `nf4_matmul`.
+      group, swap_ab, num_warps, num_stages, interpret: as for `nf4_matmul`.
 
     Example:
       >>> dx = int8_matmul_t((dy * q.scale).astype(dy.dtype), q.codes)
@@ -474,10 +502,11 @@ def int8_matmul_t(dy: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32,
     def kernel(dy_ref, c_ref, o_ref):
         def step(t, acc):
             cols = pl.ds(t * bn_, bn_)
-            return acc + _dot(dy_ref[:, cols], c_ref[:, cols].astype(dtype), trans_b=True)
+            return acc + _mm(dy_ref[:, cols], c_ref[:, cols].astype(dtype), trans_b=True,
+                             swap=swap_ab)
 
-        acc = jax.lax.fori_loop(0, n // bn_, step, jnp.zeros((bm_, bk_), jnp.float32))
-        o_ref[...] = acc.astype(o_ref.dtype)
+        acc = jax.lax.fori_loop(0, n // bn_, step, _acc(bm_, bk_, swap_ab))
+        o_ref[...] = _unswap(acc, swap_ab).astype(o_ref.dtype)
 
     grid, tile = _grid(dyp.shape[0] // bm_, k // bk_, group)
     out = pl.pallas_call(

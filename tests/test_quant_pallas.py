@@ -46,10 +46,11 @@ def kernels():
 # The variants of issue 15 ride along: several NF4 blocks per K step (bk=256: 4, one step;
 # bk=128: 2, two steps; each byte row must pick its own block's scale), grouped launch order
 # (group=2 over 3 row blocks: a short last group), the select-tree decode, scales on the
-# accumulator.
+# accumulator, the swapped product (transposed accumulators).
 TILES = [dict(), dict(bm=16, bn=32, bk=256, group=2),
-         dict(bm=16, bn=32, bk=128, decode="select", scale_acc=True)]
-TILES_T = [dict(), dict(bm=16, bk=128, bn=32, group=2), dict(bm=16, bk=64, bn=32, decode="select")]
+         dict(bm=16, bn=32, bk=128, decode="select", scale_acc=True, swap_ab=True)]
+TILES_T = [dict(), dict(bm=16, bk=128, bn=32, group=2),
+           dict(bm=16, bk=64, bn=32, decode="select", swap_ab=True)]
 
 
 @pytest.mark.parametrize("tiles,tiles_t", list(zip(TILES, TILES_T)))
@@ -65,8 +66,8 @@ def test_nf4_kernels_equal_the_dequantised_product(kernels, tiles, tiles_t):
 
 
 @pytest.mark.parametrize("tiles,tiles_t", [(dict(), dict()),
-                                           (dict(bm=16, bn=32, bk=32, group=2),
-                                            dict(bm=16, bk=64, bn=32, group=2))])
+                                           (dict(bm=16, bn=32, bk=32, group=2, swap_ab=True),
+                                            dict(bm=16, bk=64, bn=32, group=2, swap_ab=True))])
 def test_int8_kernels_equal_the_codes_product(kernels, tiles, tiles_t):
     codes, scale = kernels["int8"].codes, kernels["int8"].scale
     c = codes.astype(jnp.float32)
@@ -199,9 +200,12 @@ def test_kernels_lower_to_triton_for_cuda():
     # Issue 15's variants: table decode, grouped order, the select tree, scales on the
     # accumulator; several NF4 blocks per step below.
     variants = {qp.nf4_matmul: [dict(), dict(group=2), dict(decode="select"),
-                                dict(scale_acc=True, group=4)],
-                qp.nf4_matmul_t: [dict(), dict(group=2), dict(decode="select")],
-                qp.int8_matmul: [dict(), dict(group=8)], qp.int8_matmul_t: [dict(), dict(group=8)]}
+                                dict(scale_acc=True, group=4), dict(swap_ab=True),
+                                dict(swap_ab=True, scale_acc=True)],
+                qp.nf4_matmul_t: [dict(), dict(group=2), dict(decode="select"),
+                                  dict(swap_ab=True)],
+                qp.int8_matmul: [dict(), dict(group=8, swap_ab=True)],
+                qp.int8_matmul_t: [dict(), dict(group=8, swap_ab=True)]}
     for fn, args in cases:
         for kw in variants[fn]:
             text = _export_for_cuda(
@@ -211,7 +215,7 @@ def test_kernels_lower_to_triton_for_cuda():
     # Several NF4 blocks per K step need K / 64 even: K = 256 (bk=192 rounds down to 2 blocks).
     k = 256
     codes4, scales = S((k // 2, n), jnp.uint8), S((k // 64, n), jnp.float32)
-    for fn, x, kw in [(qp.nf4_matmul, S((m, k), bf16), dict(bk=256, group=2)),
+    for fn, x, kw in [(qp.nf4_matmul, S((m, k), bf16), dict(bk=256, group=2, swap_ab=True)),
                       (qp.nf4_matmul, S((m, k), bf16), dict(bk=192, scale_acc=True)),
                       (qp.nf4_matmul_t, S((m, n), bf16), dict(bk=256, group=2))]:
         text = _export_for_cuda(
