@@ -36,8 +36,8 @@ IMPLS = ("xla", "pallas")
 # Candidates for --sweep (forward kwargs, backward kwargs). The first is the NF4 default
 # (table decode, bm=256, 8 warps); then the select tree it replaced, two NF4 blocks per K step
 # (bk), grouped launch order (group), the swapped product (swap_ab: dequantised tile as the
-# dot's first operand), scales on the accumulator, and bm=128 tiles. Keys the int8 kernels lack
-# (decode, scale_acc) make a candidate NF4-only.
+# dot's first operand), contiguous x loads (split_x), scales on the accumulator, and bm=128
+# tiles. Keys the int8 kernels lack (decode, scale_acc, split_x) make a candidate NF4-only.
 _F, _B = dict(bm=256, bn=128, num_warps=8), dict(bm=256, bk=128, bn=64, num_warps=8)
 SWEEP = [
     (_F, _B),
@@ -45,12 +45,15 @@ SWEEP = [
     (dict(_F, bk=128), dict(_B, bk=256)),
     (dict(_F, group=8), dict(_B, group=8)),
     (dict(_F, swap_ab=True), dict(_B, swap_ab=True)),
+    (dict(_F, split_x=True), dict(_B, bn=128)),
     (dict(_F, bk=128, group=8, swap_ab=True), dict(_B, bk=256, group=8, swap_ab=True)),
+    (dict(_F, bk=128, group=8, swap_ab=True, split_x=True), dict(_B, bn=128, group=8,
+                                                                  swap_ab=True)),
     (dict(_F, group=8, scale_acc=True, swap_ab=True), dict(_B, bn=128, group=8)),
     (dict(bm=128, bn=128, bk=128, num_warps=4, group=8),
      dict(bm=128, bk=128, bn=64, num_warps=4, group=8)),
 ]
-NF4_ONLY = ("decode", "scale_acc")
+NF4_ONLY = ("decode", "scale_acc", "split_x")
 
 
 def median_ms(fn, *args, iters: int) -> float:

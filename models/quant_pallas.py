@@ -26,7 +26,8 @@ is a code book table load per value (`decode="lut"`, default) instead of a 15-se
 sets how many NF4 blocks one K step dequantises (dots of depth bk / 2); `group` launches the
 programs in grouped order for L2 reuse (`_grid`); `scale_acc` moves the NF4 block scale from
 the weights onto the dot result; `swap_ab` computes the transposed product so the dequantised
-tile is the dot's first operand (`_mm`). `benchmarks/quant_gemm.py --sweep` times them.
+tile is the dot's first operand (`_mm`); `split_x` reorders x's columns in XLA so the kernel
+loads them contiguously (`split_even_odd`). `benchmarks/quant_gemm.py --sweep` times them.
 
 Multi-device: a pallas_call has no SPMD partitioning rule, so under GSPMD (dp / FSDP meshes)
 XLA gathers its operands and runs it whole on every device. impl="pallas" is for one device
@@ -185,6 +186,20 @@ def _nf4_tile(c_ref: Any, s_ref: Any, lut_ref: Any, byte_row: Any, byte_rows: in
     return (hi * scale).astype(dtype), (lo * scale).astype(dtype)
 
 
+def split_even_odd(x: jax.Array, group: int) -> jax.Array:
+    """Permute the columns of x [M, K] within each run of `group` (even) columns: the even
+    columns first, then the odd ones. `nf4_matmul(split_x=True)` reads x in this order, so a
+    K step's even / odd input columns (high / low nibbles) are contiguous.
+
+    Example:
+      >>> split_even_odd(jnp.arange(8.)[None], 4)   # [[0, 2, 1, 3, 4, 6, 5, 7]]
+    """
+    m, k = x.shape
+    if group % 2 or k % group:
+        raise ValueError(f"split_even_odd: group={group} must be even and divide K={k}")
+    return x.reshape(m, k // group, group // 2, 2).swapaxes(2, 3).reshape(m, k)
+
+
 def _nf4_step_bytes(k: int, bk: int) -> int:
     """Byte rows per K step: `bk` input rows rounded down to a power-of-two number of NF4
     blocks (Triton tiles are powers of two) that divides K / 64; at least one block."""
@@ -233,7 +248,7 @@ def _check_decode(name: str, decode: str) -> None:
 def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any = jnp.float32,
                *, bm: int = 256, bn: int = 128, bk: int = 64, group: int | None = None,
                decode: str = "lut", scale_acc: bool = False, swap_ab: bool = False,
-               num_warps: int = 8, num_stages: int = 3,
+               split_x: bool = False, num_warps: int = 8, num_stages: int = 3,
                interpret: bool | None = None) -> jax.Array:
     """`x @ W` for an NF4 kernel W [K, N], dequantised tile by tile inside the GEMM.
 
@@ -260,6 +275,9 @@ def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any
         the float32 product than the XLA path is (~4e-3 both).
       swap_ab: compute the transposed product `W^T x^T`, so the dequantised tile is the dot's
         first operand, which Hopper's wgmma can read from registers (see `_mm`).
+      split_x: permute x's columns in XLA first (`split_even_odd`, one pass over x) so that
+        each K step's even and odd input columns are two contiguous runs: the kernel's x loads
+        become contiguous, vectorisable ones instead of stride-2 loads of 2-byte elements.
       num_warps, num_stages: Triton launch parameters.
       interpret: force interpret mode (None: on unless the backend is a GPU).
 
@@ -279,18 +297,24 @@ def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any
                          "use the XLA path (fits_nf4 says which shapes tile)")
     step = _nf4_step_bytes(k, bk)  # byte rows per K step; 2 * step input rows
     bm_ = _row_block(m, bm)
-    xp = _pad_rows(x, bm_)
+    xp = _pad_rows(split_even_odd(x, 2 * step) if split_x else x, bm_)
     dtype = x.dtype
     use_lut = decode == "lut"
     grid, tile = _grid(xp.shape[0] // bm_, n // bn_, group)
 
+    def x_cols(x_ref, t, first, size, odd):
+        """x's columns for input rows 2r + odd, r in [first, first + size) byte rows of step t
+        (contiguous after `split_even_odd`, stride 2 in the stored order)."""
+        if split_x:
+            return x_ref[:, pl.ds(t * 2 * step + odd * step + first, size)]
+        return x_ref[:, pl.ds(t * 2 * step + 2 * first + odd, size, stride=2)]
+
     def scaled_step(t, acc, x_ref, c_ref, s_ref, lut_ref):
         for b in range(step // _HALF):  # one NF4 block per dot, its scale on the result
-            row = t * 2 * step + b * NF4_BLOCK
             codes = c_ref[pl.ds(t * step + b * _HALF, _HALF), :]
             hi, lo = _nf4_decode(codes, lut_ref if use_lut else None)
-            part = (_mm(x_ref[:, pl.ds(row, _HALF, stride=2)], hi.astype(dtype), swap=swap_ab)
-                    + _mm(x_ref[:, pl.ds(row + 1, _HALF, stride=2)], lo.astype(dtype),
+            part = (_mm(x_cols(x_ref, t, b * _HALF, _HALF, 0), hi.astype(dtype), swap=swap_ab)
+                    + _mm(x_cols(x_ref, t, b * _HALF, _HALF, 1), lo.astype(dtype),
                           swap=swap_ab))
             scale = s_ref[pl.ds(t * (step // _HALF) + b, 1), :]
             acc = acc + part * (scale.T if swap_ab else scale)
@@ -300,8 +324,7 @@ def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any
         def body(t, acc):
             if scale_acc:
                 return scaled_step(t, acc, x_ref, c_ref, s_ref, lut_ref)
-            x_even = x_ref[:, pl.ds(t * 2 * step, step, stride=2)]
-            x_odd = x_ref[:, pl.ds(t * 2 * step + 1, step, stride=2)]
+            x_even, x_odd = x_cols(x_ref, t, 0, step, 0), x_cols(x_ref, t, 0, step, 1)
             w_hi, w_lo = _nf4_tile(c_ref, s_ref, lut_ref if use_lut else None, t * step, step,
                                    slice(None), dtype)
             return acc + _mm(x_even, w_hi, swap=swap_ab) + _mm(x_odd, w_lo, swap=swap_ab)

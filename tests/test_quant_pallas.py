@@ -46,8 +46,8 @@ def kernels():
 # The variants of issue 15 ride along: several NF4 blocks per K step (bk=256: 4, one step;
 # bk=128: 2, two steps; each byte row must pick its own block's scale), grouped launch order
 # (group=2 over 3 row blocks: a short last group), the select-tree decode, scales on the
-# accumulator, the swapped product (transposed accumulators).
-TILES = [dict(), dict(bm=16, bn=32, bk=256, group=2),
+# accumulator, the swapped product (transposed accumulators), x in split even/odd order.
+TILES = [dict(), dict(bm=16, bn=32, bk=256, group=2, split_x=True),
          dict(bm=16, bn=32, bk=128, decode="select", scale_acc=True, swap_ab=True)]
 TILES_T = [dict(), dict(bm=16, bk=128, bn=32, group=2),
            dict(bm=16, bk=64, bn=32, decode="select", swap_ab=True)]
@@ -104,6 +104,13 @@ def test_grouped_launch_order_visits_every_tile_once(rows, cols, group):
                                                           for j in range(cols)]
     g = min(group, rows)
     assert order[:min(g, rows)] == [(i, 0) for i in range(g)]
+
+
+def test_split_even_odd_order():
+    x = jnp.arange(16.0).reshape(2, 8)
+    np.testing.assert_array_equal(qp.split_even_odd(x, 4)[1], [8, 10, 9, 11, 12, 14, 13, 15])
+    with pytest.raises(ValueError, match="group=3"):
+        qp.split_even_odd(x, 3)
 
 
 def test_bad_decode_and_group_are_refused(kernels):
@@ -201,7 +208,7 @@ def test_kernels_lower_to_triton_for_cuda():
     # accumulator; several NF4 blocks per step below.
     variants = {qp.nf4_matmul: [dict(), dict(group=2), dict(decode="select"),
                                 dict(scale_acc=True, group=4), dict(swap_ab=True),
-                                dict(swap_ab=True, scale_acc=True)],
+                                dict(swap_ab=True, scale_acc=True, split_x=True)],
                 qp.nf4_matmul_t: [dict(), dict(group=2), dict(decode="select"),
                                   dict(swap_ab=True)],
                 qp.int8_matmul: [dict(), dict(group=8, swap_ab=True)],
@@ -215,7 +222,8 @@ def test_kernels_lower_to_triton_for_cuda():
     # Several NF4 blocks per K step need K / 64 even: K = 256 (bk=192 rounds down to 2 blocks).
     k = 256
     codes4, scales = S((k // 2, n), jnp.uint8), S((k // 64, n), jnp.float32)
-    for fn, x, kw in [(qp.nf4_matmul, S((m, k), bf16), dict(bk=256, group=2, swap_ab=True)),
+    for fn, x, kw in [(qp.nf4_matmul, S((m, k), bf16), dict(bk=256, group=2, swap_ab=True,
+                                                             split_x=True)),
                       (qp.nf4_matmul, S((m, k), bf16), dict(bk=192, scale_acc=True)),
                       (qp.nf4_matmul_t, S((m, n), bf16), dict(bk=256, group=2))]:
         text = _export_for_cuda(
