@@ -10,7 +10,7 @@ accumulate in float32 and round to bf16, so a few 1e-3; a wrong tile is O(1)). O
 2 M K N flops, the check.
 
     python -m benchmarks.quant_gemm --out benchmarks/results/quant_gemm_h200.jsonl  # one H200
-    python -m benchmarks.quant_gemm --sweep --shapes 4096x14336   # kernels over SWEEP
+    python -m benchmarks.quant_gemm --sweep --shapes 4096x14336   # kernels over SWEEP, checked
     python -m benchmarks.quant_gemm --smoke        # CPU: tiny shapes, interpret mode
 """
 from __future__ import annotations
@@ -113,7 +113,7 @@ def run(shapes, m: int, iters: int, dtype, sweep: list, emit) -> list[dict]:
             ref = (fns["xla"][0](x, q), fns["xla"][1](x, dy, q))
             got = (fns["pallas"][0](x, q), fns["pallas"][1](x, dy, q))
             check = {"forward": max_rel(got[0], ref[0]), "backward": max_rel(got[1], ref[1])}
-            del ref, got
+            del got
             for impl, (fwd, bwd) in fns.items():
                 for direction, fn, args in (("forward", fwd, (x, q)),
                                             ("backward", bwd, (x, dy, q))):
@@ -123,12 +123,14 @@ def run(shapes, m: int, iters: int, dtype, sweep: list, emit) -> list[dict]:
                                          **({"max_rel_vs_xla": check[direction]}
                                             if impl == "pallas" else {}))))
             if sweep:
-                rows += sweep_tiles(fmt, q, x, dy, base, iters, emit, sweep)
+                rows += sweep_tiles(fmt, q, x, dy, base, iters, emit, sweep, ref)
+            del ref
     return rows
 
 
-def sweep_tiles(fmt: str, q, x, dy, base: dict, iters: int, emit, sweep) -> list[dict]:
-    """The kernels called directly over `SWEEP`'s tile sizes (to choose their defaults)."""
+def sweep_tiles(fmt: str, q, x, dy, base: dict, iters: int, emit, sweep, ref) -> list[dict]:
+    """The kernels called directly over `SWEEP`'s candidates (to choose their defaults), each
+    result checked against the xla one (`ref`: forward, backward) as the default's is."""
     rows = []
     scales = q.block_scales() if fmt == "nf4" else None
     for fwd_tiles, bwd_tiles in sweep:
@@ -141,12 +143,19 @@ def sweep_tiles(fmt: str, q, x, dy, base: dict, iters: int, emit, sweep) -> list
             bwd = jax.jit(lambda dy, c, s, t=bwd_tiles: qp.nf4_matmul_t(dy, c, s, dy.dtype, **t))
             operands = (q.codes, scales)
         else:
-            fwd = jax.jit(lambda x, c, t=fwd_tiles: qp.int8_matmul(x, c, x.dtype, **t))
+            fwd = jax.jit(lambda x, c, t=fwd_tiles: qp.int8_matmul(x, c, x.dtype, q.scale, **t))
             bwd = jax.jit(lambda dy, c, t=bwd_tiles: qp.int8_matmul_t(dy, c, dy.dtype, **t))
             operands = (q.codes,)
+        # The int8 backward kernel takes dy already scaled per channel (its caller's job, not
+        # timed here); the check scales it as the xla path does.
+        dy_checked = (dy if fmt == "nf4" else
+                      (dy.astype(jnp.float32) * q.scale).astype(dy.dtype))
         for direction, fn, arg, tiles in (("forward", fwd, x, fwd_tiles),
                                           ("backward", bwd, dy, bwd_tiles)):
             try:
+                got = fn(dy_checked if direction == "backward" else arg, *operands)
+                check = max_rel(got, ref[direction == "backward"])
+                del got
                 ms = median_ms(fn, arg, *operands, iters=iters)
             except Exception as e:  # a tile size the GPU cannot compile: report it, go on
                 rows.append(emit({**base, "format": fmt, "impl": "pallas-sweep",
@@ -154,7 +163,7 @@ def sweep_tiles(fmt: str, q, x, dy, base: dict, iters: int, emit, sweep) -> list
                                   "error": f"{type(e).__name__}: {str(e)[:300]}"}))
                 continue
             rows.append(emit(row(**base, format=fmt, impl="pallas-sweep", direction=direction,
-                                 tiles=tiles, ms=ms)))
+                                 tiles=tiles, ms=ms, max_rel_vs_xla=check)))
     return rows
 
 
