@@ -10,7 +10,7 @@ accumulate in float32 and round to bf16, so a few 1e-3; a wrong tile is O(1)). O
 2 M K N flops, the check.
 
     python -m benchmarks.quant_gemm --out benchmarks/results/quant_gemm_h200.jsonl  # one H200
-    python -m benchmarks.quant_gemm --sweep --shapes 4096x14336   # kernels over 5 tile sizes
+    python -m benchmarks.quant_gemm --sweep --shapes 4096x14336   # kernels over SWEEP, checked
     python -m benchmarks.quant_gemm --smoke        # CPU: tiny shapes, interpret mode
 """
 from __future__ import annotations
@@ -33,14 +33,27 @@ TOKENS_8B = 8192
 SMOKE_SHAPES, SMOKE_TOKENS = [(256, 128)], 48
 FORMATS = ("nf4", "int8")
 IMPLS = ("xla", "pallas")
-# Tile candidates for --sweep (forward kwargs, backward kwargs), all powers of two.
+# Candidates for --sweep (forward kwargs, backward kwargs). The first is the NF4 default
+# (table decode, bm=256, 8 warps); then the select tree it replaced, two NF4 blocks per K step
+# (bk), grouped launch order (group), the swapped product (swap_ab: dequantised tile as the
+# dot's first operand), contiguous x loads (split_x), scales on the accumulator, and bm=128
+# tiles. Keys the int8 kernels lack (decode, scale_acc, split_x) make a candidate NF4-only.
+_F, _B = dict(bm=256, bn=128, num_warps=8), dict(bm=256, bk=128, bn=64, num_warps=8)
 SWEEP = [
-    (dict(bm=128, bn=128, num_warps=4, num_stages=3), dict(bm=128, bk=128, bn=64, num_warps=4)),
-    (dict(bm=128, bn=128, num_warps=8, num_stages=3), dict(bm=128, bk=128, bn=64, num_warps=8)),
-    (dict(bm=256, bn=128, num_warps=8, num_stages=3), dict(bm=256, bk=128, bn=64, num_warps=8)),
-    (dict(bm=128, bn=256, num_warps=8, num_stages=3), dict(bm=128, bk=256, bn=64, num_warps=8)),
-    (dict(bm=64, bn=128, num_warps=4, num_stages=4), dict(bm=64, bk=128, bn=128, num_warps=4)),
+    (_F, _B),
+    (dict(_F, decode="select"), dict(_B, decode="select")),
+    (dict(_F, bk=128), dict(_B, bk=256)),
+    (dict(_F, group=8), dict(_B, group=8)),
+    (dict(_F, swap_ab=True), dict(_B, swap_ab=True)),
+    (dict(_F, split_x=True), dict(_B, bn=128)),
+    (dict(_F, bk=128, group=8, swap_ab=True), dict(_B, bk=256, group=8, swap_ab=True)),
+    (dict(_F, bk=128, group=8, swap_ab=True, split_x=True), dict(_B, bn=128, group=8,
+                                                                  swap_ab=True)),
+    (dict(_F, group=8, scale_acc=True, swap_ab=True), dict(_B, bn=128, group=8)),
+    (dict(bm=128, bn=128, bk=128, num_warps=4, group=8),
+     dict(bm=128, bk=128, bn=64, num_warps=4, group=8)),
 ]
+NF4_ONLY = ("decode", "scale_acc", "split_x")
 
 
 def median_ms(fn, *args, iters: int) -> float:
@@ -100,7 +113,7 @@ def run(shapes, m: int, iters: int, dtype, sweep: list, emit) -> list[dict]:
             ref = (fns["xla"][0](x, q), fns["xla"][1](x, dy, q))
             got = (fns["pallas"][0](x, q), fns["pallas"][1](x, dy, q))
             check = {"forward": max_rel(got[0], ref[0]), "backward": max_rel(got[1], ref[1])}
-            del ref, got
+            del got
             for impl, (fwd, bwd) in fns.items():
                 for direction, fn, args in (("forward", fwd, (x, q)),
                                             ("backward", bwd, (x, dy, q))):
@@ -110,15 +123,19 @@ def run(shapes, m: int, iters: int, dtype, sweep: list, emit) -> list[dict]:
                                          **({"max_rel_vs_xla": check[direction]}
                                             if impl == "pallas" else {}))))
             if sweep:
-                rows += sweep_tiles(fmt, q, x, dy, base, iters, emit, sweep)
+                rows += sweep_tiles(fmt, q, x, dy, base, iters, emit, sweep, ref)
+            del ref
     return rows
 
 
-def sweep_tiles(fmt: str, q, x, dy, base: dict, iters: int, emit, sweep) -> list[dict]:
-    """The kernels called directly over `SWEEP`'s tile sizes (to choose their defaults)."""
+def sweep_tiles(fmt: str, q, x, dy, base: dict, iters: int, emit, sweep, ref) -> list[dict]:
+    """The kernels called directly over `SWEEP`'s candidates (to choose their defaults), each
+    result checked against the xla one (`ref`: forward, backward) as the default's is."""
     rows = []
     scales = q.block_scales() if fmt == "nf4" else None
     for fwd_tiles, bwd_tiles in sweep:
+        if fmt != "nf4" and any(key in t for t in (fwd_tiles, bwd_tiles) for key in NF4_ONLY):
+            continue
         # Codes and scales are arguments: closed over, a 4096 x 14336 kernel would be embedded
         # in the program as a constant.
         if fmt == "nf4":
@@ -126,12 +143,19 @@ def sweep_tiles(fmt: str, q, x, dy, base: dict, iters: int, emit, sweep) -> list
             bwd = jax.jit(lambda dy, c, s, t=bwd_tiles: qp.nf4_matmul_t(dy, c, s, dy.dtype, **t))
             operands = (q.codes, scales)
         else:
-            fwd = jax.jit(lambda x, c, t=fwd_tiles: qp.int8_matmul(x, c, x.dtype, **t))
+            fwd = jax.jit(lambda x, c, t=fwd_tiles: qp.int8_matmul(x, c, x.dtype, q.scale, **t))
             bwd = jax.jit(lambda dy, c, t=bwd_tiles: qp.int8_matmul_t(dy, c, dy.dtype, **t))
             operands = (q.codes,)
+        # The int8 backward kernel takes dy already scaled per channel (its caller's job, not
+        # timed here); the check scales it as the xla path does.
+        dy_checked = (dy if fmt == "nf4" else
+                      (dy.astype(jnp.float32) * q.scale).astype(dy.dtype))
         for direction, fn, arg, tiles in (("forward", fwd, x, fwd_tiles),
                                           ("backward", bwd, dy, bwd_tiles)):
             try:
+                got = fn(dy_checked if direction == "backward" else arg, *operands)
+                check = max_rel(got, ref[direction == "backward"])
+                del got
                 ms = median_ms(fn, arg, *operands, iters=iters)
             except Exception as e:  # a tile size the GPU cannot compile: report it, go on
                 rows.append(emit({**base, "format": fmt, "impl": "pallas-sweep",
@@ -139,7 +163,7 @@ def sweep_tiles(fmt: str, q, x, dy, base: dict, iters: int, emit, sweep) -> list
                                   "error": f"{type(e).__name__}: {str(e)[:300]}"}))
                 continue
             rows.append(emit(row(**base, format=fmt, impl="pallas-sweep", direction=direction,
-                                 tiles=tiles, ms=ms)))
+                                 tiles=tiles, ms=ms, max_rel_vs_xla=check)))
     return rows
 
 

@@ -43,8 +43,14 @@ def kernels():
 
 # Default tiles (one program) and small ones (several programs over M, N and K groups, and
 # several steps of every loop), so block indexing is exercised, not only the loops.
-TILES = [dict(), dict(bm=16, bn=32)]
-TILES_T = [dict(), dict(bm=16, bk=128, bn=32)]
+# The variants of issue 15 ride along: several NF4 blocks per K step (bk=256: 4, one step;
+# bk=128: 2, two steps; each byte row must pick its own block's scale), grouped launch order
+# (group=2 over 3 row blocks: a short last group), the select-tree decode, scales on the
+# accumulator, the swapped product (transposed accumulators), x in split even/odd order.
+TILES = [dict(), dict(bm=16, bn=32, bk=256, group=2, split_x=True),
+         dict(bm=16, bn=32, bk=128, decode="select", scale_acc=True, swap_ab=True)]
+TILES_T = [dict(), dict(bm=16, bk=128, bn=32, group=2),
+           dict(bm=16, bk=64, bn=32, decode="select", swap_ab=True)]
 
 
 @pytest.mark.parametrize("tiles,tiles_t", list(zip(TILES, TILES_T)))
@@ -60,7 +66,8 @@ def test_nf4_kernels_equal_the_dequantised_product(kernels, tiles, tiles_t):
 
 
 @pytest.mark.parametrize("tiles,tiles_t", [(dict(), dict()),
-                                           (dict(bm=16, bn=32, bk=32), dict(bm=16, bk=64, bn=32))])
+                                           (dict(bm=16, bn=32, bk=32, group=2, swap_ab=True),
+                                            dict(bm=16, bk=64, bn=32, group=2, swap_ab=True))])
 def test_int8_kernels_equal_the_codes_product(kernels, tiles, tiles_t):
     codes, scale = kernels["int8"].codes, kernels["int8"].scale
     c = codes.astype(jnp.float32)
@@ -85,6 +92,34 @@ def test_pallas_impl_forward_and_gradient_equal_xla(kernels, fmt):
     assert rel(f["pallas"](x), f["xla"](x)) < TOL
     assert abs(float(v_p - v_x)) <= 1e-4 * abs(float(v_x)) + 1e-4
     assert rel(g_p, g_x) < TOL
+
+
+@pytest.mark.parametrize("rows,cols,group", [(3, 5, 2), (4, 3, 4), (5, 2, 8), (2, 7, 1)])
+def test_grouped_launch_order_visits_every_tile_once(rows, cols, group):
+    """`_grid`'s grouped order is a permutation of the [rows, cols] tiles, row fastest within
+    a group of `group` row blocks (the last group short when rows % group != 0)."""
+    grid, tile = qp._grid(rows, cols, group)
+    order = [tuple(int(v) for v in tile(jnp.int32(p))) for p in range(grid[0])]
+    assert grid == (rows * cols,) and sorted(order) == [(i, j) for i in range(rows)
+                                                          for j in range(cols)]
+    g = min(group, rows)
+    assert order[:min(g, rows)] == [(i, 0) for i in range(g)]
+
+
+def test_split_even_odd_order():
+    x = jnp.arange(16.0).reshape(2, 8)
+    np.testing.assert_array_equal(qp.split_even_odd(x, 4)[1], [8, 10, 9, 11, 12, 14, 13, 15])
+    with pytest.raises(ValueError, match="group=3"):
+        qp.split_even_odd(x, 3)
+
+
+def test_bad_decode_and_group_are_refused(kernels):
+    q = kernels["nf4"]
+    x = jnp.ones((16, K))
+    with pytest.raises(ValueError, match="decode='gather'.*lut"):
+        qp.nf4_matmul(x, q.codes, q.block_scales(), decode="gather")
+    with pytest.raises(ValueError, match="group=0"):
+        qp.nf4_matmul_t(jnp.ones((16, N)), q.codes, q.block_scales(), group=0)
 
 
 def _kernel_shaped_float_buffers(hlo: str) -> list[str]:
@@ -157,8 +192,9 @@ def _export_for_cuda(fn, *args) -> str:
 
 def test_kernels_lower_to_triton_for_cuda():
     """Cross-platform export runs the Pallas -> Triton lowering on this CPU machine (block
-    shapes, strided loads/stores, dots, the select tree), in bf16 as on the GPU, with a K that
-    is no power of two (192 = 3 NF4 blocks) and N=96 (tiles of 32)."""
+    shapes, strided loads/stores, dots, table and select-tree decodes, grouped grids), in bf16
+    as on the GPU, with a K that is no power of two (192 = 3 NF4 blocks) and N=96 (tiles of
+    32)."""
     _require_triton()
     m, k, n = 48, 192, 96
     S, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
@@ -168,11 +204,31 @@ def test_kernels_lower_to_triton_for_cuda():
              (qp.nf4_matmul_t, (S((m, n), bf16), codes4, scales)),
              (qp.int8_matmul, (S((m, k), bf16), codes8)),
              (qp.int8_matmul_t, (S((m, n), bf16), codes8))]
+    # Issue 15's variants: table decode, grouped order, the select tree, scales on the
+    # accumulator; several NF4 blocks per step below.
+    variants = {qp.nf4_matmul: [dict(), dict(group=2), dict(decode="select"),
+                                dict(scale_acc=True, group=4), dict(swap_ab=True),
+                                dict(swap_ab=True, scale_acc=True, split_x=True)],
+                qp.nf4_matmul_t: [dict(), dict(group=2), dict(decode="select"),
+                                  dict(swap_ab=True)],
+                qp.int8_matmul: [dict(), dict(group=8, swap_ab=True)],
+                qp.int8_matmul_t: [dict(), dict(group=8, swap_ab=True)]}
     for fn, args in cases:
-        text = _export_for_cuda(functools.partial(fn, out_dtype=jnp.float32, interpret=False),
-                                *args)
-        assert "__gpu$xla.gpu.triton" in text, fn.__name__
-        assert "mosaic" not in text.lower(), fn.__name__
+        for kw in variants[fn]:
+            text = _export_for_cuda(
+                functools.partial(fn, out_dtype=jnp.float32, interpret=False, **kw), *args)
+            assert "__gpu$xla.gpu.triton" in text, (fn.__name__, kw)
+            assert "mosaic" not in text.lower(), (fn.__name__, kw)
+    # Several NF4 blocks per K step need K / 64 even: K = 256 (bk=192 rounds down to 2 blocks).
+    k = 256
+    codes4, scales = S((k // 2, n), jnp.uint8), S((k // 64, n), jnp.float32)
+    for fn, x, kw in [(qp.nf4_matmul, S((m, k), bf16), dict(bk=256, group=2, swap_ab=True,
+                                                             split_x=True)),
+                      (qp.nf4_matmul, S((m, k), bf16), dict(bk=192, scale_acc=True)),
+                      (qp.nf4_matmul_t, S((m, n), bf16), dict(bk=256, group=2))]:
+        text = _export_for_cuda(
+            functools.partial(fn, out_dtype=jnp.float32, interpret=False, **kw), x, codes4, scales)
+        assert "__gpu$xla.gpu.triton" in text, (fn.__name__, kw)
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
@@ -214,7 +270,7 @@ def test_tiny_llama_logits_equal_across_impls(fmt="nf4"):
 
 def test_quant_gemm_benchmark_smoke():
     """`benchmarks.quant_gemm --smoke --sweep` times every (format, impl, direction) on a tiny
-    shape and checks pallas against xla (float32 here: within TOL)."""
+    shape and checks pallas (default and sweep candidates) against xla (float32 here)."""
     from benchmarks import quant_gemm
     rows = quant_gemm.main(["--smoke", "--sweep"])
     timed = {(r["format"], r["impl"], r["direction"]) for r in rows if "ms" in r}
@@ -222,5 +278,6 @@ def test_quant_gemm_benchmark_smoke():
             for d in ("forward", "backward")} | {("bf16", "dense", "forward"),
                                                  ("bf16", "dense", "backward")}
     assert timed == want and not [r for r in rows if "error" in r]
-    checks = [r["max_rel_vs_xla"] for r in rows if r["impl"] == "pallas"]
-    assert len(checks) == 4 and max(checks) < 1e-5  # max-norm relative: looser than TOL's norm
+    for impl in ("pallas", "pallas-sweep"):  # the sweep's candidates are checked too
+        checks = [r["max_rel_vs_xla"] for r in rows if r["impl"] == impl]
+        assert len(checks) == 4 and max(checks) < 1e-5  # max-norm relative: looser than TOL
