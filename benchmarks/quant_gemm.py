@@ -34,14 +34,14 @@ SMOKE_SHAPES, SMOKE_TOKENS = [(256, 128)], 48
 FORMATS = ("nf4", "int8")
 IMPLS = ("xla", "pallas")
 # Candidates for --sweep (forward kwargs, backward kwargs). The first is the NF4 default
-# (table decode, bm=256, 8 warps); then the select tree it replaced, two NF4 blocks per K step
+# (select-tree decode, bm=256, 8 warps); then the table decode (measured slower on the H200), two NF4 blocks per K step
 # (bk), grouped launch order (group), the swapped product (swap_ab: dequantised tile as the
 # dot's first operand), contiguous x loads (split_x), scales on the accumulator, and bm=128
 # tiles. Keys the int8 kernels lack (decode, scale_acc, split_x) make a candidate NF4-only.
 _F, _B = dict(bm=256, bn=128, num_warps=8), dict(bm=256, bk=128, bn=64, num_warps=8)
 SWEEP = [
     (_F, _B),
-    (dict(_F, decode="select"), dict(_B, decode="select")),
+    (dict(_F, decode="lut"), dict(_B, decode="lut")),
     (dict(_F, bk=128), dict(_B, bk=256)),
     (dict(_F, group=8), dict(_B, group=8)),
     (dict(_F, swap_ab=True), dict(_B, swap_ab=True)),

@@ -22,7 +22,8 @@ reshape that moves the minor axis, which Triton cannot do), each 64-row NF4 bloc
 loads; the transposed kernel writes its even / odd output columns with stride-2 stores.
 
 Issue 15 (the first H200 sweep: NF4 ~4x slower than dequantise-then-cuBLAS): the NF4 decode
-is a code book table load per value (`decode="lut"`, default) instead of a 15-select tree; `bk`
+can be a code book table load per value (`decode="lut"`) instead of the 15-select tree (the
+default: the second sweep measured the table load slower, 11.4 against 7.4 ms); `bk`
 sets how many NF4 blocks one K step dequantises (dots of depth bk / 2); `group` launches the
 programs in grouped order for L2 reuse (`_grid`); `scale_acc` moves the NF4 block scale from
 the weights onto the dot result; `swap_ab` computes the transposed product so the dequantised
@@ -136,8 +137,8 @@ def _nf4_values(idx: jax.Array) -> jax.Array:
     """The NF4 code book value of each 4-bit index (uint8), float32, by a select tree over the
     index bits. Only bits 0-3 are read, so an arithmetic shift of the byte would decode the
     high nibble as well as a logical one. 15 selects per value, redone by every row block: on
-    the H200 this made the NF4 kernel ~4x slower than XLA (issue 15); `decode="lut"` (the
-    default) replaces it with one table load per value."""
+    the H200 the kernel is ~4x slower than XLA (issue 15). `decode="lut"` (one table load per
+    value) was tried against it and measured slower still, so the tree is the default."""
     level = [float(v) for v in NF4_CODE]  # Python floats: kernels may not capture arrays
     for bit in range(4):
         on = (idx & (1 << bit)) != 0
@@ -247,7 +248,7 @@ def _check_decode(name: str, decode: str) -> None:
 
 def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any = jnp.float32,
                *, bm: int = 256, bn: int = 128, bk: int = 64, group: int | None = None,
-               decode: str = "lut", scale_acc: bool = False, swap_ab: bool = False,
+               decode: str = "select", scale_acc: bool = False, swap_ab: bool = False,
                split_x: bool = False, num_warps: int = 8, num_stages: int = 3,
                interpret: bool | None = None) -> jax.Array:
     """`x @ W` for an NF4 kernel W [K, N], dequantised tile by tile inside the GEMM.
@@ -265,7 +266,8 @@ def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any
       bk: input rows per K step, 64 times a power of two (shrinks to a block count dividing K).
       group: None for the plain 2-D grid, or row blocks per program group (grouped launch
         order for L2 reuse, see `_grid`; shrinks to a power of two dividing the row blocks).
-      decode: "lut" (code book table load, the default) or "select" (the select tree).
+      decode: "select" (the select tree, the default: fastest measured on the H200) or "lut"
+        (a code book table load per value: 1.5x slower forward, 2.1x backward there).
       scale_acc: apply each block scale to the block's [bm, bn] dot result (it is constant
         over the block's 64 rows per column) instead of to every weight: the decode is then
         code -> compute dtype only, one NF4 block per dot (`bk` then only sets how many blocks
@@ -350,7 +352,7 @@ def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any
 
 def nf4_matmul_t(dy: jax.Array, codes: jax.Array, scales: jax.Array,
                  out_dtype: Any = jnp.float32, *, bm: int = 256, bk: int = 128, bn: int = 64,
-                 group: int | None = None, decode: str = "lut", swap_ab: bool = False,
+                 group: int | None = None, decode: str = "select", swap_ab: bool = False,
                  num_warps: int = 8, num_stages: int = 3,
                  interpret: bool | None = None) -> jax.Array:
     """`dy @ W^T` for an NF4 kernel W [K, N] (the input gradient), dequantised in the GEMM.

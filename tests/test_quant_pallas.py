@@ -45,12 +45,12 @@ def kernels():
 # several steps of every loop), so block indexing is exercised, not only the loops.
 # The variants of issue 15 ride along: several NF4 blocks per K step (bk=256: 4, one step;
 # bk=128: 2, two steps; each byte row must pick its own block's scale), grouped launch order
-# (group=2 over 3 row blocks: a short last group), the select-tree decode, scales on the
+# (group=2 over 3 row blocks: a short last group), the table decode, scales on the
 # accumulator, the swapped product (transposed accumulators), x in split even/odd order.
 TILES = [dict(), dict(bm=16, bn=32, bk=256, group=2, split_x=True),
-         dict(bm=16, bn=32, bk=128, decode="select", scale_acc=True, swap_ab=True)]
+         dict(bm=16, bn=32, bk=128, decode="lut", scale_acc=True, swap_ab=True)]
 TILES_T = [dict(), dict(bm=16, bk=128, bn=32, group=2),
-           dict(bm=16, bk=64, bn=32, decode="select", swap_ab=True)]
+           dict(bm=16, bk=64, bn=32, decode="lut", swap_ab=True)]
 
 
 @pytest.mark.parametrize("tiles,tiles_t", list(zip(TILES, TILES_T)))
@@ -204,12 +204,12 @@ def test_kernels_lower_to_triton_for_cuda():
              (qp.nf4_matmul_t, (S((m, n), bf16), codes4, scales)),
              (qp.int8_matmul, (S((m, k), bf16), codes8)),
              (qp.int8_matmul_t, (S((m, n), bf16), codes8))]
-    # Issue 15's variants: table decode, grouped order, the select tree, scales on the
+    # Issue 15's variants: the select tree (default), grouped order, the table decode, scales on the
     # accumulator; several NF4 blocks per step below.
-    variants = {qp.nf4_matmul: [dict(), dict(group=2), dict(decode="select"),
+    variants = {qp.nf4_matmul: [dict(), dict(group=2), dict(decode="lut"),
                                 dict(scale_acc=True, group=4), dict(swap_ab=True),
                                 dict(swap_ab=True, scale_acc=True, split_x=True)],
-                qp.nf4_matmul_t: [dict(), dict(group=2), dict(decode="select"),
+                qp.nf4_matmul_t: [dict(), dict(group=2), dict(decode="lut"),
                                   dict(swap_ab=True)],
                 qp.int8_matmul: [dict(), dict(group=8, swap_ab=True)],
                 qp.int8_matmul_t: [dict(), dict(group=8, swap_ab=True)]}
