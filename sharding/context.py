@@ -1,0 +1,278 @@
+"""Context parallelism: one long sequence split over a mesh axis, attention computed as a ring.
+
+Every token-wise operation (projections, norms, the MLP, LoRA) needs only its own tokens, so a
+sequence split into contiguous chunks over the `cp` axis runs them unchanged, GSPMD-partitioned.
+Attention is the one operation that mixes tokens. `ring_attention` computes it without ever
+holding the whole sequence's keys and values on a device:
+
+  * device i keeps its query chunk Q_i; the key/value chunks travel around the ring of the axis
+    (`jax.lax.ppermute` to the next device, n - 1 hops), so after t hops device i holds
+    K_{i-t}, V_{i-t};
+  * each chunk's scores are folded into a running (flash-style) softmax in float32: a running
+    row maximum m, a running sum l of exp(score - m) and an accumulator of the weighted values,
+    rescaled by exp(m_old - m_new) whenever the maximum grows;
+  * causal masking compares GLOBAL positions (chunk index x chunk length + offset). The first
+    step is each device's own chunk, whose diagonal every query row sees, so m is finite from
+    then on and a chunk that is wholly in the future (all -inf) adds exp(-inf) = 0: no NaN.
+    Such chunk pairs are computed and zeroed, not skipped: with contiguous chunks the last
+    device attends to every chunk anyway, so skipping saves no wall-clock time.
+
+The gradient is a `jax.custom_vjp` that does what flash attention's backward does, on the ring:
+the forward keeps only its output and the row log-sum-exp; the backward sends k, v around again
+together with their gradient accumulators dK, dV (float32), which add each device's
+contribution and arrive back at their owner after n hops. Autodiff through the loop would
+instead save every hop's k/v chunk and probability block, i.e. the whole sequence's k/v and an
+[s, S] score block per device, which is what context parallelism exists to avoid.
+
+Cost per attention layer (n = cp size, s = S / n): n - 1 ppermutes of one k/v chunk forward,
+n - 1 of k/v plus n of dK/dV backward; XLA can overlap each hop with the attention of the chunk
+already held (the next chunk's ppermute is issued before it). No all-gather of k or v.
+
+`ContextParallelism` is the `models/parallel.py` seam's answer: plain `nn.Dense` projections
+(GSPMD), the residual stream and logits pinned as [batch over dp x fsdp, sequence over cp, ...],
+and attention through `ring_attention`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from models.parallel import NoParallelism
+from sharding.compat import shard_map
+from sharding.layers import batch_axes
+from sharding.mesh import CP, TP, MeshError, axis_size, check_context_fits, drop_trivial_axes
+
+
+def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis: str = CP,
+                   causal: bool = True, scale: float | None = None) -> jax.Array:
+    """Self-attention of global q [B, S, Hq, D] over k, v [B, S, Hkv, D], the sequence split in
+    contiguous chunks over the mesh axis `axis`, computed as a ring (module docstring).
+
+    The layout is `models.attention`'s (and `jax.nn.dot_product_attention`'s): GQA when
+    Hkv < Hq, query head h reading key/value head h // (Hq / Hkv). The batch is split over
+    dp x fsdp when it divides, else kept whole on each device (e.g. a batch of one).
+
+    Args:
+      q, k, v: global arrays (any sharding; they are resharded to the split if needed).
+      mesh: the mesh holding `axis` (`make_mesh(cp=...)`).
+      axis: the mesh axis the sequence is split over ("cp"; any axis of the mesh works).
+      causal: mask keys after each query by global position.
+      scale: the scores' factor; default 1 / sqrt(D).
+
+    Returns:
+      [B, S, Hq, D] in q's dtype, split like q.
+
+    Raises:
+      MeshError: S not divisible by the axis size, or shapes that are not self-attention.
+
+    Example:
+      >>> mesh = make_mesh(cp=4)
+      >>> out = ring_attention(q, k, v, mesh=mesh)        # q [2, 4096, 32, 64], k/v [.., 8, 64]
+    """
+    _check_shapes(q, k, v)
+    check_context_fits(mesh, q.shape[1], axis=axis)
+    n = axis_size(mesh, axis)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    spec = drop_trivial_axes(P(batch_axes(mesh, q.shape[0]), axis, None, None), mesh)
+    local = _ring_fn(axis if n > 1 else None, n, causal, scale)
+    return shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
+
+
+def _check_shapes(q, k, v) -> None:
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise MeshError(f"ring_attention takes q [B, S, Hq, D] and k, v [B, S, Hkv, D]; got q "
+                        f"{q.shape}, k {k.shape}, v {v.shape}")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise MeshError(f"ring_attention is self-attention: q {q.shape} and k {k.shape} must "
+                        "share batch, sequence and head size")
+    if q.shape[2] % k.shape[2]:
+        raise MeshError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} key/value "
+                        "heads (GQA groups query heads over key/value heads)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-device math (inside shard_map). Local shapes: q [b, s, K, G, D] (K key/value heads, G
+# query heads per group), k/v [b, s, K, D], scores and probabilities [b, K, G, s_q, s_k], row
+# statistics [b, K, G, s_q].
+
+
+@functools.lru_cache(maxsize=None)
+def _ring_fn(axis: str | None, n: int, causal: bool, scale: float):
+    """The per-device ring attention `(q, k, v) -> out` with its custom VJP (cached so each
+    layer reuses one function, not a new one per trace)."""
+
+    @jax.custom_vjp
+    def ring(q, k, v):
+        return _forward(q, k, v, axis, n, causal, scale)[0]
+
+    def ring_fwd(q, k, v):
+        out, lse = _forward(q, k, v, axis, n, causal, scale)
+        return out, (q, k, v, out, lse)
+
+    def ring_bwd(res, d_out):
+        return _backward(*res, d_out, axis, n, causal, scale)
+
+    ring.defvjp(ring_fwd, ring_bwd)
+    return ring
+
+
+def _grouped(q, kv_heads):
+    b, s, h, d = q.shape
+    return q.reshape(b, s, kv_heads, h // kv_heads, d)
+
+
+def _pass(x, axis, n):
+    """Send to the next device of the ring (device i receives device i - 1's chunk)."""
+    return jax.lax.ppermute(x, axis, [(j, (j + 1) % n) for j in range(n)])
+
+
+def _scores(q, k, q_chunk, k_chunk, causal, scale):
+    """[b, K, G, s_q, s_k] float32 scores, -inf where a key follows its query globally."""
+    s = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+    if not causal:
+        return s
+    size = q.shape[1]
+    q_pos = q_chunk * size + jnp.arange(size)
+    k_pos = k_chunk * size + jnp.arange(size)
+    return jnp.where(k_pos[None, :] <= q_pos[:, None], s, -jnp.inf)
+
+
+def _forward(q, k, v, axis, n, causal, scale):
+    """(out [b, s, Hq, D] in q's dtype, lse [b, K, G, s_q] float32)."""
+    kv_heads = k.shape[2]
+    qg = _grouped(q, kv_heads)
+    me = jax.lax.axis_index(axis) if axis else 0
+    # Step 0: the own chunk. Its diagonal gives every row a finite maximum.
+    nxt = (_pass(k, axis, n), _pass(v, axis, n)) if n > 1 else None
+    s = _scores(qg, k, me, me, causal, scale)
+    m = jnp.max(s, axis=-1)
+    p = jnp.exp(s - m[..., None])
+    l = jnp.sum(p, axis=-1)
+    acc = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    for t in range(1, n):
+        k_t, v_t = nxt
+        if t < n - 1:  # issued before this chunk's attention, so the two can overlap
+            nxt = (_pass(k_t, axis, n), _pass(v_t, axis, n))
+        s = _scores(qg, k_t, me, (me - t) % n, causal, scale)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        alpha = jnp.exp(m - m_new)                 # 1 when a wholly masked chunk keeps m
+        p = jnp.exp(s - m_new[..., None])          # 0 where masked
+        l = l * alpha + jnp.sum(p, axis=-1)
+        acc = acc * alpha[..., None] + jnp.einsum(
+            "bkgqs,bskd->bkgqd", p.astype(v.dtype), v_t, preferred_element_type=jnp.float32)
+        m = m_new
+    out = acc / l[..., None]                                       # [b, K, G, s, D]
+    b, s_len, h, d = q.shape
+    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, s_len, h, d).astype(q.dtype)
+    return out, m + jnp.log(l)
+
+
+def _backward(q, k, v, out, lse, d_out, axis, n, causal, scale):
+    """Flash attention's backward, k/v and their float32 gradients travelling the ring."""
+    kv_heads = k.shape[2]
+    qg = _grouped(q, kv_heads)
+    do = jnp.transpose(_grouped(d_out, kv_heads), (0, 2, 3, 1, 4))    # [b, K, G, s, D]
+    og = jnp.transpose(_grouped(out, kv_heads), (0, 2, 3, 1, 4))
+    # D_i = sum_d dO * O: the softmax Jacobian's row term, identical for every key chunk.
+    delta = jnp.sum(do.astype(jnp.float32) * og.astype(jnp.float32), axis=-1)
+    do = do.astype(v.dtype)
+    me = jax.lax.axis_index(axis) if axis else 0
+    dq = jnp.zeros(qg.shape, jnp.float32)
+    k_t, v_t = k, v
+    dk_t, dv_t = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    for t in range(n):
+        s = _scores(qg, k_t, me, (me - t) % n, causal, scale)
+        p = jnp.exp(s - lse[..., None])                               # 0 where masked
+        dv_t = dv_t + jnp.einsum("bkgqs,bkgqd->bskd", p.astype(v.dtype), do,
+                                 preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bkgqd,bskd->bkgqs", do, v_t, preferred_element_type=jnp.float32)
+        ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
+        dq = dq + jnp.einsum("bkgqs,bskd->bqkgd", ds, k_t, preferred_element_type=jnp.float32)
+        dk_t = dk_t + jnp.einsum("bkgqs,bqkgd->bskd", ds, qg, preferred_element_type=jnp.float32)
+        if n > 1:
+            # The accumulators follow their chunk; after the n-th hop they are home again.
+            dk_t, dv_t = _pass(dk_t, axis, n), _pass(dv_t, axis, n)
+            if t < n - 1:
+                k_t, v_t = _pass(k_t, axis, n), _pass(v_t, axis, n)
+    return dq.reshape(q.shape).astype(q.dtype), dk_t.astype(k.dtype), dv_t.astype(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The models seam.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ContextParallelism:
+    """Context parallelism for the models: the sequence split over `axis` ("cp") between and
+    inside blocks, attention by `ring_attention`, everything else GSPMD over the same mesh
+    (projections are plain `nn.Dense`, so `lora_jax.apply` adds adapters as on one device; with
+    fsdp the compiler gathers each frozen kernel where it is used).
+
+    Positions are global: the model computes them (and RoPE's angles) for the whole sequence
+    before the split, so chunk c's tokens rotate by c * S / cp + offset.
+
+    Not combined with tensor parallelism: the tensor-parallel layers are `shard_map`s whose
+    activation specs hold the sequence whole (or split over tp with sequence parallelism); they
+    would gather the cp-split sequence in front of every projection. A mesh with tp > 1 is
+    refused. Padding masks and KV caches (generation) are refused too: train on packed,
+    full-length rows with a loss mask, and generate on a mesh without cp.
+
+    Args:
+      mesh: a mesh with a `cp` axis (`make_mesh(dp=..., fsdp=..., cp=...)`), tp = 1.
+      axis: the mesh axis the sequence is split over.
+
+    Example:
+      >>> mesh = make_mesh(dp=2, cp=4)
+      >>> model = Llama(config, ContextParallelism(mesh=mesh))
+      >>> logits = lora_jax.apply(model, params, shard_batch(tokens, mesh))   # [B, S] over dp, cp
+    """
+
+    mesh: Mesh
+    axis: str = CP
+
+    def __post_init__(self):
+        if self.axis not in self.mesh.axis_names:
+            raise MeshError(f"the mesh {dict(self.mesh.shape)} has no {self.axis!r} axis: build "
+                            f"it with make_mesh({self.axis}=N)")
+        if self.axis != TP and axis_size(self.mesh, TP) > 1:
+            raise MeshError(
+                f"context parallelism does not combine with tensor parallelism (tp="
+                f"{axis_size(self.mesh, TP)}): the tensor-parallel shard_map layers take the "
+                f"sequence whole (or split over tp), so they would all-gather the {self.axis}-split "
+                "sequence before every projection. Use tp=1 with cp (and dp/fsdp), or tp "
+                "(with sequence_parallel) without cp")
+
+    def dense(self, features, *, role, name, use_bias, dtype, param_dtype, kernel_init,
+              bias_init, dot_general=None):
+        return NoParallelism().dense(features, role=role, name=name, use_bias=use_bias,
+                                     dtype=dtype, param_dtype=param_dtype,
+                                     kernel_init=kernel_init, bias_init=bias_init,
+                                     dot_general=dot_general)
+
+    def constrain(self, x: jax.Array, mark: str) -> jax.Array:
+        """Pin "residual" [B, S, D] and "logits" [B, S, V]: batch over dp x fsdp, S over cp."""
+        if mark not in ("residual", "logits"):
+            raise ValueError(f"unknown activation mark {mark!r}: use 'residual' or 'logits'")
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(x)))
+
+    def spec(self, x: jax.Array) -> P:
+        check_context_fits(self.mesh, x.shape[1], axis=self.axis)
+        return P(batch_axes(self.mesh, x.shape[0]), self.axis, *([None] * (x.ndim - 2)))
+
+    def attention(self, q, k, v, ctx, layer_kv, *, scale, implementation):
+        """`models.attention.attend`'s contract (out, layer cache) by ring attention."""
+        del implementation  # the ring computes its own blocks (no cuDNN kernel per chunk yet)
+        if layer_kv is not None:
+            raise MeshError("context parallelism has no KV cache: generate (decode) with a model "
+                            "built without ContextParallelism")
+        if ctx.mask is not None:
+            raise MeshError("context parallelism supports no attention_mask (padding): train on "
+                            "packed full-length rows and mask padding in the loss instead")
+        return ring_attention(q, k, v, mesh=self.mesh, axis=self.axis, causal=True,
+                              scale=scale), None
