@@ -1,0 +1,140 @@
+"""Context parallelism (sharding/context.py): ring attention over sequence chunks equals plain
+attention on one device, forward and backward, and the tiny Llama with LoRA split over cp
+(alone and with dp) gives one device's logits, loss and adapter gradients.
+
+Tolerance: float32, 1e-5 absolute and relative (tests/sharding_common.py). The ring computes the
+same softmax as one device, only accumulated chunk by chunk (rescaled running max and sum), so
+results differ by float32 reordering: ~1e-7 relative per operation, observed <= 1e-6 here.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax as lj
+from models.llama import Llama, LlamaConfig
+from models.loss import cross_entropy
+from sharding import (CP, ContextParallelism, MeshError, collective_counts, collectives,
+                      make_mesh, ring_attention, shard_batch, shard_params)
+from tests.sharding_common import TOL, assert_trees_close, compile_fast, run_fast
+
+B, S, HQ, HKV, D = 2, 16, 4, 2, 8          # GQA: two query heads per key/value head
+
+
+def cp_mesh(cp, dp=1, fsdp=1, tp=1):
+    return make_mesh(dp=dp, fsdp=fsdp, tp=tp, cp=cp, devices=jax.devices()[:dp * fsdp * tp * cp])
+
+
+def qkv(seed=0, seq=S):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.normal(size=(B, seq, h, D)), jnp.float32)
+                 for h in (HQ, HKV, HKV))
+
+
+def attention_and_grads(attn, q, k, v):
+    """(out, d(sum(out * w))/d(q, k, v)) for a fixed random cotangent w."""
+    w = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), jnp.float32)
+    out, vjp = jax.vjp(attn, q, k, v)
+    return out, vjp(w)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("cp,dp", [(2, 1), (4, 1), (2, 2)])
+def test_ring_attention_matches_one_device(cp, dp, causal):
+    q, k, v = qkv()
+    plain = functools.partial(jax.nn.dot_product_attention, is_causal=causal)
+    ring = functools.partial(ring_attention, mesh=cp_mesh(cp, dp), causal=causal)
+    out_ref, grads_ref = run_fast(functools.partial(attention_and_grads, plain), q, k, v)
+    out, grads = run_fast(functools.partial(attention_and_grads, ring), q, k, v)
+    np.testing.assert_allclose(out, out_ref, **TOL)
+    assert_trees_close(grads, grads_ref, **TOL)
+
+
+def test_ring_passes_chunks_and_never_gathers_keys_or_values():
+    """Forward and backward programs: k/v chunks move by collective-permute, n - 1 hops at
+    least, and there is no all-gather (nor any other collective) that would assemble them."""
+    cp = 4
+    q, k, v = qkv()
+    ring = functools.partial(ring_attention, mesh=cp_mesh(cp))
+    for fn in (ring, functools.partial(attention_and_grads, ring)):
+        text = compile_fast(fn, q, k, v).as_text()
+        counts = collective_counts(text)
+        assert set(counts) == {"collective-permute"}, counts
+        assert counts["collective-permute"] >= cp - 1, counts
+        shapes = {shape for op in collectives(text) for shape in op.shapes}
+        assert shapes == {(B, S // cp, HKV, D)}, shapes     # one k/v (or dk/dv) chunk each
+
+
+def test_ring_refuses_a_sequence_that_does_not_split():
+    q, k, v = qkv(seq=S + 2)
+    with pytest.raises(MeshError, match="not divisible by it.*multiple of 4"):
+        ring_attention(q, k, v, mesh=cp_mesh(4))
+    with pytest.raises(MeshError, match="sequence length 18 is not divisible"):
+        shard_batch(np.zeros((B, S + 2), np.int32), cp_mesh(4))
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny Llama (GQA 4:2, RoPE with llama3 scaling), scanned, adapters on every linear layer
+# with random B so every adapter gradient is non-zero.
+
+CONFIG = LlamaConfig.tiny(scan_layers=True)
+LORA = lj.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+
+
+def forward_loss_grads(model, adapters, base, ids):
+    def loss_fn(adapters):
+        logits = lj.apply(model, {"params": lj.combine(base, adapters)}, ids)
+        return cross_entropy(logits, ids, shift=True), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(adapters)
+    return logits, loss, grads
+
+
+@functools.lru_cache(maxsize=None)
+def reference():
+    ids = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (4, S), np.int32)
+    params = run_fast(lambda key: Llama(CONFIG).init(key, ids)["params"], jax.random.key(0))
+    base, adapters = lj.split(run_fast(lambda p: lj.inject(p, LORA, jax.random.key(1)), params))
+    out = run_fast(functools.partial(forward_loss_grads, Llama(CONFIG)), adapters, base, ids)
+    return base, adapters, ids, out
+
+
+@pytest.mark.parametrize("dp,fsdp,cp", [(1, 1, 2), (1, 1, 4), (2, 1, 2), (1, 2, 2)],
+                         ids=["cp2", "cp4", "dp2_cp2", "fsdp2_cp2"])
+def test_llama_with_lora_under_context_parallelism_matches_one_device(dp, fsdp, cp):
+    base, adapters, ids, (logits_ref, loss_ref, grads_ref) = reference()
+    mesh = cp_mesh(cp, dp, fsdp)
+    model = Llama(CONFIG, ContextParallelism(mesh=mesh))
+    batch = shard_batch(ids, mesh)
+    assert batch.sharding.spec[1] == CP
+    logits, loss, grads = run_fast(functools.partial(forward_loss_grads, model),
+                                   shard_params(adapters, mesh), shard_params(base, mesh), batch)
+    np.testing.assert_allclose(logits, logits_ref, **TOL)
+    np.testing.assert_allclose(loss, loss_ref, **TOL)
+    assert_trees_close(grads, grads_ref, **TOL)
+
+
+def test_context_parallelism_refusals():
+    with pytest.raises(MeshError, match="does not combine with tensor parallelism"):
+        ContextParallelism(mesh=cp_mesh(2, tp=2))
+    with pytest.raises(MeshError, match="no 'cp' axis"):
+        ContextParallelism(mesh=make_mesh(dp=2, devices=jax.devices()[:2]))
+    model = Llama(LlamaConfig.tiny(), ContextParallelism(mesh=cp_mesh(2)))
+    ids = jnp.zeros((2, 8), jnp.int32)
+    params = jax.eval_shape(Llama(LlamaConfig.tiny()).init, jax.random.key(0), ids)
+    with pytest.raises(MeshError, match="no attention_mask"):
+        jax.eval_shape(functools.partial(model.apply, attention_mask=jnp.ones_like(ids)),
+                       params, ids)
+    with pytest.raises(MeshError, match="sequence length 7 is not divisible"):
+        jax.eval_shape(model.apply, params, ids[:, :7])
+
+
+def test_cp_axis_exists_only_when_asked_for():
+    assert make_mesh(dp=8).axis_names == ("dp", "fsdp", "tp")
+    assert make_mesh(dp=8, cp=1).axis_names == ("dp", "fsdp", "tp")
+    mesh = make_mesh(dp=2, cp=-1)
+    assert mesh.axis_names == ("dp", "fsdp", "cp", "tp") and dict(mesh.shape)["cp"] == 4
+    with pytest.raises(MeshError, match="x cp=3"):
+        make_mesh(dp=2, cp=3)
