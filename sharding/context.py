@@ -208,11 +208,12 @@ def _backward(q, k, v, out, lse, d_out, axis, n, causal, scale):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ContextParallelism:
+class ContextParallelism(NoParallelism):
     """Context parallelism for the models: the sequence split over `axis` ("cp") between and
-    inside blocks, attention by `ring_attention`, everything else GSPMD over the same mesh
-    (projections are plain `nn.Dense`, so `lora_jax.apply` adds adapters as on one device; with
-    fsdp the compiler gathers each frozen kernel where it is used).
+    inside blocks, attention by `ring_attention`, everything else GSPMD over the same mesh.
+    The projections are `NoParallelism`'s (a subclass on purpose): plain `nn.Dense`, so
+    `lora_jax.apply` adds adapters as on one device, or a quantised base's `QuantDense`; with
+    fsdp the compiler gathers each frozen kernel where it is used.
 
     Positions are global: the model computes them (and RoPE's angles) for the whole sequence
     before the split, so chunk c's tokens rotate by c * S / cp + offset.
@@ -236,6 +237,8 @@ class ContextParallelism:
     mesh: Mesh
     axis: str = CP
 
+    # A dataclass: equality and hash by mesh and axis (NoParallelism's are by type only).
+
     def __post_init__(self):
         if self.axis not in self.mesh.axis_names:
             raise MeshError(f"the mesh {dict(self.mesh.shape)} has no {self.axis!r} axis: build "
@@ -247,13 +250,6 @@ class ContextParallelism:
                 f"sequence whole (or split over tp), so they would all-gather the {self.axis}-split "
                 "sequence before every projection. Use tp=1 with cp (and dp/fsdp), or tp "
                 "(with sequence_parallel) without cp")
-
-    def dense(self, features, *, role, name, use_bias, dtype, param_dtype, kernel_init,
-              bias_init, dot_general=None):
-        return NoParallelism().dense(features, role=role, name=name, use_bias=use_bias,
-                                     dtype=dtype, param_dtype=param_dtype,
-                                     kernel_init=kernel_init, bias_init=bias_init,
-                                     dot_general=dot_general)
 
     def constrain(self, x: jax.Array, mark: str) -> jax.Array:
         """Pin "residual" [B, S, D] and "logits" [B, S, V]: batch over dp x fsdp, S over cp."""

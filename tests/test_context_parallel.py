@@ -17,7 +17,8 @@ import lora_jax as lj
 from models.llama import Llama, LlamaConfig
 from models.loss import cross_entropy
 from sharding import (CP, ContextParallelism, MeshError, collective_counts, collectives,
-                      make_mesh, ring_attention, shard_batch, shard_params)
+                      make_mesh, ring_attention, shard_batch, shard_params,
+                      vocab_parallel_cross_entropy)
 from tests.sharding_common import TOL, assert_trees_close, compile_fast, run_fast
 
 B, S, HQ, HKV, D = 2, 16, 4, 2, 8          # GQA: two query heads per key/value head
@@ -138,3 +139,24 @@ def test_cp_axis_exists_only_when_asked_for():
     assert mesh.axis_names == ("dp", "fsdp", "cp", "tp") and dict(mesh.shape)["cp"] == 4
     with pytest.raises(MeshError, match="x cp=3"):
         make_mesh(dp=2, cp=3)
+
+
+@pytest.mark.parametrize("dp,cp", [(1, 4), (2, 2)])
+def test_vocab_parallel_loss_splits_tokens_over_cp(dp, cp):
+    """The training CLI's loss takes cp-split hidden states and labels: each device scores its
+    own chunk, token sums added over cp; the same mean as one device, value and gradient."""
+    rng = np.random.default_rng(3)
+    hidden = jnp.asarray(rng.normal(size=(4, S, 16)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(16, 64)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 64, (4, S)), jnp.int32)
+    mask = jnp.asarray(rng.random((4, S)) > 0.3)
+
+    def plain(hidden, head):
+        return cross_entropy(hidden @ head, labels, mask)
+
+    mesh = cp_mesh(cp, dp)
+    split = functools.partial(vocab_parallel_cross_entropy, labels=labels, mask=mask, mesh=mesh,
+                              chunk_size=32)
+    ref = run_fast(jax.value_and_grad(plain, argnums=(0, 1)), hidden, head)
+    got = run_fast(jax.value_and_grad(lambda h, w: split(h, w), argnums=(0, 1)), hidden, head)
+    assert_trees_close(got, ref, **TOL)
