@@ -41,6 +41,7 @@ from examples.metrics import MetricsLog, plot_loss
 from examples.preflight import check_inputs, check_outputs
 from examples.schedule import adapter_optimizer
 from examples.steps import make_eval_step, make_loss, make_train_step
+from sharding import CP, ContextParallelism
 from sharding import (BATCH_AXES, DistributedConfig, MeshError, TensorParallelism,
                       check_batch_fits, check_config_fits, init_sharded, initialize,
                       leaf_sharding, make_mesh, param_shardings, replicated)
@@ -120,6 +121,8 @@ def train(cfg: TrainConfig) -> Trained:
     plain = models.build(config)
     parallel = (models.NoParallelism() if mesh.size == 1 or cfg.quantize  # quantised: GSPMD
                 else TensorParallelism(mesh=mesh, sequence_parallel=cfg.sp))
+    if cfg.cp > 1:  # the sequence split over cp, ring attention, GSPMD projections
+        parallel = ContextParallelism(mesh=mesh)
     model = models.build(modeling.training_config(config), parallel)
     init_base = lambda key: plain.init(key, jnp.zeros((1, 1), jnp.int32))["params"]  # noqa: E731
     key_base, key_lora, key_train = jax.random.split(jax.random.key(cfg.seed), 3)
@@ -172,7 +175,8 @@ def train(cfg: TrainConfig) -> Trained:
     last_saved = start if ckpt is not None and start else None
 
     # ---- step: one jitted program, explicit shardings, donated state ----------------------
-    batch_sh = NamedSharding(mesh, P(None, BATCH_AXES))
+    batch_sh = NamedSharding(mesh, P(None, BATCH_AXES, CP) if cfg.cp > 1 else
+                             P(None, BATCH_AXES))
     loss_sums = make_loss(model, mesh=mesh, sequence_parallel=cfg.sp,
                           lora_dropout=lora_cfg.lora_dropout,
                           head_adapted=modeling.head_has_adapter(adapters))
@@ -260,15 +264,18 @@ def train(cfg: TrainConfig) -> Trained:
 
 
 def build_mesh(cfg: TrainConfig):
-    """The (dp, fsdp, tp) mesh: all devices when --dp is -1, else the first dp*fsdp*tp."""
+    """The (dp, fsdp, tp) mesh (with cp between fsdp and tp when --cp > 1): all devices when
+    --dp is -1, else the first dp*fsdp*tp*cp."""
     if cfg.dp == -1:
-        return make_mesh(dp=-1, fsdp=cfg.fsdp, tp=cfg.tp)
-    wanted, available = cfg.dp * cfg.fsdp * cfg.tp, jax.device_count()
+        return make_mesh(dp=-1, fsdp=cfg.fsdp, tp=cfg.tp, cp=cfg.cp)
+    wanted, available = cfg.dp * cfg.fsdp * cfg.tp * cfg.cp, jax.device_count()
     if wanted > available or (wanted < available and jax.process_count() > 1):
-        raise MeshError(f"--dp {cfg.dp} x --fsdp {cfg.fsdp} x --tp {cfg.tp} = {wanted} devices, "
+        raise MeshError(f"--dp {cfg.dp} x --fsdp {cfg.fsdp} x --tp {cfg.tp}"
+                        f"{f' x --cp {cfg.cp}' if cfg.cp > 1 else ''} = {wanted} devices, "
                         f"but there are {available}" + (" (a multi-process run uses them all)"
                                                           if jax.process_count() > 1 else ""))
-    return make_mesh(dp=cfg.dp, fsdp=cfg.fsdp, tp=cfg.tp, devices=jax.devices()[:wanted])
+    return make_mesh(dp=cfg.dp, fsdp=cfg.fsdp, tp=cfg.tp, cp=cfg.cp,
+                     devices=jax.devices()[:wanted])
 
 
 def eos_id(tokenizer: Any) -> int:

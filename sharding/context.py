@@ -247,9 +247,9 @@ class ContextParallelism(NoParallelism):
             raise MeshError(
                 f"context parallelism does not combine with tensor parallelism (tp="
                 f"{axis_size(self.mesh, TP)}): the tensor-parallel shard_map layers take the "
-                f"sequence whole (or split over tp), so they would all-gather the {self.axis}-split "
-                "sequence before every projection. Use tp=1 with cp (and dp/fsdp), or tp "
-                "(with sequence_parallel) without cp")
+                "sequence whole (or split over tp), so they would all-gather the "
+                f"{self.axis}-split sequence before every projection. Use tp=1 with cp (and "
+                "dp/fsdp), or tp (with sequence_parallel) without cp")
 
     def constrain(self, x: jax.Array, mark: str) -> jax.Array:
         """Pin "residual" [B, S, D] and "logits" [B, S, V]: batch over dp x fsdp, S over cp."""
