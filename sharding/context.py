@@ -10,7 +10,8 @@ holding the whole sequence's keys and values on a device:
     K_{i-t}, V_{i-t};
   * each chunk's scores are folded into a running (flash-style) softmax in float32: a running
     row maximum m, a running sum l of exp(score - m) and an accumulator of the weighted values,
-    rescaled by exp(m_old - m_new) whenever the maximum grows;
+    rescaled by exp(m_old - m_new) whenever the maximum grows. A chunk is folded `block_size`
+    keys at a time (a `lax.scan`), so a device holds a [s, block] score block, not [s, s];
   * causal masking compares GLOBAL positions (chunk index x chunk length + offset). The first
     step is each device's own chunk, whose diagonal every query row sees, so m is finite from
     then on and a chunk that is wholly in the future (all -inf) adds exp(-inf) = 0: no NaN.
@@ -47,9 +48,13 @@ from sharding.compat import shard_map
 from sharding.layers import batch_axes
 from sharding.mesh import CP, TP, MeshError, axis_size, check_context_fits, drop_trivial_axes
 
+# Keys per inner step: scores [B, Hq, S / n, 512] in float32 (32 heads x 16k rows: 1 GiB).
+DEFAULT_BLOCK = 512
+
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis: str = CP,
-                   causal: bool = True, scale: float | None = None) -> jax.Array:
+                   causal: bool = True, scale: float | None = None,
+                   block_size: int | None = DEFAULT_BLOCK) -> jax.Array:
     """Self-attention of global q [B, S, Hq, D] over k, v [B, S, Hkv, D], the sequence split in
     contiguous chunks over the mesh axis `axis`, computed as a ring (module docstring).
 
@@ -63,6 +68,9 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis
       axis: the mesh axis the sequence is split over ("cp"; any axis of the mesh works).
       causal: mask keys after each query by global position.
       scale: the scores' factor; default 1 / sqrt(D).
+      block_size: keys per inner step within a chunk (the largest divisor of the chunk length
+        up to it; None: the whole chunk). Bounds the float32 score block a device holds to
+        [B, Hq, S / n, block_size] instead of [B, Hq, S / n, S / n].
 
     Returns:
       [B, S, Hq, D] in q's dtype, split like q.
@@ -79,7 +87,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis
     n = axis_size(mesh, axis)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     spec = drop_trivial_axes(P(batch_axes(mesh, q.shape[0]), axis, None, None), mesh)
-    local = _ring_fn(axis if n > 1 else None, n, causal, scale)
+    local = _ring_fn(axis if n > 1 else None, n, causal, scale, block_size)
     return shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
 
 
@@ -102,23 +110,29 @@ def _check_shapes(q, k, v) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _ring_fn(axis: str | None, n: int, causal: bool, scale: float):
+def _ring_fn(axis: str | None, n: int, causal: bool, scale: float, block: int | None):
     """The per-device ring attention `(q, k, v) -> out` with its custom VJP (cached so each
     layer reuses one function, not a new one per trace)."""
+    static = dict(axis=axis, n=n, causal=causal, scale=scale, block=block)
 
     @jax.custom_vjp
     def ring(q, k, v):
-        return _forward(q, k, v, axis, n, causal, scale)[0]
+        return _forward(q, k, v, **static)[0]
 
     def ring_fwd(q, k, v):
-        out, lse = _forward(q, k, v, axis, n, causal, scale)
+        out, lse = _forward(q, k, v, **static)
         return out, (q, k, v, out, lse)
 
     def ring_bwd(res, d_out):
-        return _backward(*res, d_out, axis, n, causal, scale)
+        return _backward(*res, d_out, **static)
 
     ring.defvjp(ring_fwd, ring_bwd)
     return ring
+
+
+# A finite "minus infinity" for the running maximum's start: exp(start - m) is then 0 or 1,
+# never exp(-inf - -inf) = NaN, before a row has seen its first key.
+_START = -1e30
 
 
 def _grouped(q, kv_heads):
@@ -131,75 +145,119 @@ def _pass(x, axis, n):
     return jax.lax.ppermute(x, axis, [(j, (j + 1) % n) for j in range(n)])
 
 
-def _scores(q, k, q_chunk, k_chunk, causal, scale):
-    """[b, K, G, s_q, s_k] float32 scores, -inf where a key follows its query globally."""
+def _block_size(chunk: int, block: int | None) -> int:
+    """Keys per inner step: the largest divisor of the chunk up to `block` (all when None)."""
+    if block is None or block >= chunk:
+        return chunk
+    return max(b for b in range(1, block + 1) if chunk % b == 0)
+
+
+def _blocks(x, size):
+    """[b, s, ...] -> [s / size, b, size, ...]: the scan's leading axis."""
+    b, s = x.shape[:2]
+    return jnp.moveaxis(x.reshape(b, s // size, size, *x.shape[2:]), 1, 0)
+
+
+def _unblocks(x):
+    """`_blocks`'s inverse."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def _scores(q, k, q_pos, k_pos, causal, scale):
+    """[b, K, G, s_q, s_k] float32 scores, -inf where a key follows its query (global
+    positions q_pos [s_q], k_pos [s_k])."""
     s = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
     if not causal:
         return s
-    size = q.shape[1]
-    q_pos = q_chunk * size + jnp.arange(size)
-    k_pos = k_chunk * size + jnp.arange(size)
     return jnp.where(k_pos[None, :] <= q_pos[:, None], s, -jnp.inf)
 
 
-def _forward(q, k, v, axis, n, causal, scale):
+def _scan_blocks(step, carry, k, v, first_pos, size):
+    """`step(carry, (k_block, v_block, k_pos)) -> (carry, y)` over the chunk's key blocks (one
+    call, no loop, when the chunk is one block); ys stacked as `_blocks` lays them out."""
+    pos = first_pos + jnp.arange(k.shape[1]).reshape(-1, size)
+    if pos.shape[0] == 1:
+        carry, y = step(carry, (k, v, pos[0]))
+        return carry, jax.tree.map(lambda t: t[None], y)
+    return jax.lax.scan(step, carry, (_blocks(k, size), _blocks(v, size), pos))
+
+
+def _forward(q, k, v, *, axis, n, causal, scale, block):
     """(out [b, s, Hq, D] in q's dtype, lse [b, K, G, s_q] float32)."""
-    kv_heads = k.shape[2]
-    qg = _grouped(q, kv_heads)
+    qg = _grouped(q, k.shape[2])
+    chunk = q.shape[1]
+    size = _block_size(chunk, block)
     me = jax.lax.axis_index(axis) if axis else 0
-    # Step 0: the own chunk. Its diagonal gives every row a finite maximum.
-    nxt = (_pass(k, axis, n), _pass(v, axis, n)) if n > 1 else None
-    s = _scores(qg, k, me, me, causal, scale)
-    m = jnp.max(s, axis=-1)
-    p = jnp.exp(s - m[..., None])
-    l = jnp.sum(p, axis=-1)
-    acc = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
-    for t in range(1, n):
-        k_t, v_t = nxt
-        if t < n - 1:  # issued before this chunk's attention, so the two can overlap
-            nxt = (_pass(k_t, axis, n), _pass(v_t, axis, n))
-        s = _scores(qg, k_t, me, (me - t) % n, causal, scale)
+    q_pos = me * chunk + jnp.arange(chunk)
+
+    def fold(state, kv_block):
+        """One key block into the running (max, sum, weighted values)."""
+        m, l, acc = state
+        k_b, v_b, k_pos = kv_block
+        s = _scores(qg, k_b, q_pos, k_pos, causal, scale)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        alpha = jnp.exp(m - m_new)                 # 1 when a wholly masked chunk keeps m
+        alpha = jnp.exp(m - m_new)                 # 1 while a wholly masked block keeps m
         p = jnp.exp(s - m_new[..., None])          # 0 where masked
-        l = l * alpha + jnp.sum(p, axis=-1)
-        acc = acc * alpha[..., None] + jnp.einsum(
-            "bkgqs,bskd->bkgqd", p.astype(v.dtype), v_t, preferred_element_type=jnp.float32)
-        m = m_new
-    out = acc / l[..., None]                                       # [b, K, G, s, D]
-    b, s_len, h, d = q.shape
-    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, s_len, h, d).astype(q.dtype)
-    return out, m + jnp.log(l)
+        pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v_b.dtype), v_b,
+                        preferred_element_type=jnp.float32)
+        return (m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv), None
+
+    stats = jnp.moveaxis(qg[..., 0], 1, -1).astype(jnp.float32)       # [b, K, G, s_q]
+    state = (jnp.full_like(stats, _START), jnp.zeros_like(stats),
+             jnp.zeros_like(jnp.moveaxis(qg, 1, 3), jnp.float32))
+    k_t, v_t = k, v
+    for t in range(n):  # step 0 is the own chunk, whose diagonal every row sees
+        if t < n - 1:  # issued before this chunk's attention, so the two can overlap
+            k_next, v_next = _pass(k_t, axis, n), _pass(v_t, axis, n)
+        state, _ = _scan_blocks(fold, state, k_t, v_t, ((me - t) % n) * chunk, size)
+        if t < n - 1:
+            k_t, v_t = k_next, v_next
+    m, l, acc = state
+    out = jnp.moveaxis(acc / l[..., None], 3, 1)                     # [b, s, K, G, D]
+    return out.reshape(q.shape).astype(q.dtype), m + jnp.log(l)
 
 
-def _backward(q, k, v, out, lse, d_out, axis, n, causal, scale):
+def _backward(q, k, v, out, lse, d_out, *, axis, n, causal, scale, block):
     """Flash attention's backward, k/v and their float32 gradients travelling the ring."""
     kv_heads = k.shape[2]
     qg = _grouped(q, kv_heads)
-    do = jnp.transpose(_grouped(d_out, kv_heads), (0, 2, 3, 1, 4))    # [b, K, G, s, D]
-    og = jnp.transpose(_grouped(out, kv_heads), (0, 2, 3, 1, 4))
-    # D_i = sum_d dO * O: the softmax Jacobian's row term, identical for every key chunk.
+    chunk = q.shape[1]
+    size = _block_size(chunk, block)
+    me = jax.lax.axis_index(axis) if axis else 0
+    q_pos = me * chunk + jnp.arange(chunk)
+    do = jnp.moveaxis(_grouped(d_out, kv_heads), 1, 3)                # [b, K, G, s, D]
+    og = jnp.moveaxis(_grouped(out, kv_heads), 1, 3)
+    # D_i = sum_d dO * O: the softmax Jacobian's row term, the same for every key block.
     delta = jnp.sum(do.astype(jnp.float32) * og.astype(jnp.float32), axis=-1)
     do = do.astype(v.dtype)
-    me = jax.lax.axis_index(axis) if axis else 0
-    dq = jnp.zeros(qg.shape, jnp.float32)
-    k_t, v_t = k, v
-    dk_t, dv_t = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-    for t in range(n):
-        s = _scores(qg, k_t, me, (me - t) % n, causal, scale)
+
+    def grads(dq, kv_block):
+        """One key block: its (dk, dv) blocks, dq accumulated."""
+        k_b, v_b, k_pos = kv_block
+        s = _scores(qg, k_b, q_pos, k_pos, causal, scale)
         p = jnp.exp(s - lse[..., None])                               # 0 where masked
-        dv_t = dv_t + jnp.einsum("bkgqs,bkgqd->bskd", p.astype(v.dtype), do,
-                                 preferred_element_type=jnp.float32)
-        dp = jnp.einsum("bkgqd,bskd->bkgqs", do, v_t, preferred_element_type=jnp.float32)
+        dv = jnp.einsum("bkgqs,bkgqd->bskd", p.astype(v_b.dtype), do,
+                        preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bkgqd,bskd->bkgqs", do, v_b, preferred_element_type=jnp.float32)
         ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
-        dq = dq + jnp.einsum("bkgqs,bskd->bqkgd", ds, k_t, preferred_element_type=jnp.float32)
-        dk_t = dk_t + jnp.einsum("bkgqs,bqkgd->bskd", ds, qg, preferred_element_type=jnp.float32)
+        dq = dq + jnp.einsum("bkgqs,bskd->bqkgd", ds, k_b, preferred_element_type=jnp.float32)
+        dk = jnp.einsum("bkgqs,bqkgd->bskd", ds, qg, preferred_element_type=jnp.float32)
+        return dq, (dk, dv)
+
+    dq = jnp.zeros_like(qg, jnp.float32)
+    k_t, v_t = k, v
+    dk_t, dv_t = jnp.zeros_like(k, jnp.float32), jnp.zeros_like(v, jnp.float32)
+    for t in range(n):
+        if t < n - 1:
+            k_next, v_next = _pass(k_t, axis, n), _pass(v_t, axis, n)
+        dq, (dk, dv) = _scan_blocks(grads, dq, k_t, v_t, ((me - t) % n) * chunk, size)
+        dk_t, dv_t = dk_t + _unblocks(dk), dv_t + _unblocks(dv)
         if n > 1:
             # The accumulators follow their chunk; after the n-th hop they are home again.
             dk_t, dv_t = _pass(dk_t, axis, n), _pass(dv_t, axis, n)
-            if t < n - 1:
-                k_t, v_t = _pass(k_t, axis, n), _pass(v_t, axis, n)
+        if t < n - 1:
+            k_t, v_t = k_next, v_next
     return dq.reshape(q.shape).astype(q.dtype), dk_t.astype(k.dtype), dv_t.astype(v.dtype)
 
 
@@ -227,6 +285,7 @@ class ContextParallelism(NoParallelism):
     Args:
       mesh: a mesh with a `cp` axis (`make_mesh(dp=..., fsdp=..., cp=...)`), tp = 1.
       axis: the mesh axis the sequence is split over.
+      block_size: `ring_attention`'s keys per inner step.
 
     Example:
       >>> mesh = make_mesh(dp=2, cp=4)
@@ -236,6 +295,7 @@ class ContextParallelism(NoParallelism):
 
     mesh: Mesh
     axis: str = CP
+    block_size: int | None = DEFAULT_BLOCK
 
     # A dataclass: equality and hash by mesh and axis (NoParallelism's are by type only).
 
@@ -271,4 +331,4 @@ class ContextParallelism(NoParallelism):
             raise MeshError("context parallelism supports no attention_mask (padding): train on "
                             "packed full-length rows and mask padding in the loss instead")
         return ring_attention(q, k, v, mesh=self.mesh, axis=self.axis, causal=True,
-                              scale=scale), None
+                              scale=scale, block_size=self.block_size), None

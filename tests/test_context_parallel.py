@@ -44,11 +44,15 @@ def attention_and_grads(attn, q, k, v):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("cp,dp", [(2, 1), (4, 1), (2, 2)])
-def test_ring_attention_matches_one_device(cp, dp, causal):
+@pytest.mark.parametrize("cp,dp,block", [(2, 1, None), (4, 1, 512), (2, 2, 3)],
+                         ids=["cp2", "cp4", "dp2_cp2_blocks2"])
+def test_ring_attention_matches_one_device(cp, dp, block, causal):
+    """Whole chunks (block None, or 512 > the chunk), and chunks of 8 keys folded 2 at a time
+    (3 rounds down to the largest divisor, 2): the inner scan's running softmax."""
     q, k, v = qkv()
     plain = functools.partial(jax.nn.dot_product_attention, is_causal=causal)
-    ring = functools.partial(ring_attention, mesh=cp_mesh(cp, dp), causal=causal)
+    ring = functools.partial(ring_attention, mesh=cp_mesh(cp, dp), causal=causal,
+                             block_size=block)
     out_ref, grads_ref = run_fast(functools.partial(attention_and_grads, plain), q, k, v)
     out, grads = run_fast(functools.partial(attention_and_grads, ring), q, k, v)
     np.testing.assert_allclose(out, out_ref, **TOL)
