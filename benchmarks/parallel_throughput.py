@@ -15,10 +15,11 @@ Each layout runs in its own process (clean device memory); `--layouts` picks the
   tp_sp      tp = --tp (default: all GPUs), sequence parallel
   dp_tp_sp   tp = --tp (default 4), dp = the rest, sequence parallel
   fsdp_tp    fsdp = the rest, tp = --tp
-  or explicit sizes: dp=2,fsdp=1,tp=4,sp=1
+  or explicit sizes: dp=2,fsdp=1,tp=4,sp=1 (cp=N: context parallelism, ring attention, tp=1)
 
     python -m benchmarks.parallel_throughput --shape 8b --batch 4 --seq 2048 --steps 8
     python -m benchmarks.parallel_throughput --shape 1b --layouts 1gpu dp tp_sp dp=2,tp=4,sp=1
+    python -m benchmarks.parallel_throughput --shape 8b --batch 1 --seq 16384 --layouts 1gpu cp=2
     python -m benchmarks.parallel_throughput --shape tiny --attn xla --tp 2 --seq 64 --steps 2
         (with XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu)
 """
@@ -87,8 +88,9 @@ def run_layout(args) -> dict:
 
     # ---- mesh
     sizes = layout_sizes(args.layout, jax.device_count(), args.tp)
-    n_dev = sizes["dp"] * sizes["fsdp"] * sizes["tp"]
-    mesh = sharding.make_mesh(dp=sizes["dp"], fsdp=sizes["fsdp"], tp=sizes["tp"],
+    cp = sizes.get("cp", 1)
+    n_dev = sizes["dp"] * sizes["fsdp"] * sizes["tp"] * cp
+    mesh = sharding.make_mesh(dp=sizes["dp"], fsdp=sizes["fsdp"], tp=sizes["tp"], cp=cp,
                               devices=jax.devices()[:n_dev])
     sp = bool(sizes["sp"])
 
@@ -102,7 +104,8 @@ def run_layout(args) -> dict:
     sharding.check_batch_fits(mesh, batch=batch * replicas, seq=args.seq, sequence_parallel=sp)
     lora = lj.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS,
                          adapter_dtype=args.adapter_dtype)
-    model = Llama(cfg, sharding.TensorParallelism(mesh=mesh, sequence_parallel=sp))
+    model = Llama(cfg, sharding.ContextParallelism(mesh=mesh) if cp > 1 else
+                  sharding.TensorParallelism(mesh=mesh, sequence_parallel=sp))
 
     # ---- shard: base, adapters and optimizer state born sharded
     def init_params(key):
@@ -172,7 +175,7 @@ def make_loss(cfg, model, mesh, sp, chunk, head_kernel):
     def hidden_of(adapters, base, ids):
         return lj.apply(model, {"params": lj.combine(base, adapters)}, ids, return_hidden=True)
 
-    if sharding.axis_size(mesh, sharding.TP) > 1:
+    if sharding.axis_size(mesh, (sharding.TP, sharding.CP)) > 1:  # cp: tokens split too
         def vocab_parallel(adapters, base, ids):
             return sharding.vocab_parallel_cross_entropy(
                 hidden_of(adapters, base, ids), head_kernel(cfg, base),
