@@ -46,7 +46,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from models.parallel import NoParallelism
 from sharding.compat import shard_map
 from sharding.layers import batch_axes
-from sharding.mesh import CP, TP, MeshError, axis_size, check_context_fits, drop_trivial_axes
+from sharding.mesh import (BATCH_AXES, CP, TP, MeshError, axis_size, check_context_fits,
+                           drop_trivial_axes)
 
 # Keys per inner step: scores [B, Hq, S / n, 512] in float32 (32 heads x 16k rows: 1 GiB).
 DEFAULT_BLOCK = 512
@@ -76,13 +77,21 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis
       [B, S, Hq, D] in q's dtype, split like q.
 
     Raises:
-      MeshError: S not divisible by the axis size, or shapes that are not self-attention.
+      MeshError: S not divisible by the axis size, a batch axis as `axis`, or shapes that are
+        not self-attention.
+      ValueError: a block_size that is not a positive integer.
 
     Example:
       >>> mesh = make_mesh(cp=4)
       >>> out = ring_attention(q, k, v, mesh=mesh)        # q [2, 4096, 32, 64], k/v [.., 8, 64]
     """
     _check_shapes(q, k, v)
+    if axis in BATCH_AXES:
+        raise MeshError(f"axis={axis!r} already splits the batch: ring over another axis "
+                        "(cp, or tp when it is free)")
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size={block_size!r}: give a positive number of keys, or None "
+                         "for whole chunks")
     check_context_fits(mesh, q.shape[1], axis=axis)
     n = axis_size(mesh, axis)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

@@ -6,6 +6,7 @@ Tolerance: float32, 1e-5 absolute and relative (tests/sharding_common.py). The r
 same softmax as one device, only accumulated chunk by chunk (rescaled running max and sum), so
 results differ by float32 reordering: ~1e-7 relative per operation, observed <= 1e-6 here.
 """
+import dataclasses
 import functools
 import json
 
@@ -91,6 +92,13 @@ def test_ring_refuses_a_sequence_that_does_not_split():
         ring_attention(q, k, v, mesh=cp_mesh(4))
     with pytest.raises(MeshError, match="sequence length 18 is not divisible"):
         shard_batch(np.zeros((B, S + 2), np.int32), cp_mesh(4))
+    q, k, v = qkv()
+    with pytest.raises(MeshError, match="already splits the batch"):
+        ring_attention(q, k, v, mesh=cp_mesh(2, dp=2), axis="dp")
+    with pytest.raises(ValueError, match="block_size=0"):
+        ring_attention(q, k, v, mesh=cp_mesh(2), block_size=0)
+    with pytest.raises(MeshError, match="share batch, sequence"):
+        ring_attention(q, k[:, :8], v[:, :8], mesh=cp_mesh(2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,12 +127,15 @@ def reference():
     return base, adapters, ids, out
 
 
-@pytest.mark.parametrize("dp,fsdp,cp", [(1, 1, 2), (1, 1, 4), (2, 1, 2), (1, 2, 2)],
-                         ids=["cp2", "cp4", "dp2_cp2", "fsdp2_cp2"])
-def test_llama_with_lora_under_context_parallelism_matches_one_device(dp, fsdp, cp):
+@pytest.mark.parametrize("dp,fsdp,cp,remat", [(1, 1, 2, "none"), (1, 1, 4, "none"),
+                                               (2, 1, 2, "dots_saveable"), (1, 2, 2, "none")],
+                         ids=["cp2", "cp4", "dp2_cp2_remat", "fsdp2_cp2"])
+def test_llama_with_lora_under_context_parallelism_matches_one_device(dp, fsdp, cp, remat):
+    """Remat (the training scripts' dots_saveable) re-runs the ring's custom-VJP forward in the
+    backward pass; the numbers do not change."""
     base, adapters, ids, (logits_ref, loss_ref, grads_ref) = reference()
     mesh = cp_mesh(cp, dp, fsdp)
-    model = Llama(CONFIG, ContextParallelism(mesh=mesh))
+    model = Llama(dataclasses.replace(CONFIG, remat_policy=remat), ContextParallelism(mesh=mesh))
     batch = shard_batch(ids, mesh)
     assert batch.sharding.spec[1] == CP
     logits, loss, grads = run_fast(functools.partial(forward_loss_grads, model),
