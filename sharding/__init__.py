@@ -10,13 +10,13 @@ knows mesh axis names).
                  column_parallel, row_parallel
     models seam  TensorParallelism
     context      ring_attention, ContextParallelism (sequence split over cp), CP,
-                 check_context_fits
+                 check_context_fits, zigzag_order (load-balanced causal layout)
     loss         vocab_parallel_cross_entropy, shift_labels
     input        batch_sharding, shard_batch, from_process_local, process_rows
     processes    DistributedConfig, initialize
     inspection   collectives, collective_counts (compiled HLO text)
 """
-from sharding.context import ContextParallelism, ring_attention
+from sharding.context import ContextParallelism, ring_attention, zigzag_order
 from sharding.batch import batch_sharding, from_process_local, process_rows, shard_batch
 from sharding.distributed import DistributedConfig, initialize
 from sharding.hlo import collective_counts, collectives
@@ -45,5 +45,5 @@ __all__ = [
     "batch_sharding", "shard_batch", "from_process_local", "process_rows",
     "DistributedConfig", "initialize",
     "collectives", "collective_counts",
-    "ring_attention", "ContextParallelism", "CP", "check_context_fits",
+    "ring_attention", "ContextParallelism", "CP", "check_context_fits", "zigzag_order",
 ]

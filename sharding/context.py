@@ -41,6 +41,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models.parallel import NoParallelism
@@ -49,13 +50,16 @@ from sharding.layers import batch_axes
 from sharding.mesh import (BATCH_AXES, CP, TP, MeshError, axis_size, check_context_fits,
                            drop_trivial_axes)
 
+CONTIGUOUS, ZIGZAG = "contiguous", "zigzag"  # chunk layouts (see `ring_attention`)
+
 # Keys per inner step: scores [B, Hq, S / n, 512] in float32 (32 heads x 16k rows: 1 GiB).
 DEFAULT_BLOCK = 512
 
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis: str = CP,
                    causal: bool = True, scale: float | None = None,
-                   block_size: int | None = DEFAULT_BLOCK) -> jax.Array:
+                   block_size: int | None = DEFAULT_BLOCK,
+                   layout: str = CONTIGUOUS) -> jax.Array:
     """Self-attention of global q [B, S, Hq, D] over k, v [B, S, Hkv, D], the sequence split in
     contiguous chunks over the mesh axis `axis`, computed as a ring (module docstring).
 
@@ -72,6 +76,10 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis
       block_size: keys per inner step within a chunk (the largest divisor of the chunk length
         up to it; None: the whole chunk). Bounds the float32 score block a device holds to
         [B, Hq, S / n, block_size] instead of [B, Hq, S / n, S / n].
+      layout: "contiguous" (device d holds tokens d*S/n ...), or "zigzag": the sequence is
+        given in `zigzag_order(S, n)` (device d holds half-chunks d and 2n - 1 - d), and each
+        step after the first computes only the half of the chunk pair that is not masked,
+        the same half on every device: causal attention balanced, about half the work.
 
     Returns:
       [B, S, Hq, D] in q's dtype, split like q.
@@ -96,7 +104,11 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis
     n = axis_size(mesh, axis)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     spec = drop_trivial_axes(P(batch_axes(mesh, q.shape[0]), axis, None, None), mesh)
-    local = _ring_fn(axis if n > 1 else None, n, causal, scale, block_size)
+    if layout not in (CONTIGUOUS, ZIGZAG):
+        raise ValueError(f"layout={layout!r}: use {CONTIGUOUS!r} or {ZIGZAG!r}")
+    if layout == ZIGZAG:
+        zigzag_order(q.shape[1], n)  # checks the half-chunks divide
+    local = _ring_fn(axis if n > 1 else None, n, causal, scale, block_size, layout)
     return shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
 
 
@@ -119,10 +131,12 @@ def _check_shapes(q, k, v) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _ring_fn(axis: str | None, n: int, causal: bool, scale: float, block: int | None):
+def _ring_fn(axis: str | None, n: int, causal: bool, scale: float, block: int | None,
+             layout: str):
     """The per-device ring attention `(q, k, v) -> out` with its custom VJP (cached so each
     layer reuses one function, not a new one per trace)."""
-    static = dict(axis=axis, n=n, causal=causal, scale=scale, block=block)
+    static = dict(axis=axis, n=n, causal=causal, scale=scale, block=block,
+                  balanced=causal and layout == ZIGZAG and n > 1)
 
     @jax.custom_vjp
     def ring(q, k, v):
@@ -173,6 +187,16 @@ def _unblocks(x):
     return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
+def _positions(index, chunk: int, n: int, balanced_layout: bool):
+    """Global positions [chunk] of device `index`'s chunk: contiguous, or zig-zag (half-chunks
+    `index` and 2n - 1 - index of the natural order)."""
+    if not balanced_layout:
+        return index * chunk + jnp.arange(chunk)
+    half = chunk // 2
+    return jnp.concatenate([index * half + jnp.arange(half),
+                            (2 * n - 1 - index) * half + jnp.arange(half)])
+
+
 def _scores(q, k, q_pos, k_pos, causal, scale):
     """[b, K, G, s_q, s_k] float32 scores, -inf where a key follows its query (global
     positions q_pos [s_q], k_pos [s_k])."""
@@ -182,35 +206,64 @@ def _scores(q, k, q_pos, k_pos, causal, scale):
     return jnp.where(k_pos[None, :] <= q_pos[:, None], s, -jnp.inf)
 
 
-def _scan_blocks(step, carry, k, v, first_pos, size):
-    """`step(carry, (k_block, v_block, k_pos)) -> (carry, y)` over the chunk's key blocks (one
-    call, no loop, when the chunk is one block); ys stacked as `_blocks` lays them out."""
-    pos = first_pos + jnp.arange(k.shape[1]).reshape(-1, size)
+def _scan_blocks(step, carry, k, v, k_pos, block):
+    """`step(carry, (k_block, v_block, k_pos_block)) -> (carry, y)` over the keys' blocks (one
+    call, no loop, when they are one block); ys stacked as `_blocks` lays them out."""
+    size = _block_size(k.shape[1], block)
+    pos = k_pos.reshape(-1, size)
     if pos.shape[0] == 1:
         carry, y = step(carry, (k, v, pos[0]))
         return carry, jax.tree.map(lambda t: t[None], y)
     return jax.lax.scan(step, carry, (_blocks(k, size), _blocks(v, size), pos))
 
 
-def _forward(q, k, v, *, axis, n, causal, scale, block):
+def _late(x, axis):
+    """The second half of `x` along `axis` (the late query rows of a zig-zag chunk)."""
+    return jax.lax.slice_in_dim(x, x.shape[axis] // 2, x.shape[axis], axis=axis)
+
+
+def _with_late(x, late, axis):
+    """`x` with its second half along `axis` replaced by `late`."""
+    return jnp.concatenate([jax.lax.slice_in_dim(x, 0, x.shape[axis] // 2, axis=axis), late],
+                           axis=axis)
+
+
+def _forward(q, k, v, *, axis, n, causal, scale, block, balanced):
     """(out [b, s, Hq, D] in q's dtype, lse [b, K, G, s_q] float32)."""
     qg = _grouped(q, k.shape[2])
     chunk = q.shape[1]
-    size = _block_size(chunk, block)
     me = jax.lax.axis_index(axis) if axis else 0
-    q_pos = me * chunk + jnp.arange(chunk)
+    q_pos = _positions(me, chunk, n, balanced)
 
-    def fold(state, kv_block):
-        """One key block into the running (max, sum, weighted values)."""
-        m, l, acc = state
-        k_b, v_b, k_pos = kv_block
-        s = _scores(qg, k_b, q_pos, k_pos, causal, scale)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        alpha = jnp.exp(m - m_new)                 # 1 while a wholly masked block keeps m
-        p = jnp.exp(s - m_new[..., None])          # 0 where masked
-        pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v_b.dtype), v_b,
-                        preferred_element_type=jnp.float32)
-        return (m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv), None
+    def folder(qg, q_pos):
+        def fold(state, kv_block):
+            """One key block into the running (max, sum, weighted values)."""
+            m, l, acc = state
+            k_b, v_b, k_pos = kv_block
+            s = _scores(qg, k_b, q_pos, k_pos, causal, scale)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            alpha = jnp.exp(m - m_new)                 # 1 while a wholly masked block keeps m
+            p = jnp.exp(s - m_new[..., None])          # 0 where masked
+            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v_b.dtype), v_b,
+                            preferred_element_type=jnp.float32)
+            return (m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv), None
+        return fold
+
+    def chunk_step(state, k_t, v_t, k_pos, source):
+        if not balanced or source is None:
+            return _scan_blocks(folder(qg, q_pos), state, k_t, v_t, k_pos, block)[0]
+
+        def early_keys(state):  # source < me: every query sees the source's early half only
+            return _scan_blocks(folder(qg, q_pos), state, k_t[:, :chunk // 2],
+                                v_t[:, :chunk // 2], k_pos[:chunk // 2], block)[0]
+
+        def late_queries(state):  # source > me: only the late queries see it, all of it
+            late = (_late(state[0], 3), _late(state[1], 3), _late(state[2], 3))
+            late = _scan_blocks(folder(_late(qg, 1), _late(q_pos, 0)), late, k_t, v_t, k_pos,
+                                block)[0]
+            return tuple(_with_late(x, y, 3) for x, y in zip(state, late))
+
+        return jax.lax.cond(source < me, early_keys, late_queries, state)
 
     stats = jnp.moveaxis(qg[..., 0], 1, -1).astype(jnp.float32)       # [b, K, G, s_q]
     state = (jnp.full_like(stats, _START), jnp.zeros_like(stats),
@@ -219,7 +272,9 @@ def _forward(q, k, v, *, axis, n, causal, scale, block):
     for t in range(n):  # step 0 is the own chunk, whose diagonal every row sees
         if t < n - 1:  # issued before this chunk's attention, so the two can overlap
             k_next, v_next = _pass(k_t, axis, n), _pass(v_t, axis, n)
-        state, _ = _scan_blocks(fold, state, k_t, v_t, ((me - t) % n) * chunk, size)
+        source = (me - t) % n
+        state = chunk_step(state, k_t, v_t, _positions(source, chunk, n, balanced),
+                           source if t else None)
         if t < n - 1:
             k_t, v_t = k_next, v_next
     m, l, acc = state
@@ -227,32 +282,58 @@ def _forward(q, k, v, *, axis, n, causal, scale, block):
     return out.reshape(q.shape).astype(q.dtype), m + jnp.log(l)
 
 
-def _backward(q, k, v, out, lse, d_out, *, axis, n, causal, scale, block):
+def _backward(q, k, v, out, lse, d_out, *, axis, n, causal, scale, block, balanced):
     """Flash attention's backward, k/v and their float32 gradients travelling the ring."""
     kv_heads = k.shape[2]
     qg = _grouped(q, kv_heads)
     chunk = q.shape[1]
-    size = _block_size(chunk, block)
     me = jax.lax.axis_index(axis) if axis else 0
-    q_pos = me * chunk + jnp.arange(chunk)
+    q_pos = _positions(me, chunk, n, balanced)
     do = jnp.moveaxis(_grouped(d_out, kv_heads), 1, 3)                # [b, K, G, s, D]
     og = jnp.moveaxis(_grouped(out, kv_heads), 1, 3)
     # D_i = sum_d dO * O: the softmax Jacobian's row term, the same for every key block.
     delta = jnp.sum(do.astype(jnp.float32) * og.astype(jnp.float32), axis=-1)
     do = do.astype(v.dtype)
 
-    def grads(dq, kv_block):
-        """One key block: its (dk, dv) blocks, dq accumulated."""
-        k_b, v_b, k_pos = kv_block
-        s = _scores(qg, k_b, q_pos, k_pos, causal, scale)
-        p = jnp.exp(s - lse[..., None])                               # 0 where masked
-        dv = jnp.einsum("bkgqs,bkgqd->bskd", p.astype(v_b.dtype), do,
-                        preferred_element_type=jnp.float32)
-        dp = jnp.einsum("bkgqd,bskd->bkgqs", do, v_b, preferred_element_type=jnp.float32)
-        ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
-        dq = dq + jnp.einsum("bkgqs,bskd->bqkgd", ds, k_b, preferred_element_type=jnp.float32)
-        dk = jnp.einsum("bkgqs,bqkgd->bskd", ds, qg, preferred_element_type=jnp.float32)
-        return dq, (dk, dv)
+    def gradder(qg, q_pos, do, delta, lse):
+        def grads(dq, kv_block):
+            """One key block: its (dk, dv) blocks, dq accumulated."""
+            k_b, v_b, k_pos = kv_block
+            s = _scores(qg, k_b, q_pos, k_pos, causal, scale)
+            p = jnp.exp(s - lse[..., None])                           # 0 where masked
+            dv = jnp.einsum("bkgqs,bkgqd->bskd", p.astype(v_b.dtype), do,
+                            preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bkgqd,bskd->bkgqs", do, v_b, preferred_element_type=jnp.float32)
+            ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
+            dq = dq + jnp.einsum("bkgqs,bskd->bqkgd", ds, k_b,
+                                 preferred_element_type=jnp.float32)
+            dk = jnp.einsum("bkgqs,bqkgd->bskd", ds, qg, preferred_element_type=jnp.float32)
+            return dq, (dk, dv)
+        return grads
+
+    def chunk_step(dq, k_t, v_t, k_pos, source):
+        """(dq, dk, dv of the chunk held) for one ring step."""
+        if not balanced or source is None:
+            dq, (dk, dv) = _scan_blocks(gradder(qg, q_pos, do, delta, lse), dq, k_t, v_t,
+                                        k_pos, block)
+            return dq, _unblocks(dk), _unblocks(dv)
+
+        def early_keys(dq):
+            half = chunk // 2
+            dq, (dk, dv) = _scan_blocks(gradder(qg, q_pos, do, delta, lse), dq, k_t[:, :half],
+                                        v_t[:, :half], k_pos[:half], block)
+            dk, dv = _unblocks(dk), _unblocks(dv)
+            return dq, (jnp.concatenate([dk, jnp.zeros_like(dk)], axis=1),
+                        jnp.concatenate([dv, jnp.zeros_like(dv)], axis=1))
+
+        def late_queries(dq):
+            grads = gradder(_late(qg, 1), _late(q_pos, 0), _late(do, 3), _late(delta, 3),
+                            _late(lse, 3))
+            dq_late, (dk, dv) = _scan_blocks(grads, _late(dq, 1), k_t, v_t, k_pos, block)
+            return _with_late(dq, dq_late, 1), (_unblocks(dk), _unblocks(dv))
+
+        dq, (dk, dv) = jax.lax.cond(source < me, early_keys, late_queries, dq)
+        return dq, dk, dv
 
     dq = jnp.zeros_like(qg, jnp.float32)
     k_t, v_t = k, v
@@ -260,14 +341,35 @@ def _backward(q, k, v, out, lse, d_out, *, axis, n, causal, scale, block):
     for t in range(n):
         if t < n - 1:
             k_next, v_next = _pass(k_t, axis, n), _pass(v_t, axis, n)
-        dq, (dk, dv) = _scan_blocks(grads, dq, k_t, v_t, ((me - t) % n) * chunk, size)
-        dk_t, dv_t = dk_t + _unblocks(dk), dv_t + _unblocks(dv)
+        source = (me - t) % n
+        dq, dk, dv = chunk_step(dq, k_t, v_t, _positions(source, chunk, n, balanced),
+                                source if t else None)
+        dk_t, dv_t = dk_t + dk, dv_t + dv
         if n > 1:
             # The accumulators follow their chunk; after the n-th hop they are home again.
             dk_t, dv_t = _pass(dk_t, axis, n), _pass(dv_t, axis, n)
         if t < n - 1:
             k_t, v_t = k_next, v_next
     return dq.reshape(q.shape).astype(q.dtype), dk_t.astype(k.dtype), dv_t.astype(v.dtype)
+
+
+def zigzag_order(seq: int, n: int) -> np.ndarray:
+    """The natural positions [seq] in zig-zag order for `n` devices: device d's contiguous
+    shard holds half-chunks d and 2n - 1 - d, so causal attention costs every device the same.
+    Feed `x[:, order]` (tokens, targets, loss mask) and `positions=order` to a model with
+    `ContextParallelism(layout="zigzag")`; `np.argsort(order)` restores the natural order.
+
+    Example:
+      >>> zigzag_order(8, 2)
+      array([0, 1, 6, 7, 2, 3, 4, 5])
+    """
+    if seq % (2 * n):
+        raise MeshError(f"the zig-zag layout splits the sequence into 2 x {n} half-chunks, but "
+                        f"the sequence length {seq} is not divisible by {2 * n}: use a multiple "
+                        f"of {2 * n}")
+    half = seq // (2 * n)
+    return np.concatenate([np.arange(c * half, (c + 1) * half)
+                           for d in range(n) for c in (d, 2 * n - 1 - d)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +397,9 @@ class ContextParallelism(NoParallelism):
       mesh: a mesh with a `cp` axis (`make_mesh(dp=..., fsdp=..., cp=...)`), tp = 1.
       axis: the mesh axis the sequence is split over.
       block_size: `ring_attention`'s keys per inner step.
+      layout: "contiguous", or "zigzag" (load-balanced causal attention): then feed the model
+        tokens in `zigzag_order(S, cp)` and `positions=` that order (loss targets and mask
+        permuted alike; token-wise, the loss does not care about the order).
 
     Example:
       >>> mesh = make_mesh(dp=2, cp=4)
@@ -305,6 +410,7 @@ class ContextParallelism(NoParallelism):
     mesh: Mesh
     axis: str = CP
     block_size: int | None = DEFAULT_BLOCK
+    layout: str = CONTIGUOUS
 
     # A dataclass: equality and hash by mesh and axis (NoParallelism's are by type only).
 
@@ -340,4 +446,5 @@ class ContextParallelism(NoParallelism):
             raise MeshError("context parallelism supports no attention_mask (padding): train on "
                             "packed full-length rows and mask padding in the loss instead")
         return ring_attention(q, k, v, mesh=self.mesh, axis=self.axis, causal=True,
-                              scale=scale, block_size=self.block_size), None
+                              scale=scale, block_size=self.block_size,
+                              layout=self.layout), None

@@ -21,7 +21,7 @@ from models.llama import Llama, LlamaConfig
 from models.loss import cross_entropy
 from sharding import (CP, ContextParallelism, MeshError, collective_counts, collectives,
                       make_mesh, ring_attention, shard_batch, shard_params,
-                      vocab_parallel_cross_entropy)
+                      vocab_parallel_cross_entropy, zigzag_order)
 from tests.sharding_common import TOL, assert_trees_close, compile_fast, run_fast
 
 B, S, HQ, HKV, D = 2, 16, 4, 2, 8          # GQA: two query heads per key/value head
@@ -58,6 +58,30 @@ def test_ring_attention_matches_one_device(cp, dp, block, causal):
     out, grads = run_fast(functools.partial(attention_and_grads, ring), q, k, v)
     np.testing.assert_allclose(out, out_ref, **TOL)
     assert_trees_close(grads, grads_ref, **TOL)
+
+
+@pytest.mark.parametrize("cp,dp,block", [(2, 1, None), (4, 2, 2)], ids=["cp2", "dp2_cp4_blocks"])
+def test_zigzag_ring_matches_one_device(cp, dp, block):
+    """The load-balanced layout: inputs in zig-zag order; after the first step each device
+    computes only the unmasked half of a chunk pair (lax.cond on the source's index), forward
+    and backward. Equal to plain causal attention permuted the same way."""
+    q, k, v = qkv(seq=2 * S)
+    order = zigzag_order(2 * S, cp)
+    plain = functools.partial(jax.nn.dot_product_attention, is_causal=True)
+    ring = functools.partial(ring_attention, mesh=cp_mesh(cp, dp), layout="zigzag",
+                             block_size=block)
+    # attention_and_grads's cotangent w is drawn for the zig-zag order: the reference's is
+    # w[:, argsort(order)], i.e. compare through a permuted cotangent.
+    w = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), jnp.float32)
+    out_ref, vjp = jax.vjp(plain, q, k, v)
+    grads_ref = vjp(w[:, np.argsort(order)])
+    out, grads = run_fast(functools.partial(attention_and_grads, ring),
+                          q[:, order], k[:, order], v[:, order])
+    np.testing.assert_allclose(out, out_ref[:, order], **TOL)
+    assert_trees_close(grads, tuple(g[:, order] for g in grads_ref), **TOL)
+    assert list(zigzag_order(8, 2)) == [0, 1, 6, 7, 2, 3, 4, 5]
+    with pytest.raises(MeshError, match="not divisible by 8"):
+        zigzag_order(12, 4)
 
 
 def test_ring_over_another_axis():
