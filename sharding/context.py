@@ -15,8 +15,14 @@ holding the whole sequence's keys and values on a device:
   * causal masking compares GLOBAL positions (chunk index x chunk length + offset). The first
     step is each device's own chunk, whose diagonal every query row sees, so m is finite from
     then on and a chunk that is wholly in the future (all -inf) adds exp(-inf) = 0: no NaN.
-    Such chunk pairs are computed and zeroed, not skipped: with contiguous chunks the last
-    device attends to every chunk anyway, so skipping saves no wall-clock time.
+    With contiguous chunks such pairs are computed and zeroed, not skipped: the last device
+    attends to every chunk anyway, so skipping would not shorten the slowest device.
+  * layout="zigzag" balances causal attention: the sequence arrives in `zigzag_order`, device
+    d holding half-chunks d and 2n - 1 - d. Against any other device's chunk exactly half of
+    the pair is unmasked (all queries x the source's early half when the source is d' < d,
+    the late queries x all keys when d' > d), so each step after the first computes that half
+    only (`lax.cond` on the source index; the ppermutes stay outside it): every device does
+    the same work, about half of the contiguous layout's last device.
 
 The gradient is a `jax.custom_vjp` that does what flash attention's backward does, on the ring:
 the forward keeps only its output and the row log-sum-exp; the backward sends k, v around again

@@ -20,7 +20,7 @@ import models
 from models.llama import Llama, LlamaConfig
 from models.loss import cross_entropy
 from sharding import (CP, ContextParallelism, MeshError, collective_counts, collectives,
-                      make_mesh, ring_attention, shard_batch, shard_params,
+                      make_mesh, ring_attention, shard_batch, shard_params, shift_labels,
                       vocab_parallel_cross_entropy, zigzag_order)
 from tests.sharding_common import TOL, assert_trees_close, compile_fast, run_fast
 
@@ -165,6 +165,34 @@ def test_llama_with_lora_under_context_parallelism_matches_one_device(dp, fsdp, 
     logits, loss, grads = run_fast(functools.partial(forward_loss_grads, model),
                                    shard_params(adapters, mesh), shard_params(base, mesh), batch)
     np.testing.assert_allclose(logits, logits_ref, **TOL)
+    np.testing.assert_allclose(loss, loss_ref, **TOL)
+    assert_trees_close(grads, grads_ref, **TOL)
+
+
+def test_llama_with_zigzag_layout_matches_one_device():
+    """The balanced layout in the model: tokens, targets and positions in zig-zag order (RoPE
+    and the causal mask follow the positions); the logits are one device's, permuted, and the
+    loss and adapter gradients are one device's."""
+    base, adapters, ids, (logits_ref, loss_ref, grads_ref) = reference()
+    cp = 4
+    mesh = cp_mesh(cp)
+    order = zigzag_order(S, cp)
+    targets = np.asarray(shift_labels(jnp.asarray(ids)))[:, order]
+    model = Llama(CONFIG, ContextParallelism(mesh=mesh, layout="zigzag"))
+
+    def run(adapters, base, ids, targets):
+        def loss_fn(adapters):
+            logits = lj.apply(model, {"params": lj.combine(base, adapters)}, ids,
+                              positions=jnp.asarray(order)[None])
+            return cross_entropy(logits, targets), logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(adapters)
+        return logits, loss, grads
+
+    logits, loss, grads = run_fast(run, shard_params(adapters, mesh), shard_params(base, mesh),
+                                   shard_batch(ids[:, order], mesh),
+                                   shard_batch(targets, mesh))
+    np.testing.assert_allclose(logits, logits_ref[:, order], **TOL)
     np.testing.assert_allclose(loss, loss_ref, **TOL)
     assert_trees_close(grads, grads_ref, **TOL)
 
