@@ -66,6 +66,7 @@ class TrainConfig:
     tp: int = 1
     sp: bool = False
     cp: int = 1
+    cp_layout: str = "zigzag"
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
@@ -230,6 +231,9 @@ def _parallel_flags(g, d: TrainConfig) -> None:
     g.add_argument("--sp", action="store_true", help="sequence parallel (needs --tp > 1)")
     g.add_argument("--cp", type=int, default=d.cp, help="context parallel: each sequence split "
                    "in --cp chunks, ring attention (--tp 1; --seq-len a multiple of it)")
+    g.add_argument("--cp-layout", choices=("zigzag", "contiguous"), default=d.cp_layout,
+                   help="chunk order under --cp: zigzag balances causal attention over the "
+                        "devices (--seq-len a multiple of 2 x --cp); contiguous is plain")
     g.add_argument("--coordinator", help="host:port of process 0 (multi-process runs)")
     g.add_argument("--num-processes", type=int)
     g.add_argument("--process-id", type=int)

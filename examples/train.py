@@ -41,7 +41,7 @@ from examples.metrics import MetricsLog, plot_loss
 from examples.preflight import check_inputs, check_outputs
 from examples.schedule import adapter_optimizer
 from examples.steps import make_eval_step, make_loss, make_train_step
-from sharding import CP, ContextParallelism
+from sharding import CP, ContextParallelism, zigzag_order
 from sharding import (BATCH_AXES, DistributedConfig, MeshError, TensorParallelism,
                       check_batch_fits, check_config_fits, init_sharded, initialize,
                       leaf_sharding, make_mesh, param_shardings, replicated)
@@ -121,8 +121,11 @@ def train(cfg: TrainConfig) -> Trained:
     plain = models.build(config)
     parallel = (models.NoParallelism() if mesh.size == 1 or cfg.quantize  # quantised: GSPMD
                 else TensorParallelism(mesh=mesh, sequence_parallel=cfg.sp))
+    order = None  # the zig-zag token order under --cp (None: natural)
     if cfg.cp > 1:  # the sequence split over cp, ring attention, GSPMD projections
-        parallel = ContextParallelism(mesh=mesh)
+        parallel = ContextParallelism(mesh=mesh, layout=cfg.cp_layout)
+        if cfg.cp_layout == "zigzag":
+            order = zigzag_order(cfg.seq_len, cfg.cp)
     model = models.build(modeling.training_config(config), parallel)
     init_base = lambda key: plain.init(key, jnp.zeros((1, 1), jnp.int32))["params"]  # noqa: E731
     key_base, key_lora, key_train = jax.random.split(jax.random.key(cfg.seed), 3)
@@ -184,7 +187,7 @@ def train(cfg: TrainConfig) -> Trained:
     train_step = jax.jit(make_train_step(loss_sums, tx), donate_argnums=(0, 1),
                          in_shardings=(adapter_sh, opt_sh, base_sh, batch_sh, replicated(mesh)),
                          out_shardings=(adapter_sh, opt_sh, replicated(mesh)))
-    place = functools.partial(place_batch, sharding=batch_sh, accum=cfg.grad_accum)
+    place = functools.partial(place_batch, sharding=batch_sh, accum=cfg.grad_accum, order=order)
     example = place(batches.batch_at(batches.position))
     train_step = train_step.lower(adapters, opt_state, base, example, key_train).compile()
     eval_step = None
@@ -293,9 +296,15 @@ def held_out(ids: np.ndarray, weights: np.ndarray, cfg: TrainConfig) -> list[dic
                         "lower --seq-len, or pass --eval-interval 0") from None
 
 
-def place_batch(batch: dict, *, sharding: NamedSharding, accum: int) -> dict:
+def place_batch(batch: dict, *, sharding: NamedSharding, accum: int,
+                order: np.ndarray | None = None) -> dict:
     """Host `[B, T]` arrays -> global `[accum, B / accum, T]` arrays split over dp x fsdp; every
-    process holds the whole batch (the loader is deterministic) and gives each device its rows."""
+    process holds the whole batch (the loader is deterministic) and gives each device its rows.
+    With `order` (context parallelism's zig-zag), every array's tokens are reordered alike and
+    "positions" (the natural ones, for RoPE and the causal mask) are added."""
+    if order is not None:
+        batch = {**{k: v[:, order] for k, v in batch.items()},
+                 "positions": np.broadcast_to(order.astype(np.int32), batch["inputs"].shape)}
     def one(x):
         x = np.ascontiguousarray(x.reshape(accum, x.shape[0] // accum, *x.shape[1:]))
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

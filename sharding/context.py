@@ -372,7 +372,7 @@ def zigzag_order(seq: int, n: int) -> np.ndarray:
     if seq % (2 * n):
         raise MeshError(f"the zig-zag layout splits the sequence into 2 x {n} half-chunks, but "
                         f"the sequence length {seq} is not divisible by {2 * n}: use a multiple "
-                        f"of {2 * n}")
+                        f"of {2 * n}, or the contiguous layout")
     half = seq // (2 * n)
     return np.concatenate([np.arange(c * half, (c + 1) * half)
                            for d in range(n) for c in (d, 2 * n - 1 - d)])

@@ -247,9 +247,10 @@ def test_vocab_parallel_loss_splits_tokens_over_cp(dp, cp):
 
 
 def test_training_cli_with_cp_logs_the_single_device_losses(tmp_path):
-    """`examples.train --dp 2 --cp 2` (sequence chunks, ring attention, the cp-split loss) logs
-    the losses of one device within 1e-5 (float32, losses ~6). No eval: it is the same loss
-    function, and its compile would double the test's time."""
+    """`examples.train --dp 2 --cp 2` (sequence chunks in the default zig-zag order, positions
+    in the batch, ring attention, the cp-split loss) logs the losses of one device within 1e-5
+    (float32, losses ~6). No eval: it is the same loss function, and its compile would double
+    the test's time."""
     from examples import train as train_lib
 
     ckpt = tmp_path / "llama"
