@@ -95,12 +95,13 @@ def test_ring_over_another_axis():
     np.testing.assert_allclose(out, ref, **TOL)
 
 
-def test_ring_passes_chunks_and_never_gathers_keys_or_values():
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_ring_passes_chunks_and_never_gathers_keys_or_values(layout):
     """Forward and backward programs: k/v chunks move by collective-permute, n - 1 hops at
     least, and there is no all-gather (nor any other collective) that would assemble them."""
     cp = 4
     q, k, v = qkv()
-    ring = functools.partial(ring_attention, mesh=cp_mesh(cp))
+    ring = functools.partial(ring_attention, mesh=cp_mesh(cp), layout=layout)
     for fn in (ring, functools.partial(attention_and_grads, ring)):
         text = compile_fast(fn, q, k, v).as_text()
         counts = collective_counts(text)
