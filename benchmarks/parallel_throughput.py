@@ -15,10 +15,12 @@ Each layout runs in its own process (clean device memory); `--layouts` picks the
   tp_sp      tp = --tp (default: all GPUs), sequence parallel
   dp_tp_sp   tp = --tp (default 4), dp = the rest, sequence parallel
   fsdp_tp    fsdp = the rest, tp = --tp
-  or explicit sizes: dp=2,fsdp=1,tp=4,sp=1
+  or explicit sizes: dp=2,fsdp=1,tp=4,sp=1 (cp=N: context parallelism, ring attention, tp=1;
+             zz=1 with it: the load-balanced zig-zag layout)
 
     python -m benchmarks.parallel_throughput --shape 8b --batch 4 --seq 2048 --steps 8
     python -m benchmarks.parallel_throughput --shape 1b --layouts 1gpu dp tp_sp dp=2,tp=4,sp=1
+    python -m benchmarks.parallel_throughput --shape 8b --batch 1 --seq 16384 --layouts 1gpu cp=2
     python -m benchmarks.parallel_throughput --shape tiny --attn xla --tp 2 --seq 64 --steps 2
         (with XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu)
     python -m benchmarks.parallel_throughput --shape 8b --batch 4 --quantize nf4 \
@@ -91,8 +93,9 @@ def run_layout(args) -> dict:
 
     # ---- mesh
     sizes = layout_sizes(args.layout, jax.device_count(), args.tp)
-    n_dev = sizes["dp"] * sizes["fsdp"] * sizes["tp"]
-    mesh = sharding.make_mesh(dp=sizes["dp"], fsdp=sizes["fsdp"], tp=sizes["tp"],
+    cp = sizes.get("cp", 1)
+    n_dev = sizes["dp"] * sizes["fsdp"] * sizes["tp"] * cp
+    mesh = sharding.make_mesh(dp=sizes["dp"], fsdp=sizes["fsdp"], tp=sizes["tp"], cp=cp,
                               devices=jax.devices()[:n_dev])
     sp = bool(sizes["sp"])
 
@@ -107,7 +110,10 @@ def run_layout(args) -> dict:
     sharding.check_batch_fits(mesh, batch=batch * replicas, seq=args.seq, sequence_parallel=sp)
     lora = lj.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS,
                          adapter_dtype=args.adapter_dtype)
-    model = Llama(cfg, sharding.TensorParallelism(mesh=mesh, sequence_parallel=sp))
+    order = sharding.zigzag_order(args.seq, cp) if sizes.get("zz") else None
+    model = Llama(cfg, sharding.ContextParallelism(
+        mesh=mesh, layout="zigzag" if order is not None else "contiguous") if cp > 1 else
+        sharding.TensorParallelism(mesh=mesh, sequence_parallel=sp))
 
     # ---- shard: base, adapters and optimizer state born sharded
     def init_params(key):
@@ -125,7 +131,7 @@ def run_layout(args) -> dict:
     base, adapters, opt_state = jax.jit(init, out_shardings=shardings)(key)
 
     # ---- step
-    loss_fn, ce = make_loss(cfg, model, mesh, sp, args.chunk, head_kernel)
+    loss_fn, ce = make_loss(cfg, model, mesh, sp, args.chunk, head_kernel, order)
 
     def step(adapters, opt_state, base, ids):
         loss, grads = jax.value_and_grad(loss_fn)(adapters, base, ids)
@@ -137,6 +143,8 @@ def run_layout(args) -> dict:
 
     # ---- loop: every replica gets the same `batch` sequences (see the module docstring)
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (batch, args.seq), np.int32)
+    if order is not None:  # the zig-zag layout: tokens arrive permuted (make_loss undoes it)
+        tokens = tokens[:, order]
     ids = sharding.shard_batch(np.tile(tokens, (replicas, 1)), mesh)
     losses, times = [], []
     t_start = time.perf_counter()
@@ -161,13 +169,14 @@ def run_layout(args) -> dict:
             "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}
 
 
-def make_loss(cfg, model, mesh, sp, chunk, head_kernel):
+def make_loss(cfg, model, mesh, sp, chunk, head_kernel, order=None):
     """(loss_fn(adapters, base, ids), name). tp > 1: vocabulary-parallel CE (the head is split
     on the vocabulary). tp = 1: the fused frozen-head CE of the one-GPU benchmark, run per data
     shard in shard_map (every shard has the same token count, so the mean of means is the mean)."""
     import functools
 
     import jax
+    import numpy as np
     from jax.sharding import PartitionSpec as P
 
     import lora_jax as lj
@@ -176,13 +185,22 @@ def make_loss(cfg, model, mesh, sp, chunk, head_kernel):
     from sharding.compat import shard_map
 
     def hidden_of(adapters, base, ids):
-        return lj.apply(model, {"params": lj.combine(base, adapters)}, ids, return_hidden=True)
+        positions = None if order is None else jax.numpy.asarray(order)[None]
+        return lj.apply(model, {"params": lj.combine(base, adapters)}, ids, return_hidden=True,
+                        positions=positions)
 
-    if sharding.axis_size(mesh, sharding.TP) > 1:
+    def labels_of(ids):
+        """Next-token targets aligned with the (possibly zig-zag ordered) inputs."""
+        if order is None:
+            return sharding.shift_labels(ids)
+        natural = ids[:, np.argsort(order)]
+        return sharding.shift_labels(natural)[:, order]
+
+    if sharding.axis_size(mesh, (sharding.TP, sharding.CP)) > 1:  # cp: tokens split too
         def vocab_parallel(adapters, base, ids):
             return sharding.vocab_parallel_cross_entropy(
                 hidden_of(adapters, base, ids), head_kernel(cfg, base),
-                sharding.shift_labels(ids), mesh=mesh, sequence_parallel=sp, chunk_size=chunk)
+                labels_of(ids), mesh=mesh, sequence_parallel=sp, chunk_size=chunk)
         return vocab_parallel, "vocab_parallel"
 
     spec = sharding.drop_trivial_axes(P(sharding.BATCH_AXES), mesh)

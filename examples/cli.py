@@ -65,6 +65,8 @@ class TrainConfig:
     fsdp: int = 1
     tp: int = 1
     sp: bool = False
+    cp: int = 1
+    cp_layout: str = "zigzag"
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
@@ -228,6 +230,11 @@ def _parallel_flags(g, d: TrainConfig) -> None:
     g.add_argument("--fsdp", type=int, default=d.fsdp, help="data parallel, frozen base split")
     g.add_argument("--tp", type=int, default=d.tp, help="tensor parallel")
     g.add_argument("--sp", action="store_true", help="sequence parallel (needs --tp > 1)")
+    g.add_argument("--cp", type=int, default=d.cp, help="context parallel: each sequence split "
+                   "in --cp chunks, ring attention (--tp 1; --seq-len a multiple of it)")
+    g.add_argument("--cp-layout", choices=("zigzag", "contiguous"), default=d.cp_layout,
+                   help="chunk order under --cp: zigzag balances causal attention over the "
+                        "devices (--seq-len a multiple of 2 x --cp); contiguous is plain")
     g.add_argument("--coordinator", help="host:port of process 0 (multi-process runs)")
     g.add_argument("--num-processes", type=int)
     g.add_argument("--process-id", type=int)
@@ -298,7 +305,7 @@ def check(cfg: TrainConfig) -> None:
     """Flag combinations that are wrong before any model or device is touched."""
     positive = {"--rank": cfg.rank, "--batch-size": cfg.batch_size, "--seq-len": cfg.seq_len,
                 "--grad-accum": cfg.grad_accum, "--keep": cfg.keep, "--fsdp": cfg.fsdp,
-                "--tp": cfg.tp}
+                "--tp": cfg.tp, "--cp": cfg.cp}
     for flag, value in positive.items():
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
@@ -320,6 +327,10 @@ def check(cfg: TrainConfig) -> None:
     if cfg.sp and cfg.tp == 1:
         raise ValueError("--sp splits the sequence over the tensor-parallel devices: it needs "
                          "--tp > 1")
+    if cfg.cp > 1 and cfg.tp > 1:
+        raise ValueError(f"--cp {cfg.cp} does not combine with --tp {cfg.tp}: the tensor-parallel "
+                         "layers would gather the cp-split sequence before every projection; "
+                         "use --cp with --dp/--fsdp and --tp 1")
     if cfg.resume and not cfg.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir")
     if cfg.adapter_in and cfg.init != "default":

@@ -38,7 +38,9 @@ def make_loss(model: Any, *, mesh: Any, sequence_parallel: bool, lora_dropout: f
 
     Returns:
       `loss_sums(adapters, base, batch, rng) -> (sum of token NLLs, token count)`; `batch`
-      holds "inputs", "targets" (aligned) and "mask" `[B, T]`; `rng=None`: deterministic.
+      holds "inputs", "targets" (aligned) and "mask" `[B, T]`, and optionally "positions"
+      `[B, T]` (tokens in another order, e.g. context parallelism's zig-zag); `rng=None`:
+      deterministic.
 
     Example:
       >>> nll, n = make_loss(model, mesh=mesh, sequence_parallel=False, lora_dropout=0.0,
@@ -51,11 +53,13 @@ def make_loss(model: Any, *, mesh: Any, sequence_parallel: bool, lora_dropout: f
         dropout = {} if rng is None or lora_dropout == 0.0 else dict(
             rngs={"dropout": rng}, deterministic=False, lora_dropout=lora_dropout)
         targets, mask = batch["targets"], batch["mask"]
+        positions = batch.get("positions")  # given when the tokens are reordered (--cp-layout)
         if head_adapted:
-            logits = lj.apply(model, variables, batch["inputs"], **dropout)
+            logits = lj.apply(model, variables, batch["inputs"], positions=positions, **dropout)
             mean = cross_entropy(logits, targets, mask)
         else:
-            hidden = lj.apply(model, variables, batch["inputs"], return_hidden=True, **dropout)
+            hidden = lj.apply(model, variables, batch["inputs"], return_hidden=True,
+                              positions=positions, **dropout)
             head = head_kernel(config, base)
             if mesh.size == 1:
                 mean = frozen_head_cross_entropy(hidden, head, targets, mask)

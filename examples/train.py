@@ -41,6 +41,7 @@ from examples.metrics import MetricsLog, plot_loss
 from examples.preflight import check_inputs, check_outputs
 from examples.schedule import adapter_optimizer
 from examples.steps import make_eval_step, make_loss, make_train_step
+from sharding import CP, ContextParallelism, zigzag_order
 from sharding import (BATCH_AXES, DistributedConfig, MeshError, TensorParallelism,
                       check_batch_fits, check_config_fits, init_sharded, initialize,
                       leaf_sharding, make_mesh, param_shardings, replicated)
@@ -122,6 +123,11 @@ def train(cfg: TrainConfig) -> Trained:
     # take it (sharding.quantized).
     parallel = (models.NoParallelism() if mesh.size == 1 or (cfg.quantize and cfg.tp == 1)
                 else TensorParallelism(mesh=mesh, sequence_parallel=cfg.sp))
+    order = None  # the zig-zag token order under --cp (None: natural)
+    if cfg.cp > 1:  # the sequence split over cp, ring attention, GSPMD projections
+        parallel = ContextParallelism(mesh=mesh, layout=cfg.cp_layout)
+        if cfg.cp_layout == "zigzag":
+            order = zigzag_order(cfg.seq_len, cfg.cp)
     model = models.build(modeling.training_config(config), parallel)
     init_base = lambda key: plain.init(key, jnp.zeros((1, 1), jnp.int32))["params"]  # noqa: E731
     key_base, key_lora, key_train = jax.random.split(jax.random.key(cfg.seed), 3)
@@ -174,7 +180,8 @@ def train(cfg: TrainConfig) -> Trained:
     last_saved = start if ckpt is not None and start else None
 
     # ---- step: one jitted program, explicit shardings, donated state ----------------------
-    batch_sh = NamedSharding(mesh, P(None, BATCH_AXES))
+    batch_sh = NamedSharding(mesh, P(None, BATCH_AXES, CP) if cfg.cp > 1 else
+                             P(None, BATCH_AXES))
     loss_sums = make_loss(model, mesh=mesh, sequence_parallel=cfg.sp,
                           lora_dropout=lora_cfg.lora_dropout,
                           head_adapted=modeling.head_has_adapter(adapters))
@@ -182,7 +189,7 @@ def train(cfg: TrainConfig) -> Trained:
     train_step = jax.jit(make_train_step(loss_sums, tx), donate_argnums=(0, 1),
                          in_shardings=(adapter_sh, opt_sh, base_sh, batch_sh, replicated(mesh)),
                          out_shardings=(adapter_sh, opt_sh, replicated(mesh)))
-    place = functools.partial(place_batch, sharding=batch_sh, accum=cfg.grad_accum)
+    place = functools.partial(place_batch, sharding=batch_sh, accum=cfg.grad_accum, order=order)
     example = place(batches.batch_at(batches.position))
     train_step = train_step.lower(adapters, opt_state, base, example, key_train).compile()
     eval_step = None
@@ -262,15 +269,18 @@ def train(cfg: TrainConfig) -> Trained:
 
 
 def build_mesh(cfg: TrainConfig):
-    """The (dp, fsdp, tp) mesh: all devices when --dp is -1, else the first dp*fsdp*tp."""
+    """The (dp, fsdp, tp) mesh (with cp between fsdp and tp when --cp > 1): all devices when
+    --dp is -1, else the first dp*fsdp*tp*cp."""
     if cfg.dp == -1:
-        return make_mesh(dp=-1, fsdp=cfg.fsdp, tp=cfg.tp)
-    wanted, available = cfg.dp * cfg.fsdp * cfg.tp, jax.device_count()
+        return make_mesh(dp=-1, fsdp=cfg.fsdp, tp=cfg.tp, cp=cfg.cp)
+    wanted, available = cfg.dp * cfg.fsdp * cfg.tp * cfg.cp, jax.device_count()
     if wanted > available or (wanted < available and jax.process_count() > 1):
-        raise MeshError(f"--dp {cfg.dp} x --fsdp {cfg.fsdp} x --tp {cfg.tp} = {wanted} devices, "
+        raise MeshError(f"--dp {cfg.dp} x --fsdp {cfg.fsdp} x --tp {cfg.tp}"
+                        f"{f' x --cp {cfg.cp}' if cfg.cp > 1 else ''} = {wanted} devices, "
                         f"but there are {available}" + (" (a multi-process run uses them all)"
                                                           if jax.process_count() > 1 else ""))
-    return make_mesh(dp=cfg.dp, fsdp=cfg.fsdp, tp=cfg.tp, devices=jax.devices()[:wanted])
+    return make_mesh(dp=cfg.dp, fsdp=cfg.fsdp, tp=cfg.tp, cp=cfg.cp,
+                     devices=jax.devices()[:wanted])
 
 
 def eos_id(tokenizer: Any) -> int:
@@ -288,9 +298,15 @@ def held_out(ids: np.ndarray, weights: np.ndarray, cfg: TrainConfig) -> list[dic
                         "lower --seq-len, or pass --eval-interval 0") from None
 
 
-def place_batch(batch: dict, *, sharding: NamedSharding, accum: int) -> dict:
+def place_batch(batch: dict, *, sharding: NamedSharding, accum: int,
+                order: np.ndarray | None = None) -> dict:
     """Host `[B, T]` arrays -> global `[accum, B / accum, T]` arrays split over dp x fsdp; every
-    process holds the whole batch (the loader is deterministic) and gives each device its rows."""
+    process holds the whole batch (the loader is deterministic) and gives each device its rows.
+    With `order` (context parallelism's zig-zag), every array's tokens are reordered alike and
+    "positions" (the natural ones, for RoPE and the causal mask) are added."""
+    if order is not None:
+        batch = {**{k: v[:, order] for k, v in batch.items()},
+                 "positions": np.broadcast_to(order.astype(np.int32), batch["inputs"].shape)}
     def one(x):
         x = np.ascontiguousarray(x.reshape(accum, x.shape[0] // accum, *x.shape[1:]))
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

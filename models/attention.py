@@ -113,6 +113,19 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, ctx: AttentionContext,
     return out, layer_kv
 
 
+def parallel_attend(parallel, q: jax.Array, k: jax.Array, v: jax.Array, ctx: AttentionContext,
+                    layer_kv: tuple[jax.Array, jax.Array] | None, *, scale: float | None,
+                    implementation: str | None):
+    """`attend`, or the parallelism's own attention when it has one (`attention`, same
+    arguments and result): context parallelism computes it as a ring over sequence chunks
+    (`sharding.context`). Models call this and stay unaware of how the sequence is split.
+    """
+    own = getattr(parallel, "attention", None)
+    if own is None:
+        return attend(q, k, v, ctx, layer_kv, scale=scale, implementation=implementation)
+    return own(q, k, v, ctx, layer_kv, scale=scale, implementation=implementation)
+
+
 # The primitive names `jax.nn.dot_product_attention(implementation="cudnn")` binds for its
 # forward (jax 0.10/0.11: "dot_product_attention_fwd_wrapper" around "dot_product_attention_fwd").
 _FLASH_FORWARD_PREFIX = "dot_product_attention_fwd"

@@ -25,7 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.attention import AttentionContext, attend, begin_forward, finish_forward
+from models.attention import AttentionContext, begin_forward, finish_forward
+from models.attention import parallel_attend
 from models.cache import KVCache
 from models.chunking import chunked_mlp
 from models.norms import LayerNorm
@@ -171,8 +172,8 @@ class GPT2Attention(nn.Module):
         q, k, v = (t.reshape(batch, length, c.n_head, c.head_dim)
                    for t in jnp.split(qkv, 3, axis=-1))
         scale = 1.0 / math.sqrt(c.head_dim) if c.scale_attn_weights else 1.0
-        out, layer_kv = attend(q, k, v, ctx, layer_kv, scale=scale,
-                               implementation=c.attention_impl)
+        out, layer_kv = parallel_attend(self.parallel, q, k, v, ctx, layer_kv, scale=scale,
+                                        implementation=c.attention_impl)
         out = projection(self.parallel, c, c.n_embd, role="row", name="c_proj",
                          use_bias=True)(out.reshape(batch, length, c.n_embd))
         return out, layer_kv

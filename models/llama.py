@@ -20,7 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.attention import AttentionContext, attend, begin_forward, finish_forward
+from models.attention import AttentionContext, begin_forward, finish_forward
+from models.attention import parallel_attend
 from models.cache import KVCache
 from models.chunking import chunked_mlp
 from models.norms import RMSNorm
@@ -204,8 +205,8 @@ class LlamaAttention(nn.Module):
         k = proj(kv * h, "k_proj").reshape(batch, length, kv, h)
         v = proj(kv * h, "v_proj").reshape(batch, length, kv, h)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        out, layer_kv = attend(q, k, v, ctx, layer_kv, scale=None,
-                               implementation=c.attention_impl)
+        out, layer_kv = parallel_attend(self.parallel, q, k, v, ctx, layer_kv, scale=None,
+                                        implementation=c.attention_impl)
         out = projection(self.parallel, c, c.hidden_size, role="row", name="o_proj",
                          use_bias=c.attention_bias)(out.reshape(batch, length, n * h))
         return out, layer_kv

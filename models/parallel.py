@@ -14,6 +14,9 @@ Roles:
 Activation marks (`constrain`):
   "residual"   - the residual stream between blocks, [batch, seq, hidden]
   "logits"     - the output logits, [batch, seq, vocab]
+Optional attention (`models.attention.parallel_attend`): a parallelism with a method
+`attention(q, k, v, ctx, layer_kv, *, scale, implementation)` computes attention itself (context
+parallelism's ring over sequence chunks, `sharding.context`); without one, `attend` runs.
 """
 from __future__ import annotations
 

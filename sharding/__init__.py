@@ -9,11 +9,14 @@ knows mesh axis names).
     layers       ColumnParallelDense, RowParallelDense, ReplicatedDense,
                  column_parallel, row_parallel
     models seam  TensorParallelism
+    context      ring_attention, ContextParallelism (sequence split over cp), CP,
+                 check_context_fits, zigzag_order (load-balanced causal layout)
     loss         vocab_parallel_cross_entropy, shift_labels
     input        batch_sharding, shard_batch, from_process_local, process_rows
     processes    DistributedConfig, initialize
     inspection   collectives, collective_counts (compiled HLO text)
 """
+from sharding.context import ContextParallelism, ring_attention, zigzag_order
 from sharding.batch import batch_sharding, from_process_local, process_rows, shard_batch
 from sharding.distributed import DistributedConfig, initialize
 from sharding.hlo import collective_counts, collectives
@@ -23,6 +26,7 @@ from sharding.layers import (ColumnParallelDense, ReplicatedDense, RowParallelDe
 from sharding.mesh import (AXES, BATCH_AXES, DP, FSDP, TP, MeshError, axis_size, axis_sizes,
                            check_batch_fits, drop_trivial_axes,
                            check_config_fits, check_model_fits, make_mesh, replicated)
+from sharding.mesh import CP, check_context_fits
 from sharding.nnx_rules import nnx_shardings, shard_nnx
 from sharding.parallelism import TensorParallelism
 from sharding.rules import (DEFAULT_RULES, init_sharded, leaf_sharding, param_shardings,
@@ -41,4 +45,5 @@ __all__ = [
     "batch_sharding", "shard_batch", "from_process_local", "process_rows",
     "DistributedConfig", "initialize",
     "collectives", "collective_counts",
+    "ring_attention", "ContextParallelism", "CP", "check_context_fits", "zigzag_order",
 ]

@@ -1,4 +1,8 @@
-"""Input batches as global arrays: split over dp x fsdp, each process supplying its own rows."""
+"""Input batches as global arrays: split over dp x fsdp, each process supplying its own rows.
+
+With context parallelism (a `cp` axis) the sequence axis (axis 1) is split over cp as well, in
+contiguous chunks: `sharding.context` computes attention across them.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -7,12 +11,19 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sharding.mesh import BATCH_AXES, check_batch_fits
+from sharding.mesh import BATCH_AXES, CP, axis_size, check_batch_fits
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows over dp x fsdp, the rest (sequence, features) whole: `[B, ...]`."""
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Rows over dp x fsdp, the rest (sequence, features) whole: `[B, ...]`; with a cp axis, an
+    array of `ndim` >= 2 (`[B, S, ...]`) has its sequence split over cp too."""
+    if ndim >= 2 and axis_size(mesh, CP) > 1:
+        return NamedSharding(mesh, P(BATCH_AXES, CP))
     return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def _seq(x: np.ndarray) -> int | None:
+    return x.shape[1] if x.ndim >= 2 else None
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
@@ -24,12 +35,11 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     Example:
       >>> ids = shard_batch(np.asarray(tokens), mesh)      # [B, T] split over dp x fsdp
     """
-    sharding = batch_sharding(mesh)
-
     def place(x):
         x = np.asarray(x)
-        check_batch_fits(mesh, batch=x.shape[0])
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+        check_batch_fits(mesh, batch=x.shape[0], seq=_seq(x))
+        return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim),
+                                            lambda index: x[index])
 
     return jax.tree.map(place, batch)
 
@@ -37,12 +47,10 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 def from_process_local(batch: Any, mesh: Mesh) -> Any:
     """Global arrays from each process's own rows (`[B / process_count, ...]` each, in process
     order), the usual multi-host input pipeline."""
-    sharding = batch_sharding(mesh)
-
     def place(x):
         x = np.asarray(x)
-        check_batch_fits(mesh, batch=x.shape[0] * jax.process_count())
-        return jax.make_array_from_process_local_data(sharding, x)
+        check_batch_fits(mesh, batch=x.shape[0] * jax.process_count(), seq=_seq(x))
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
 
     return jax.tree.map(place, batch)
 

@@ -18,7 +18,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from models.loss import IGNORE_INDEX  # one label-masking convention for both losses
 from sharding.compat import all_gather, shard_map
 from sharding.layers import activation_spec
-from sharding.mesh import DP, FSDP, TP, axis_sizes, drop_trivial_axes
+from sharding.mesh import (CP, DP, FSDP, TP, MeshError, axis_sizes, check_context_fits,
+                           drop_trivial_axes)
 from sharding.rules import KERNEL_SPECS
 
 
@@ -37,7 +38,8 @@ def vocab_parallel_cross_entropy(hidden: jax.Array, head_kernel: jax.Array, labe
 
     Args:
       hidden: [B, S, D] final hidden states (`model.apply(..., return_hidden=True)`), split on S
-        over tp when `sequence_parallel`.
+        over tp when `sequence_parallel`, and over cp when the mesh has a cp axis (context
+        parallelism: labels and mask split the same way, token sums added over cp).
       head_kernel: [D, V] (`models.llama.head_kernel(config, params)`), split (fsdp, tp).
       labels: [B, S] targets aligned with `hidden` (see `shift_labels`); `ignore_index` and
         `mask == 0` do not count.
@@ -62,6 +64,13 @@ def vocab_parallel_cross_entropy(hidden: jax.Array, head_kernel: jax.Array, labe
     mask = jnp.ones(labels.shape, bool) if mask is None else mask.astype(bool)
     hidden_spec = activation_spec(mesh, hidden.shape, seq_split=sequence_parallel)
     label_spec = P(hidden_spec[0], None)
+    if sizes.get(CP, 1) > 1:  # context parallelism: each device scores its own sequence chunk
+        if sequence_parallel:
+            raise MeshError("sequence_parallel splits the sequence over tp, and the mesh's cp "
+                            "axis splits it too: use one of them (context parallelism runs "
+                            "with tp=1)")
+        check_context_fits(mesh, hidden.shape[1])
+        hidden_spec, label_spec = P(hidden_spec[0], CP, None), P(hidden_spec[0], CP)
     body = functools.partial(_local_loss, sizes=sizes, sequence_parallel=sequence_parallel,
                              chunk=chunk, ignore_index=ignore_index,
                              dtype=dtype or hidden.dtype)
@@ -88,7 +97,7 @@ def _local_loss(hidden, kernel, labels, mask, *, sizes, sequence_parallel, chunk
         total = jax.lax.psum(total * jnp.exp(top - best), TP)
         picked, top = jax.lax.psum(picked, TP), best
     nll = jnp.where(valid.reshape(-1), top + jnp.log(total) - picked, 0.0)
-    batch_axes = tuple(a for a in (DP, FSDP) if sizes[a] > 1)
+    batch_axes = tuple(a for a in (DP, FSDP, CP) if sizes.get(a, 1) > 1)  # token-split axes
     count = jnp.sum(valid).astype(jnp.float32)
     if batch_axes:
         nll_sum, count = jax.lax.psum((jnp.sum(nll), count), batch_axes)

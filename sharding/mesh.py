@@ -7,6 +7,9 @@ Axes, outermost first:
   tp    - tensor parallel (Megatron): projections split on their features; with sequence
           parallelism the activations between blocks are split on the sequence axis too
 `tp` is innermost so that its devices are neighbours (one host, NVLink): it talks every layer.
+  cp    - context parallel (`sharding.context`): one long sequence split into contiguous chunks,
+          attention computed as a ring. Present only when its size is > 1, between fsdp and tp
+          (it too talks every layer), so meshes without it are exactly as before.
 
 This module is the only place that spells the axis names; the rest of the package imports them.
 """
@@ -21,6 +24,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DP, FSDP, TP = "dp", "fsdp", "tp"
 AXES = (DP, FSDP, TP)
+CP = "cp"
+CP_AXES = (DP, FSDP, CP, TP)  # the axes of a mesh with context parallelism
 BATCH_AXES = (DP, FSDP)
 
 
@@ -29,7 +34,7 @@ class MeshError(ValueError):
 
 
 def make_mesh(*, dp: int = 1, fsdp: int = 1, tp: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+              devices: Sequence[jax.Device] | None = None, cp: int = 1) -> Mesh:
     """A `(dp, fsdp, tp)` mesh over `devices` (default: every process's devices, `jax.devices()`).
 
     One size may be -1: it takes the devices the others leave. The axes are `AxisType.Auto` on
@@ -40,17 +45,24 @@ def make_mesh(*, dp: int = 1, fsdp: int = 1, tp: int = 1,
     Args:
       dp, fsdp, tp: axis sizes; their product must be the number of devices.
       devices: the devices to use, in order (tp varies fastest).
+      cp: context-parallel size (`sharding.context`); the `cp` axis exists only when it is > 1.
 
     Returns:
-      a `jax.sharding.Mesh` with axis names `("dp", "fsdp", "tp")`.
+      a `jax.sharding.Mesh` with axis names `("dp", "fsdp", "tp")`, or
+      `("dp", "fsdp", "cp", "tp")` with cp > 1.
 
     Example:
       >>> mesh = make_mesh(dp=2, tp=4)          # 8 devices
+      >>> mesh = make_mesh(dp=2, cp=4)          # 8 devices, sequences split in 4 chunks
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = _resolve_sizes({DP: dp, FSDP: fsdp, TP: tp}, len(devices))
-    shape = tuple(sizes[a] for a in AXES)
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    wanted = {DP: dp, FSDP: fsdp, TP: tp}
+    if cp != 1:  # named only when asked for, so the messages of other meshes do not change
+        wanted[CP] = cp
+    sizes = _resolve_sizes(wanted, len(devices))
+    names = CP_AXES if sizes.get(CP, 1) > 1 else AXES
+    shape = tuple(sizes.get(a, 1) for a in names)
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
 
 
 def _resolve_sizes(sizes: dict[str, int], n_devices: int) -> dict[str, int]:
@@ -146,13 +158,16 @@ def check_config_fits(mesh: Mesh, config: Any) -> None:
 def check_batch_fits(mesh: Mesh, *, batch: int, seq: int | None = None,
                      sequence_parallel: bool = False) -> None:
     """Raise `MeshError` unless a `[batch, seq]` batch splits over the mesh: the batch over
-    `dp x fsdp`, and with sequence parallelism the sequence over `tp`."""
+    `dp x fsdp`, with sequence parallelism the sequence over `tp`, and with a cp axis the
+    sequence over `cp`."""
     parts = axis_size(mesh, BATCH_AXES)
     if batch % parts:
         raise MeshError(f"batch {batch} is not divisible by dp x fsdp = {parts}: use a global "
                         f"batch that is a multiple of {parts} (e.g. {_round_up(batch, parts)})")
     if sequence_parallel and seq is not None:
         check_sequence_fits(mesh, seq)
+    if seq is not None and axis_size(mesh, CP) > 1:
+        check_context_fits(mesh, seq)
 
 
 def check_sequence_fits(mesh: Mesh, seq: int) -> None:
@@ -177,3 +192,16 @@ def _fitting(sizes: list[int], devices: int) -> list[int]:
 
 def _round_up(n: int, k: int) -> int:
     return int(np.ceil(n / k) * k)
+
+
+def check_context_fits(mesh: Mesh, seq: int, *, axis: str = CP) -> None:
+    """Raise `MeshError` unless context parallelism can split `seq` tokens over `axis` (cp).
+
+    Example:
+      >>> check_context_fits(make_mesh(cp=4), 4096)
+    """
+    parts = axis_size(mesh, axis)
+    if seq % parts:
+        raise MeshError(f"context parallelism splits the sequence over {axis}={parts}, but the "
+                        f"sequence length {seq} is not divisible by it: use a sequence length "
+                        f"that is a multiple of {parts} (e.g. {_round_up(seq, parts)})")
