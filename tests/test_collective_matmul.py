@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lora_jax as lj
+from lora_jax.adapter_op import Adapter, MixedBatch
 from examples.cli import parse_args
 from models.llama import Llama, LlamaConfig
 from models.loss import cross_entropy
@@ -86,6 +87,39 @@ def test_layers_with_lora_dropout_and_bias_match_the_plain_collectives():
                             lora_x=h * 0.9, collective_matmul=ring)
 
     args = (x, xd, k1, b1, a1, bb1, k2, b2, a2, bb2)
+    got = _value_and_grads(functools.partial(block, True), *args)
+    expected = _value_and_grads(functools.partial(block, False), *args)
+    assert_trees_close(got, expected, **TOL)
+
+
+@pytest.mark.parametrize("variant", ["dora", "mixed"])
+def test_layers_with_dora_or_a_mixed_batch_match_the_plain_collectives(variant):
+    """DoRA (the column layer rings, the row layer keeps its psum_scatter: its weight norm needs
+    the whole partial product) and a mixed batch (N stacked adapters, each row's partial riding
+    the row ring): collective_matmul=True == False, values and gradients, at tp=2."""
+    mesh = mesh_of(tp=2)
+    n = 3
+    x, k1, k2 = _data((B, S, D), (D, F), (F, D))
+    if variant == "dora":
+        a1, b1, a2, b2, m1, m2 = _data((D, R), (R, F), (F, R), (R, D), (F,), (D,), seed=1)
+        scale = jnp.float32(0.5)
+        mixed = None
+    else:
+        a1, b1, a2, b2 = _data((n, D, R), (n, R, F), (n, F, R), (n, R, D), seed=1)
+        m1 = m2 = None
+        scale = jnp.full((n,), 0.5, jnp.float32)
+        mixed = MixedBatch(jnp.array([2, 0], jnp.int32), "gather")
+
+    def block(ring, x, k1, k2, a1, b1, a2, b2):
+        h = column_parallel(x, k1, None, Adapter(a1, b1, scale, m1), mesh=mesh,
+                            sequence_parallel=True, mixed=mixed, collective_matmul=ring)
+        return row_parallel(jnp.tanh(h), k2, None, Adapter(a2, b2, scale, m2), mesh=mesh,
+                            sequence_parallel=True, mixed=mixed, collective_matmul=ring)
+
+    # Weights at the 1/sqrt(fan-in) scale of real layers, so activations stay O(1) and 1e-5
+    # is ~10 ulps of them (unit-variance weights grow the outputs to ~10, where the summation
+    # order of the fused programs alone moves them by 2e-5).
+    args = (x, *(w / np.sqrt(w.shape[-2]) for w in (k1, k2, a1, b1, a2, b2)))
     got = _value_and_grads(functools.partial(block, True), *args)
     expected = _value_and_grads(functools.partial(block, False), *args)
     assert_trees_close(got, expected, **TOL)
