@@ -41,7 +41,10 @@ SEQ_AXIS = 1
 
 
 def _ring_size(axis: str) -> int:
-    return jax.lax.psum(1, axis)
+    """The number of devices on `axis`, a Python int (the loops below unroll over it)."""
+    if hasattr(jax.lax, "axis_size"):
+        return jax.lax.axis_size(axis)
+    return jax.lax.psum(1, axis)  # older jax: a psum of a constant folds to the size
 
 
 def _check_3d(name: str, x: jax.Array, w: jax.Array) -> None:
