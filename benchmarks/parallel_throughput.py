@@ -16,7 +16,8 @@ Each layout runs in its own process (clean device memory); `--layouts` picks the
   dp_tp_sp   tp = --tp (default 4), dp = the rest, sequence parallel
   fsdp_tp    fsdp = the rest, tp = --tp
   or explicit sizes: dp=2,fsdp=1,tp=4,sp=1 (cp=N: context parallelism, ring attention, tp=1;
-             zz=1 with it: the load-balanced zig-zag layout)
+             zz=1 with it: the load-balanced zig-zag layout; cm=1 with tp>1, sp=1: collective
+             matmul, sp's all-gather / reduce-scatter as ppermute rings, sharding.collective_matmul)
 
     python -m benchmarks.parallel_throughput --shape 8b --batch 4 --seq 2048 --steps 8
     python -m benchmarks.parallel_throughput --shape 1b --layouts 1gpu dp tp_sp dp=2,tp=4,sp=1
@@ -113,7 +114,8 @@ def run_layout(args) -> dict:
     order = sharding.zigzag_order(args.seq, cp) if sizes.get("zz") else None
     model = Llama(cfg, sharding.ContextParallelism(
         mesh=mesh, layout="zigzag" if order is not None else "contiguous") if cp > 1 else
-        sharding.TensorParallelism(mesh=mesh, sequence_parallel=sp))
+        sharding.TensorParallelism(mesh=mesh, sequence_parallel=sp,
+                                   collective_matmul=bool(sizes.get("cm"))))
 
     # ---- shard: base, adapters and optimizer state born sharded
     def init_params(key):

@@ -65,6 +65,7 @@ class TrainConfig:
     fsdp: int = 1
     tp: int = 1
     sp: bool = False
+    collective_matmul: bool = False
     cp: int = 1
     cp_layout: str = "zigzag"
     coordinator: str | None = None
@@ -230,6 +231,9 @@ def _parallel_flags(g, d: TrainConfig) -> None:
     g.add_argument("--fsdp", type=int, default=d.fsdp, help="data parallel, frozen base split")
     g.add_argument("--tp", type=int, default=d.tp, help="tensor parallel")
     g.add_argument("--sp", action="store_true", help="sequence parallel (needs --tp > 1)")
+    g.add_argument("--collective-matmul", action="store_true",
+                   help="with --tp > 1 --sp: overlap the sequence all-gather / reduce-scatter "
+                        "with the matmuls (ppermute rings, sharding.collective_matmul)")
     g.add_argument("--cp", type=int, default=d.cp, help="context parallel: each sequence split "
                    "in --cp chunks, ring attention (--tp 1; --seq-len a multiple of it)")
     g.add_argument("--cp-layout", choices=("zigzag", "contiguous"), default=d.cp_layout,
@@ -327,6 +331,9 @@ def check(cfg: TrainConfig) -> None:
     if cfg.sp and cfg.tp == 1:
         raise ValueError("--sp splits the sequence over the tensor-parallel devices: it needs "
                          "--tp > 1")
+    if cfg.collective_matmul and (cfg.tp == 1 or not cfg.sp):
+        raise ValueError("--collective-matmul overlaps sequence parallelism's all-gather and "
+                         "reduce-scatter with the matmuls: it needs --tp > 1 and --sp")
     if cfg.cp > 1 and cfg.tp > 1:
         raise ValueError(f"--cp {cfg.cp} does not combine with --tp {cfg.tp}: the tensor-parallel "
                          "layers would gather the cp-split sequence before every projection; "

@@ -122,7 +122,8 @@ def train(cfg: TrainConfig) -> Trained:
     # A quantised base at tp=1 is split by GSPMD (QuantDense); at tp>1 the shard_map layers
     # take it (sharding.quantized).
     parallel = (models.NoParallelism() if mesh.size == 1 or (cfg.quantize and cfg.tp == 1)
-                else TensorParallelism(mesh=mesh, sequence_parallel=cfg.sp))
+                else TensorParallelism(mesh=mesh, sequence_parallel=cfg.sp,
+                                       collective_matmul=cfg.collective_matmul))
     order = None  # the zig-zag token order under --cp (None: natural)
     if cfg.cp > 1:  # the sequence split over cp, ring attention, GSPMD projections
         parallel = ContextParallelism(mesh=mesh, layout=cfg.cp_layout)

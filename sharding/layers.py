@@ -23,6 +23,10 @@ so nothing is scattered back. Adapters are not split over fsdp (see
 Quantised kernels (`quant=`, `models.quant`): the leaves enter split like the kernel and each
 device runs `quantized_matmul` on its shard (`sharding.quantized`); the param tree is
 `QuantDense`'s.
+Collective matmul (`collective_matmul=True`, sequence parallelism only): the column layer's
+all-gather and the row layer's reduce-scatter become rings of ppermutes interleaved with the
+base matmul's chunks (`sharding.collective_matmul`); taken only for a plain kernel without
+FSDP (a quantised or fsdp-split kernel, or DoRA on a row layer, keeps the plain collectives).
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ from lora_jax import dora
 from lora_jax.tree import LORA_MAGNITUDE
 from models.quant import check_format, is_quantized, quantize, quantized_matmul
 from sharding import quantized
+from sharding.collective_matmul import gather_and_matmul, matmul_reducescatter
 from sharding.compat import all_gather, shard_map, to_varying
 from sharding.mesh import (BATCH_AXES, FSDP, TP, MeshError, axis_size, axis_sizes,
                            check_sequence_fits, drop_trivial_axes)
@@ -85,7 +90,8 @@ def check_sequence_shape(mesh: Mesh, shape: tuple[int, ...]) -> None:
 def column_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
                     lora: Lora | None = None, *, mesh: Mesh, sequence_parallel: bool = False,
                     lora_x: jax.Array | None = None, lora_dtype: Any = None,
-                    mixed: MixedBatch | None = None, name: str = "column_parallel") -> jax.Array:
+                    mixed: MixedBatch | None = None, name: str = "column_parallel",
+                    collective_matmul: bool = False) -> jax.Array:
     """`x @ kernel + bias + s (lora_x @ A) @ B` with the kernel's output features split over tp.
 
     `kernel` may be stored quantised (`models.quant`: NF4, int8, FP8): each device multiplies
@@ -104,12 +110,18 @@ def column_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = No
       bias [out/tp]
       A [in, r];  B [r, out/tp];  s []
       y [B/bd, S, out/tp]
+
+    `collective_matmul` (with `sequence_parallel`): the gather of x runs as a ring of ppermutes,
+    each step's transfer overlapping the previous chunk's base matmul
+    (`sharding.collective_matmul.allgather_matmul`); the adapter reads the x the ring gathered.
+    Ignored (the plain gather) for a quantised kernel or under FSDP.
     """
     x_spec = activation_spec(mesh, x.shape, seq_split=sequence_parallel)
     out_spec = P(x_spec[0], *([None] * (x.ndim - 2)), TP)
     body = functools.partial(_column_local, sequence_parallel=sequence_parallel,
                              sizes=axis_sizes(mesh), lora_dtype=lora_dtype,
-                             mixed_method=None if mixed is None else mixed.method)
+                             mixed_method=None if mixed is None else mixed.method,
+                             collective_matmul=collective_matmul)
     return _run(body, mesh, "column", x, kernel, bias, lora, lora_x, x_spec, out_spec, mixed,
                 name)
 
@@ -117,7 +129,8 @@ def column_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = No
 def row_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
                  lora: Lora | None = None, *, mesh: Mesh, sequence_parallel: bool = False,
                  lora_x: jax.Array | None = None, lora_dtype: Any = None,
-                 mixed: MixedBatch | None = None, name: str = "row_parallel") -> jax.Array:
+                 mixed: MixedBatch | None = None, name: str = "row_parallel",
+                 collective_matmul: bool = False) -> jax.Array:
     """`x @ kernel + bias + s (lora_x @ A) @ B` with the kernel's input features split over tp.
 
     `kernel` may be stored quantised, as `column_parallel` says.
@@ -134,6 +147,12 @@ def row_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
       partial = x @ K + s (x @ A) @ B        [B/bd, S, out], one term per tp device
       y = psum(partial) + bias               [B/bd, S, out]
         or psum_scatter over S (SP) + bias   [B/bd, S/tp, out]
+
+    `collective_matmul` (with `sequence_parallel`): the partial product is formed one sequence
+    chunk at a time and summed while it travels the ring
+    (`sharding.collective_matmul.matmul_reducescatter`), the adapter's partial added to each
+    chunk before it leaves: still one reduction for base and LoRA. Ignored (the plain
+    psum_scatter) for a quantised kernel, under FSDP, or with DoRA.
     """
     x_spec = activation_spec(mesh, x.shape, feature_split=True)
     middle = [None] * (x.ndim - 2)
@@ -143,7 +162,8 @@ def row_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
     out_spec = P(x_spec[0], *middle, None)
     body = functools.partial(_row_local, sequence_parallel=sequence_parallel,
                              sizes=axis_sizes(mesh), lora_dtype=lora_dtype,
-                             mixed_method=None if mixed is None else mixed.method)
+                             mixed_method=None if mixed is None else mixed.method,
+                             collective_matmul=collective_matmul)
     return _run(body, mesh, "row", x, kernel, bias, lora, lora_x, x_spec, out_spec, mixed, name)
 
 
@@ -197,15 +217,21 @@ def _mesh_axes_of(*specs: P) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _column_local(ops, *, sequence_parallel, sizes, lora_dtype, mixed_method=None, quant=None):
+def _column_local(ops, *, sequence_parallel, sizes, lora_dtype, mixed_method=None, quant=None,
+                  collective_matmul=False):
     x, tp = ops["x"], sizes[TP] > 1
-    if sequence_parallel and tp:
+    ring = _use_ring(collective_matmul, sequence_parallel, sizes, quant)
+    if ring:
+        # The ring gathers x as it multiplies: the adapter below reads the gathered x it built.
+        y, x = gather_and_matmul(x, ops["kernel"], TP)
+    elif sequence_parallel and tp:
         x = all_gather(x, TP, axis=1)
     elif tp:
         # x is replicated over tp; cast it to varying once so that the base and the adapter
         # share one psum of the input gradient in the backward pass.
         x = to_varying(x, TP)
-    y = _base_matmul(x, ops["kernel"], 0, sizes, quant)
+    if not ring:
+        y = _base_matmul(x, ops["kernel"], 0, sizes, quant)
     if "bias" in ops:
         y = y + ops["bias"]
     if "index" in ops:  # a mixed batch: this device's rows, each with its own adapter
@@ -271,8 +297,11 @@ def _gathered_for_norm(kernel: jax.Array, fsdp_axis: int, sizes: dict[str, int])
     return kernel if sizes[FSDP] == 1 else all_gather(kernel, FSDP, axis=fsdp_axis)
 
 
-def _row_local(ops, *, sequence_parallel, sizes, lora_dtype, mixed_method=None, quant=None):
+def _row_local(ops, *, sequence_parallel, sizes, lora_dtype, mixed_method=None, quant=None,
+                collective_matmul=False):
     x = ops["x"]
+    if _use_ring(collective_matmul, sequence_parallel, sizes, quant) and "magnitude" not in ops:
+        return _row_ring(ops, lora_dtype=lora_dtype, mixed_method=mixed_method)
     y = _base_matmul(x, ops["kernel"], 1, sizes, quant)
     if "index" in ops:  # a mixed batch: linear in x's features, so its partial sums like one
         x_in = ops.get("lora_x", x)
@@ -293,6 +322,35 @@ def _row_local(ops, *, sequence_parallel, sizes, lora_dtype, mixed_method=None, 
     if "bias" in ops:
         y = y + ops["bias"]
     # The reduced sum is what the backward needs: saved, the reduction is not run again there.
+    return name_output(y) if "lora" in ops else y
+
+
+def _use_ring(collective_matmul, sequence_parallel, sizes, quant) -> bool:
+    """Whether the base matmul runs as a collective-matmul ring: asked for, with sequence
+    parallelism over tp > 1, on a plain kernel that is not split over fsdp. (A quantised kernel
+    dequantises per device in `sharding.quantized`, and an fsdp-split one is gathered inside a
+    checkpoint; both keep the plain collectives rather than a second code path.)"""
+    return (collective_matmul and sequence_parallel and sizes[TP] > 1 and sizes[FSDP] == 1
+            and quant is None)
+
+
+def _row_ring(ops, *, lora_dtype, mixed_method):
+    """The row layer under collective matmul: the adapter's partial (one adapter or a mixed
+    batch's) is formed whole, as `_row_local` does, and each sequence chunk of it joins the base
+    product's chunk before the ring's reduce-scatter, so base and LoRA still share one
+    reduction. Local shapes as `row_parallel`'s; the result [B/bd, S/tp, out]."""
+    x, delta = ops["x"], None
+    if "index" in ops:
+        x_in = ops.get("lora_x", x)
+        delta = mixed_delta(x_in, Adapter(*ops["lora"]), MixedBatch(ops["index"], mixed_method),
+                            in_axes=(x_in.ndim - 1,), dtype=lora_dtype)
+    elif "lora" in ops:
+        a, b, scale = ops["lora"]
+        delta = adapter_out(adapter_in(ops.get("lora_x", x), a, scale, dtype=lora_dtype), b,
+                            lora_dtype)
+    y = matmul_reducescatter(x, ops["kernel"], TP, addend=delta)
+    if "bias" in ops:
+        y = y + ops["bias"]
     return name_output(y) if "lora" in ops else y
 
 
@@ -336,6 +394,9 @@ class _ParallelDense(nn.Module):
     # Store the frozen kernel quantised in this format (`models.quant.FORMATS`), with
     # `QuantDense`'s param tree, so a checkpoint is the same at tp=1 and tp>1.
     quant: str | None = None
+    # Sequence parallelism's collective as a ppermute ring overlapped with the base matmul
+    # (`sharding.collective_matmul`); see `column_parallel` / `row_parallel` for when it applies.
+    collective_matmul: bool = False
 
     def _params(self, x: jax.Array):
         """(kernel, bias or None) as stored, the adapter or None, the adapter's dtype."""
@@ -414,7 +475,8 @@ class ColumnParallelDense(_ParallelDense):
         x, kernel, bias, lora, lora_x, lora_dtype = self._operands(x)
         return column_parallel(x, kernel, bias, lora, mesh=self.mesh, lora_x=lora_x,
                                sequence_parallel=self.sequence_parallel, lora_dtype=lora_dtype,
-                               mixed=self._mixed(lora), name=self._label())
+                               mixed=self._mixed(lora), name=self._label(),
+                               collective_matmul=self.collective_matmul)
 
 
 class RowParallelDense(_ParallelDense):
@@ -427,7 +489,8 @@ class RowParallelDense(_ParallelDense):
         x, kernel, bias, lora, lora_x, lora_dtype = self._operands(x)
         return row_parallel(x, kernel, bias, lora, mesh=self.mesh, lora_x=lora_x,
                             sequence_parallel=self.sequence_parallel, lora_dtype=lora_dtype,
-                            mixed=self._mixed(lora), name=self._label())
+                            mixed=self._mixed(lora), name=self._label(),
+                            collective_matmul=self.collective_matmul)
 
 
 class ReplicatedDense(_ParallelDense):

@@ -26,6 +26,10 @@ class TensorParallelism:
       sequence_parallel: split the residual stream on the sequence over tp between blocks
         (all-gather before column layers, reduce-scatter after row layers); norms, dropout and
         residual adds then touch 1/tp of the tokens per device. Needs seq % tp == 0.
+      collective_matmul: with `sequence_parallel`, run each column layer's all-gather and row
+        layer's reduce-scatter as a ring of ppermutes overlapped with the base matmul's chunks
+        (`sharding.collective_matmul`; plain kernels without FSDP only, others keep the plain
+        collectives). Results equal the plain path up to float summation order.
 
     The parameter tree is `NoParallelism`'s, so create parameters with the plain model (any
     dummy batch) and the rules' shardings; tracing the parallel model needs a batch that splits
@@ -41,6 +45,12 @@ class TensorParallelism:
 
     mesh: Mesh
     sequence_parallel: bool = False
+    collective_matmul: bool = False
+
+    def __post_init__(self):
+        if self.collective_matmul and not self.sequence_parallel:
+            raise ValueError("collective_matmul overlaps sequence parallelism's all-gather and "
+                             "reduce-scatter with the matmuls: it needs sequence_parallel=True")
 
     def dense(self, features, *, role, name, use_bias, dtype, param_dtype, kernel_init,
               bias_init, dot_general=None, quant=None) -> nn.Module:
@@ -55,7 +65,7 @@ class TensorParallelism:
         return _LAYERS[role](features, mesh=self.mesh, sequence_parallel=self.sequence_parallel,
                              use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                              kernel_init=kernel_init, bias_init=bias_init, name=name,
-                             quant=quant)
+                             quant=quant, collective_matmul=self.collective_matmul)
 
     def constrain(self, x: jax.Array, mark: str) -> jax.Array:
         """Pin an activation's layout: "residual" [B, S, D] is split on batch (and on S under
