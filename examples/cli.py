@@ -78,6 +78,7 @@ class TrainConfig:
     attention: str | None = None
     quantize: str | None = None
     quant_impl: str = "xla"
+    mlp_chunk: int | None = None
     # optimisation
     batch_size: int = 8
     seq_len: int = 128
@@ -259,6 +260,10 @@ def _numerics_flags(g, d: TrainConfig) -> None:
     g.add_argument("--quant-impl", choices=("xla", "pallas"), default=d.quant_impl,
                    help="with --quantize nf4|int8: 'pallas' dequantises inside the GEMM "
                         "(models.quant_pallas, Triton on GPU); 'xla' dequantises first")
+    g.add_argument("--mlp-chunk", type=int, default=d.mlp_chunk, metavar="TOKENS",
+                   help="long context: run the MLP over slices of TOKENS tokens of the "
+                        "sequence (models.chunking; --seq-len a multiple of it, --tp 1); with "
+                        "--remat offload_layer_input:F the layer inputs go to host memory")
 
 
 def _optimisation_flags(g, d: TrainConfig) -> None:
@@ -323,6 +328,7 @@ def check(cfg: TrainConfig) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_\-]+", cfg.adapter_name):
         raise ValueError(f"--adapter-name {cfg.adapter_name!r}: use letters, digits, '_' or '-'")
     _check_quantize(cfg)
+    _check_mlp_chunk(cfg)
     if cfg.dp < 1 and cfg.dp != -1:
         raise ValueError(f"--dp must be >= 1 or -1 (the devices left), got {cfg.dp}")
     if cfg.batch_size % cfg.grad_accum:
@@ -369,6 +375,21 @@ def _check_quantize(cfg: TrainConfig) -> None:
         raise ValueError(f"--init {cfg.init} rewrites the base kernels, which a quantised base "
                          f"(--quantize {cfg.quantize}) cannot hold: use --init default or "
                          "gaussian, or drop --quantize")
+
+
+def _check_mlp_chunk(cfg: TrainConfig) -> None:
+    """The chunked MLP slices the whole sequence on one device's view: a positive chunk that
+    divides --seq-len, and no tensor parallelism (sequence parallelism already splits it)."""
+    if cfg.mlp_chunk is None:
+        return
+    if cfg.mlp_chunk < 1:
+        raise ValueError(f"--mlp-chunk must be >= 1 tokens, got {cfg.mlp_chunk}")
+    if cfg.seq_len % cfg.mlp_chunk:
+        raise ValueError(f"--mlp-chunk {cfg.mlp_chunk} does not divide --seq-len {cfg.seq_len}: "
+                         "choose a chunk that divides it, or drop --mlp-chunk")
+    if cfg.tp != 1:
+        raise ValueError(f"--mlp-chunk runs with --tp 1 (got --tp {cfg.tp}): under tensor "
+                         "parallelism use --sp, which splits the sequence already")
 
 
 def _check_reals(cfg: TrainConfig) -> None:

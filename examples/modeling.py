@@ -54,7 +54,8 @@ def runtime_options(cfg: TrainConfig) -> dict:
                 remat_policy=cfg.remat, attention_impl=cfg.attention,
                 **({"quantize": cfg.quantize} if getattr(cfg, "quantize", None) else {}),
                 **({"quant_impl": cfg.quant_impl}
-                   if getattr(cfg, "quant_impl", "xla") != "xla" else {}))
+                   if getattr(cfg, "quant_impl", "xla") != "xla" else {}),
+                **({"mlp_chunk": cfg.mlp_chunk} if getattr(cfg, "mlp_chunk", None) else {}))
 
 
 def model_config(cfg: TrainConfig) -> tuple[Any, str]:

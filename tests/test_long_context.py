@@ -181,3 +181,23 @@ def test_benchmark_layers_and_compile_only(monkeypatch):
     assert record["layers"] == 2 and record["mode"] == "compile-only"
     with pytest.raises(SystemExit):
         max_fit.parse_args(["--frameworks", "jax", "peft-eager", "--layers", "2"])
+
+
+
+def test_cli_mlp_chunk_reaches_the_model_and_bad_chunks_are_refused():
+    """`examples.train --mlp-chunk N` sets the model's `mlp_chunk` (whose parity with the
+    unchunked model the tests above check), with the offloading remat policy by name; bad
+    chunks are refused before any work."""
+    from examples.cli import TrainConfig, check, parse_args
+    from examples.modeling import model_config
+    cfg = parse_args(["--model", "llama3", "--seq-len", "32", "--mlp-chunk", "8",
+                      "--remat", "offload_layer_input:0.5"])
+    check(cfg)
+    config, _ = model_config(cfg)
+    assert config.mlp_chunk == 8 and config.remat_policy == "offload_layer_input:0.5"
+    assert model_config(parse_args(["--model", "llama3"]))[0].mlp_chunk is None
+    for kw, message in ((dict(mlp_chunk=5), "does not divide --seq-len"),
+                        (dict(mlp_chunk=0), ">= 1"),
+                        (dict(mlp_chunk=8, tp=2, sp=True), "--tp 1")):
+        with pytest.raises(ValueError, match=message):
+            check(TrainConfig(seq_len=32, **kw))
