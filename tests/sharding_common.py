@@ -2,6 +2,8 @@
 import jax
 import numpy as np
 
+import lora_jax as lj
+from models.loss import cross_entropy
 from sharding import make_mesh
 
 # float32 parity tolerance, absolute and relative. Sharding only reorders sums (psum of partial
@@ -28,6 +30,17 @@ def compile_fast(fn, *args, **jit_kwargs):
 def mesh_of(dp=1, fsdp=1, tp=1):
     """A mesh over the first dp*fsdp*tp of the 8 simulated devices."""
     return make_mesh(dp=dp, fsdp=fsdp, tp=tp, devices=jax.devices()[:dp * fsdp * tp])
+
+
+def lora_logits_loss_grads(model, adapters, base, ids):
+    """(logits, next-token loss, adapter gradients) of `model` over `base` + `adapters`: what the
+    model-level parity tests compare between a sharded run and one device."""
+    def loss(adapters):
+        logits = lj.apply(model, {"params": lj.combine(base, adapters)}, ids)
+        return cross_entropy(logits, ids, shift=True), logits
+
+    (loss_value, logits), grads = jax.value_and_grad(loss, has_aux=True)(adapters)
+    return logits, loss_value, grads
 
 
 def assert_trees_close(actual, expected, **tol):

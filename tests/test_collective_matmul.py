@@ -19,12 +19,12 @@ import lora_jax as lj
 from lora_jax.adapter_op import Adapter, MixedBatch
 from examples.cli import parse_args
 from models.llama import Llama, LlamaConfig
-from models.loss import cross_entropy
 from sharding import (BATCH_AXES, TensorParallelism, collective_counts, column_parallel,
                       row_parallel, shard_params)
 from sharding.collective_matmul import allgather_matmul, matmul_reducescatter
 from sharding.compat import all_gather, shard_map
-from tests.sharding_common import TOL, assert_trees_close, compile_fast, mesh_of, run_fast
+from tests.sharding_common import (TOL, assert_trees_close, compile_fast, lora_logits_loss_grads,
+                                   mesh_of, run_fast)
 
 B, S, D, F, R = 2, 8, 16, 24, 4
 
@@ -161,33 +161,25 @@ CONFIG = LlamaConfig.tiny(num_attention_heads=4, num_key_value_heads=2, scan_lay
 LORA = lj.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
 
 
-def _logits_and_grads(model, adapters, base, ids):
-    def loss(adapters):
-        logits = lj.apply(model, {"params": lj.combine(base, adapters)}, ids)
-        return cross_entropy(logits, ids, shift=True), logits
-    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(adapters)
-    return logits, grads
-
-
 @functools.lru_cache(maxsize=None)
 def _reference():
     ids = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (4, 16), np.int32)
     params = run_fast(lambda k: Llama(CONFIG).init(k, ids)["params"], jax.random.key(0))
     base, adapters = lj.split(run_fast(lambda p: lj.inject(p, LORA, jax.random.key(1)), params))
-    return base, adapters, ids, run_fast(functools.partial(_logits_and_grads, Llama(CONFIG)),
+    return base, adapters, ids, run_fast(functools.partial(lora_logits_loss_grads, Llama(CONFIG)),
                                          adapters, base, ids)
 
 
 @pytest.mark.parametrize("dp,tp", [(1, 2), (2, 2)])
 def test_llama_with_lora_and_collective_matmul_matches_one_device(dp, tp):
-    base, adapters, ids, (logits_ref, grads_ref) = _reference()
+    base, adapters, ids, (logits_ref, _, grads_ref) = _reference()
     mesh = mesh_of(dp=dp, tp=tp)
     model = Llama(CONFIG, TensorParallelism(mesh=mesh, sequence_parallel=True,
                                             collective_matmul=True))
     ids = jax.device_put(ids, NamedSharding(mesh, P(BATCH_AXES)))
     args = (shard_params(adapters, mesh), shard_params(base, mesh), ids)
-    program = compile_fast(functools.partial(_logits_and_grads, model), *args)
-    logits, grads = program(*args)
+    program = compile_fast(functools.partial(lora_logits_loss_grads, model), *args)
+    logits, _, grads = program(*args)
     np.testing.assert_allclose(logits, logits_ref, **TOL)
     assert_trees_close(grads, grads_ref, **TOL)
     # The rings are taken in the model: no reduce-scatter is left (the plain program has one per

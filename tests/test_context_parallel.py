@@ -22,7 +22,8 @@ from models.loss import cross_entropy
 from sharding import (CP, ContextParallelism, MeshError, collective_counts, collectives,
                       make_mesh, ring_attention, shard_batch, shard_params, shift_labels,
                       vocab_parallel_cross_entropy, zigzag_order)
-from tests.sharding_common import TOL, assert_trees_close, compile_fast, run_fast
+from tests.sharding_common import (TOL, assert_trees_close, compile_fast, lora_logits_loss_grads,
+                                   run_fast)
 
 B, S, HQ, HKV, D = 2, 16, 4, 2, 8          # GQA: two query heads per key/value head
 
@@ -134,21 +135,13 @@ CONFIG = LlamaConfig.tiny(scan_layers=True)
 LORA = lj.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
 
 
-def forward_loss_grads(model, adapters, base, ids):
-    def loss_fn(adapters):
-        logits = lj.apply(model, {"params": lj.combine(base, adapters)}, ids)
-        return cross_entropy(logits, ids, shift=True), logits
-
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(adapters)
-    return logits, loss, grads
-
 
 @functools.lru_cache(maxsize=None)
 def reference():
     ids = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (4, S), np.int32)
     params = run_fast(lambda key: Llama(CONFIG).init(key, ids)["params"], jax.random.key(0))
     base, adapters = lj.split(run_fast(lambda p: lj.inject(p, LORA, jax.random.key(1)), params))
-    out = run_fast(functools.partial(forward_loss_grads, Llama(CONFIG)), adapters, base, ids)
+    out = run_fast(functools.partial(lora_logits_loss_grads, Llama(CONFIG)), adapters, base, ids)
     return base, adapters, ids, out
 
 
@@ -163,7 +156,7 @@ def test_llama_with_lora_under_context_parallelism_matches_one_device(dp, fsdp, 
     model = Llama(dataclasses.replace(CONFIG, remat_policy=remat), ContextParallelism(mesh=mesh))
     batch = shard_batch(ids, mesh)
     assert batch.sharding.spec[1] == CP
-    logits, loss, grads = run_fast(functools.partial(forward_loss_grads, model),
+    logits, loss, grads = run_fast(functools.partial(lora_logits_loss_grads, model),
                                    shard_params(adapters, mesh), shard_params(base, mesh), batch)
     np.testing.assert_allclose(logits, logits_ref, **TOL)
     np.testing.assert_allclose(loss, loss_ref, **TOL)

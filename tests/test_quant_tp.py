@@ -29,11 +29,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lora_jax as lj
 from models.llama import Llama, LlamaConfig
-from models.loss import cross_entropy
 from models.quant import QuantDense, quantize, quantized_matmul
 from sharding import BATCH_AXES, MeshError, TensorParallelism, leaf_sharding, shard_params
 from sharding.layers import ColumnParallelDense, RowParallelDense, column_parallel, row_parallel
-from tests.sharding_common import mesh_of, run_fast
+from tests.sharding_common import lora_logits_loss_grads, mesh_of, run_fast
 from tests.test_quant import FORMATS, gaussian
 
 # hidden 128 and ffn 256: every projection's input is a multiple of 64 per tp=2 / fsdp=2 shard
@@ -49,23 +48,14 @@ LAYOUTS = {  # name: (dp, fsdp, tp, sequence_parallel)
 MODEL_RTOL = {"nf4": 1e-5, "int8": 1e-5, "fp8": 1e-3}  # of each leaf's max (see the docstring)
 
 
-def logits_and_grads(model, adapters, base, ids):
-    def loss(adapters):
-        logits = lj.apply(model, {"params": lj.combine(base, adapters)}, ids)
-        return cross_entropy(logits, ids, shift=True), logits
-
-    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(adapters)
-    return logits, grads
-
-
 @functools.lru_cache(maxsize=None)
 def reference(fmt):
-    """The single-device model: base (quantised), adapters, ids and its (logits, grads)."""
+    """The single-device model: base (quantised), adapters, ids and its (logits, loss, grads)."""
     config = LlamaConfig.tiny(quantize=fmt, **CONFIG)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (4, 8)).astype(np.int32)
     params = run_fast(lambda k: Llama(config).init(k, ids)["params"], jax.random.key(0))
     base, adapters = lj.split(run_fast(lambda p: lj.inject(p, LORA, jax.random.key(1)), params))
-    out = run_fast(functools.partial(logits_and_grads, Llama(config)), adapters, base, ids)
+    out = run_fast(functools.partial(lora_logits_loss_grads, Llama(config)), adapters, base, ids)
     return config, base, adapters, ids, out
 
 
@@ -81,11 +71,11 @@ def assert_close_to_max(actual, expected, rtol):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_tensor_parallel_qlora_matches_single_device(fmt, layout):
-    config, base, adapters, ids, (logits_ref, grads_ref) = reference(fmt)
+    config, base, adapters, ids, (logits_ref, _, grads_ref) = reference(fmt)
     dp, fsdp, tp, sp = LAYOUTS[layout]
     mesh = mesh_of(dp, fsdp, tp)
     model = Llama(config, TensorParallelism(mesh=mesh, sequence_parallel=sp))
-    logits, grads = run_fast(functools.partial(logits_and_grads, model),
+    logits, _, grads = run_fast(functools.partial(lora_logits_loss_grads, model),
                              shard_params(adapters, mesh), shard_params(base, mesh),
                              jax.device_put(ids, NamedSharding(mesh, P(BATCH_AXES))))
     assert_close_to_max(logits, logits_ref, MODEL_RTOL[fmt])
