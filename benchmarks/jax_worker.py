@@ -14,7 +14,8 @@ fp8_skip=q_proj+k_proj (with fp8=1: projections kept in bf16, `base_fp8_skip`),
 quant=nf4|int8|fp8 (a frozen base
 STORED quantised, `models.quant`: random normal(0.02) kernels quantised at init, per layer inside
 the scanned init), quant_impl=xla|pallas (with quant=nf4|int8: `RuntimeOptions.quant_impl`,
-"pallas" dequantises inside the GEMM, `models.quant_pallas`), init=hf|scaled (hf: every kernel normal(0.02), as transformers initialises Llama; scaled: the
+"pallas" dequantises inside the GEMM, `models.quant_pallas`), fp8_scaling=tensor|row (with
+quant=fp8: `RuntimeOptions.fp8_scaling`, "row" scales x and dy per token row), init=hf|scaled (hf: every kernel normal(0.02), as transformers initialises Llama; scaled: the
 residual-branch outputs o_proj and down_proj divided by sqrt(2 L), Megatron's "scaled init";
 on the 8B shape it did not reduce the FP8 forward's drift, see `benchmarks.fp8_drift`),
 dora=1|0 (DoRA, `LoraConfig(use_dora=True)`: a trained magnitude per output feature,
@@ -68,6 +69,7 @@ DEFAULTS = {"remat": "dots_saveable", "attn": "cudnn", "adapter_dtype": "bfloat1
             "quant": ""}
 DEFAULTS["dora"] = "0"  # dora=1: LoraConfig(use_dora=True)
 DEFAULTS["quant_impl"] = "xla"  # quant_impl=pallas: fused NF4/int8 GEMM (models.quant_pallas)
+DEFAULTS["fp8_scaling"] = "tensor"  # fp8_scaling=row (with quant=fp8): per-token FP8 scales
 DEFAULTS["mlp_chunk"] = ""  # mlp_chunk=8192: the MLP over 8192-token slices of the sequence
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 
@@ -90,6 +92,17 @@ def projection_names(joined: str) -> tuple[str, ...]:
     """Projection names joined by "+" (how fp8_skip= and --fp8-skip spell them) as a tuple:
     "q_proj+k_proj" -> ("q_proj", "k_proj"), "" -> ()."""
     return tuple(filter(None, joined.split("+")))
+
+
+def fp8_scaling_option(opts: dict) -> dict:
+    """The config's `fp8_scaling` override ({} for the default): "row" only with quant=fp8,
+    the one format it changes, so a row-scaled run cannot be mistaken for another format's."""
+    if opts["fp8_scaling"] == "tensor":
+        return {}
+    if opts["quant"] != "fp8":
+        raise SystemExit(f"fp8_scaling={opts['fp8_scaling']} scales an FP8-stored base's "
+                         "activations: add quant=fp8")
+    return {"fp8_scaling": opts["fp8_scaling"]}
 
 
 def parse_variant(items: list[str]) -> dict:
@@ -132,7 +145,8 @@ def build(shape: str, opts: dict, batch: int, seq: int, rank: int = 16, *,
                                    mlp_chunk=int(opts["mlp_chunk"]) if opts["mlp_chunk"] else None,
                                    **({"quantize": opts["quant"]} if opts["quant"] else {}),
                                    **({"quant_impl": opts["quant_impl"]}
-                                      if opts["quant_impl"] != "xla" else {}))
+                                      if opts["quant_impl"] != "xla" else {}),
+                                   **fp8_scaling_option(opts))
     lora_cfg = lj.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
                              adapter_dtype=opts["adapter_dtype"], use_dora=opts["dora"] == "1")
 

@@ -79,6 +79,7 @@ class TrainConfig:
     quantize: str | None = None
     quant_impl: str = "xla"
     mlp_chunk: int | None = None
+    fp8_scaling: str = "tensor"
     # optimisation
     batch_size: int = 8
     seq_len: int = 128
@@ -260,6 +261,9 @@ def _numerics_flags(g, d: TrainConfig) -> None:
     g.add_argument("--quant-impl", choices=("xla", "pallas"), default=d.quant_impl,
                    help="with --quantize nf4|int8: 'pallas' dequantises inside the GEMM "
                         "(models.quant_pallas, Triton on GPU); 'xla' dequantises first")
+    g.add_argument("--fp8-scaling", choices=("tensor", "row"), default=d.fp8_scaling,
+                   help="with --quantize fp8: one FP8 scale per activation tensor ('tensor') "
+                        "or per token row ('row', models.quant)")
     g.add_argument("--mlp-chunk", type=int, default=d.mlp_chunk, metavar="TOKENS",
                    help="long context: run the MLP over slices of TOKENS tokens of the "
                         "sequence (models.chunking; --seq-len a multiple of it, --tp 1); with "
@@ -366,6 +370,10 @@ def _check_quantize(cfg: TrainConfig) -> None:
     if cfg.quant_impl != "xla" and cfg.quantize is None:
         raise ValueError(f"--quant-impl {cfg.quant_impl} chooses how a quantised base "
                          "multiplies: add --quantize nf4|int8, or drop --quant-impl")
+    if cfg.fp8_scaling != "tensor" and cfg.quantize != "fp8":
+        raise ValueError(f"--fp8-scaling {cfg.fp8_scaling} chooses how an FP8-stored base "
+                         f"scales its activations: add --quantize fp8 (got --quantize "
+                         f"{cfg.quantize}), or drop --fp8-scaling")
     if cfg.quantize is None:
         return
     if cfg.dora:

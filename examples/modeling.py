@@ -55,7 +55,9 @@ def runtime_options(cfg: TrainConfig) -> dict:
                 **({"quantize": cfg.quantize} if getattr(cfg, "quantize", None) else {}),
                 **({"quant_impl": cfg.quant_impl}
                    if getattr(cfg, "quant_impl", "xla") != "xla" else {}),
-                **({"mlp_chunk": cfg.mlp_chunk} if getattr(cfg, "mlp_chunk", None) else {}))
+                **({"mlp_chunk": cfg.mlp_chunk} if getattr(cfg, "mlp_chunk", None) else {}),
+                **({"fp8_scaling": cfg.fp8_scaling}
+                   if getattr(cfg, "fp8_scaling", "tensor") != "tensor" else {}))
 
 
 def model_config(cfg: TrainConfig) -> tuple[Any, str]:

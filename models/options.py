@@ -19,6 +19,10 @@ ATTENTION_IMPLS = (None, "xla", "cudnn")
 # How a `quantize`d NF4 / int8 kernel multiplies: dequantise then GEMM ("xla"), or dequantise
 # inside the GEMM (`models.quant_pallas`). "xla" stays the default until a GPU run says otherwise.
 QUANT_IMPLS = ("xla", "pallas")
+# How a `quantize="fp8"` kernel scales its activation and output gradient (`models.quant`): one
+# amax per tensor, or one per row of the last axis. "tensor" stays the default until a GPU run
+# says otherwise.
+FP8_SCALINGS = ("tensor", "row")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,6 +62,11 @@ class RuntimeOptions:
         for the 8B shape at 512k tokens unchunked). Same result up to rounding; for long
         context on one device (not with the tensor/sequence-parallel layers). Must divide the
         sequence length of calls longer than one chunk.
+      fp8_scaling: how a `quantize="fp8"` kernel scales the activation x (forward) and the
+        output gradient (backward) before their FP8 casts: "tensor" (one amax per call) or
+        "row" (one amax per row of the last axis, i.e. per token: a row reduction XLA can fuse
+        with the cast, the scale applied to the GEMM's output; `models.quant`). Other formats
+        ignore it.
     """
 
     dtype: Any = jnp.float32
@@ -70,6 +79,7 @@ class RuntimeOptions:
     quantize: str | None = None
     quant_impl: str = "xla"
     mlp_chunk: int | None = None
+    fp8_scaling: str = "tensor"
 
     def __post_init__(self):
         # Canonical dtypes keep configs hashable and equal however the dtype was spelled.
@@ -95,6 +105,9 @@ class RuntimeOptions:
                              f"{ATTENTION_IMPLS}")
         if self.quant_impl not in QUANT_IMPLS:
             raise ValueError(f"quant_impl={self.quant_impl!r}: use one of {QUANT_IMPLS}")
+        if self.fp8_scaling not in FP8_SCALINGS:
+            raise ValueError(f"fp8_scaling={self.fp8_scaling!r}: use one of {FP8_SCALINGS} "
+                             "('row': one FP8 scale per token row, for quantize='fp8')")
 
 
 def remat_policy_fn(policy: str | Callable) -> Callable | None:

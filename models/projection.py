@@ -40,12 +40,21 @@ def quantized_projection(parallel: Parallelism, config: Any, features: int, *, n
         return parallel.dense(features, role=role, name=name, use_bias=use_bias,
                               dtype=config.dtype, param_dtype=config.param_dtype,
                               kernel_init=nn.initializers.normal(config.initializer_range),
-                              bias_init=nn.initializers.zeros, quant=config.quantize)
+                              bias_init=nn.initializers.zeros, quant=config.quantize,
+                              **_fp8_options(config))
     return QuantDense(features, quant=config.quantize, name=name, use_bias=use_bias,
                       quant_impl=getattr(config, "quant_impl", "xla"),
+                      fp8_scaling=getattr(config, "fp8_scaling", "tensor"),
                       dtype=config.dtype, param_dtype=config.param_dtype,
                       kernel_init=nn.initializers.normal(config.initializer_range),
                       bias_init=nn.initializers.zeros)
+
+
+def _fp8_options(config: Any) -> dict:
+    """`fp8_scaling=` for a parallelism's layer when the config asks for a non-default one (so
+    a parallelism that does not know the option is asked with it only when it matters)."""
+    scaling = getattr(config, "fp8_scaling", "tensor")
+    return {} if scaling == "tensor" else {"fp8_scaling": scaling}
 
 
 def embedding(config: Any, num: int, features: int) -> nn.Embed:

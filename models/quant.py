@@ -21,6 +21,9 @@ Formats (`FORMATS`):
         (or one value repeated: per tensor). The activations are scaled per call as in
         `models.fp8` (e4m3 forward, e5m2 input gradient), so both GEMMs run in FP8. Inside a
         shard_map `amax_axes` reduces that per-tensor amax over the devices (`sharding.quantized`).
+        With `fp8_scaling="row"` the amax is per row of the last axis instead (one scale per
+        token, `[..., 1]`, applied to the GEMM's output), reduced only over the mesh axes that
+        split that last axis (`row_amax_axes`).
 
 Leaves keep the kernel's 2-D layout (`codes`, `absmax` like `kernel`; `codes_t` transposed;
 `scale` like the output axis), so `sharding.rules` splits them as it splits the kernel.
@@ -49,6 +52,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from models import fp8 as fp8_recipe
 from models.options import QUANT_IMPLS  # how NF4 / int8 multiply (`quantized_matmul`'s impl)
+from models.options import FP8_SCALINGS  # how FP8 scales x and dy (`quantized_matmul`'s fp8_scaling)
 
 FORMATS = ("nf4", "int8", "fp8")
 NF4_BLOCK = 64
@@ -210,6 +214,11 @@ class Fp8Kernel(_Quantized):
     # gradient are split over, whose per-tensor amax is reduced over them (pmax) so a shard is
     # scaled as the whole tensor is on one device. () in a params tree.
     amax_axes: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
+    # The same for fp8_scaling="row": (the axes splitting x's LAST axis, those splitting dy's).
+    # A row's amax needs only the devices holding other parts of that row; token axes (dp,
+    # fsdp, sp) hold whole rows and must not be reduced over. ((), ()) in a params tree.
+    row_amax_axes: tuple[tuple[str, ...], tuple[str, ...]] = flax.struct.field(
+        pytree_node=False, default=((), ()))
     format = "fp8"
 
     @property
@@ -366,17 +375,24 @@ def _int8_backward(dy, q, dtype):
                                preferred_element_type=jnp.float32)
 
 
-def _fp8_forward(x, q, dtype):
-    x8, sx = fp8_recipe.quantize(x, fp8_recipe.FORWARD_DTYPE, axes=q.amax_axes)
+def _fp8_forward(x, q, dtype, scaling="tensor"):
+    # Row mode: sx is [..., 1], one scale per row of x, so it commutes with the contraction
+    # over x's last axis and is applied to the [..., out] result like the channel scale.
+    rowwise = scaling == "row"
+    x8, sx = fp8_recipe.quantize(x, fp8_recipe.FORWARD_DTYPE, rowwise=rowwise,
+                                 axes=q.row_amax_axes[0] if rowwise else q.amax_axes)
     y = fp8_recipe._last_axis_dot(x8, q.codes_t, dtype)  # W^T [out, in]: contraction last
     return y.astype(jnp.float32) * (sx * q.scale)
 
 
-def _fp8_backward(dy, q, dtype):
+def _fp8_backward(dy, q, dtype, scaling="tensor"):
     # dx = (dy * scale) @ W8^T-as-stored^T: the gradient carries the channel scale, so the
     # GEMM sees the stored codes; transposed to [in, out] for the fast last-axis layout.
+    # Row mode: one scale per row of dy * scale ([..., 1]), applied to the [..., in] result.
+    rowwise = scaling == "row"
     dy8, sdy = fp8_recipe.quantize(dy.astype(jnp.float32) * q.scale,
-                                   fp8_recipe.GRADIENT_DTYPE, axes=q.amax_axes)
+                                   fp8_recipe.GRADIENT_DTYPE, rowwise=rowwise,
+                                   axes=q.row_amax_axes[1] if rowwise else q.amax_axes)
     w8 = jnp.swapaxes(q.codes_t, -1, -2)  # [in, out]
     return fp8_recipe._last_axis_dot(dy8, w8, dtype).astype(jnp.float32) * sdy
 
@@ -397,10 +413,14 @@ def _zero_cotangent(tree: Any) -> Any:
     return jax.tree.map(zero, tree)
 
 
-def _rules(q: Any, impl: str) -> tuple[Callable, Callable]:
+def _rules(q: Any, impl: str, fp8_scaling: str = "tensor") -> tuple[Callable, Callable]:
     """The (forward, backward) pair for kernel `q`: the fused Pallas kernels
     (`models.quant_pallas`) under impl="pallas" when they take `q` (2-D NF4 / int8 whose shape
-    tiles), else the XLA rules above (FP8, stacked kernels and odd shapes, explicitly)."""
+    tiles), else the XLA rules above (FP8, stacked kernels and odd shapes, explicitly); FP8's
+    with its activation scaling `fp8_scaling` ("tensor" or "row")."""
+    if isinstance(q, Fp8Kernel):
+        return (functools.partial(_fp8_forward, scaling=fp8_scaling),
+                functools.partial(_fp8_backward, scaling=fp8_scaling))
     if impl == "pallas":
         # Imported here: quant_pallas imports this module's code book.
         from models import quant_pallas
@@ -409,19 +429,19 @@ def _rules(q: Any, impl: str) -> tuple[Callable, Callable]:
     return _RULES[type(q)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _qmatmul(x: jax.Array, q: Any, dtype: Any, impl: str) -> jax.Array:
-    return _rules(q, impl)[0](x, q, dtype).astype(dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _qmatmul(x: jax.Array, q: Any, dtype: Any, impl: str, fp8_scaling: str) -> jax.Array:
+    return _rules(q, impl, fp8_scaling)[0](x, q, dtype).astype(dtype)
 
 
-def _qmatmul_fwd(x, q, dtype, impl):
+def _qmatmul_fwd(x, q, dtype, impl, fp8_scaling):
     # Residuals: the quantised leaves only (parameters already resident), never a dequantised
     # kernel, so a layer keeps no full-precision weight alive until its backward.
-    return _qmatmul(x, q, dtype, impl), q
+    return _qmatmul(x, q, dtype, impl, fp8_scaling), q
 
 
-def _qmatmul_bwd(dtype, impl, q, dy):
-    dx = _rules(q, impl)[1](dy, q, dtype).astype(dtype)
+def _qmatmul_bwd(dtype, impl, fp8_scaling, q, dy):
+    dx = _rules(q, impl, fp8_scaling)[1](dy, q, dtype).astype(dtype)
     return dx, _zero_cotangent(q)
 
 
@@ -435,7 +455,15 @@ def check_impl(impl: str) -> None:
                          "NF4 / int8 inside the GEMM, models.quant_pallas)")
 
 
-def quantized_matmul(x: jax.Array, q: Any, dtype: Any = None, impl: str = "xla") -> jax.Array:
+def check_fp8_scaling(fp8_scaling: str) -> None:
+    """Raise ValueError unless `fp8_scaling` is one of `FP8_SCALINGS`."""
+    if fp8_scaling not in FP8_SCALINGS:
+        raise ValueError(f"fp8_scaling={fp8_scaling!r}: use one of {FP8_SCALINGS} ('tensor': "
+                         "one FP8 scale per activation tensor, 'row': one per token row)")
+
+
+def quantized_matmul(x: jax.Array, q: Any, dtype: Any = None, impl: str = "xla", *,
+                     fp8_scaling: str = "tensor") -> jax.Array:
     """`x [..., in] @ W [in, out]` for a quantised `W`, in `dtype` (default: the kernel's).
 
     Gradients flow to `x` only; the kernel is frozen. The output is named
@@ -448,17 +476,23 @@ def quantized_matmul(x: jax.Array, q: Any, dtype: Any = None, impl: str = "xla")
       impl: "xla" (dequantise, then a GEMM) or "pallas" (NF4 / int8 dequantised inside the
         GEMM, forward and backward, `models.quant_pallas`; FP8, stacked kernels and shapes the
         kernels do not tile take the XLA path).
+      fp8_scaling: for an `Fp8Kernel`, how x (forward) and `dy * scale` (backward) are scaled
+        into FP8: "tensor" (one amax per call) or "row" (one per row of the last axis, applied
+        to the GEMM's output in float32). Other formats ignore it.
 
     Example:
       >>> y = quantized_matmul(x, quantize(w, "int8"), jnp.bfloat16)
       >>> y = quantized_matmul(x, quantize(w, "nf4"), jnp.bfloat16, impl="pallas")
+      >>> y = quantized_matmul(x, quantize(w, "fp8"), jnp.bfloat16, fp8_scaling="row")
     """
     check_impl(impl)
+    check_fp8_scaling(fp8_scaling)
     dtype = jnp.dtype(dtype or q.dtype)
     if x.shape[-1] != q.shape[-2]:
         raise ValueError(f"quantized_matmul: input features {x.shape[-1]} do not match the "
                          f"kernel's {q.shape[-2]} (kernel shape {q.shape})")
-    return checkpoint_name(_qmatmul(x.astype(dtype), q, dtype, impl), QUANT_OUTPUT_NAME)
+    return checkpoint_name(_qmatmul(x.astype(dtype), q, dtype, impl, fp8_scaling),
+                           QUANT_OUTPUT_NAME)
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -476,6 +510,7 @@ class QuantDense(nn.Dense):
 
     quant: str = "nf4"
     quant_impl: str = "xla"  # "pallas": the fused kernels of models.quant_pallas
+    fp8_scaling: str = "tensor"  # "row": per-token FP8 scales of x and dy (quant="fp8" only)
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -488,7 +523,8 @@ class QuantDense(nn.Dense):
 
         kernel = self.param("kernel", init)
         dtype = self.dtype or kernel.dtype
-        y = quantized_matmul(inputs, kernel, dtype, self.quant_impl)
+        y = quantized_matmul(inputs, kernel, dtype, self.quant_impl,
+                             fp8_scaling=self.fp8_scaling)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             y = y + bias.astype(dtype)

@@ -22,7 +22,8 @@ so nothing is scattered back. Adapters are not split over fsdp (see
 `sharding.rules.derive_adapter_spec`).
 Quantised kernels (`quant=`, `models.quant`): the leaves enter split like the kernel and each
 device runs `quantized_matmul` on its shard (`sharding.quantized`); the param tree is
-`QuantDense`'s.
+`QuantDense`'s. `fp8_scaling="row"`: an FP8 kernel scales x and dy per token row, the row amax
+reduced only over the axes splitting the row (`sharding.quantized`).
 Collective matmul (`collective_matmul=True`, sequence parallelism only): the column layer's
 all-gather and the row layer's reduce-scatter become rings of ppermutes interleaved with the
 base matmul's chunks (`sharding.collective_matmul`); taken only for a plain kernel without
@@ -91,11 +92,12 @@ def column_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = No
                     lora: Lora | None = None, *, mesh: Mesh, sequence_parallel: bool = False,
                     lora_x: jax.Array | None = None, lora_dtype: Any = None,
                     mixed: MixedBatch | None = None, name: str = "column_parallel",
-                    collective_matmul: bool = False) -> jax.Array:
+                    collective_matmul: bool = False, fp8_scaling: str = "tensor") -> jax.Array:
     """`x @ kernel + bias + s (lora_x @ A) @ B` with the kernel's output features split over tp.
 
     `kernel` may be stored quantised (`models.quant`: NF4, int8, FP8): each device multiplies
-    its shard with `quantized_matmul` (see `sharding.quantized`); `name` labels its errors.
+    its shard with `quantized_matmul` (see `sharding.quantized`); `name` labels its errors;
+    `fp8_scaling` ("tensor" | "row") is how an FP8 kernel scales x and the output gradient.
 
     With `mixed` (a mixed batch), lora holds N stacked adapters (A [N, in, r], B [N, r, out],
     s [N]) and row i runs adapter `mixed.index[i]`; the index is split like x's rows.
@@ -123,17 +125,17 @@ def column_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = No
                              mixed_method=None if mixed is None else mixed.method,
                              collective_matmul=collective_matmul)
     return _run(body, mesh, "column", x, kernel, bias, lora, lora_x, x_spec, out_spec, mixed,
-                name)
+                name, fp8_scaling=fp8_scaling)
 
 
 def row_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
                  lora: Lora | None = None, *, mesh: Mesh, sequence_parallel: bool = False,
                  lora_x: jax.Array | None = None, lora_dtype: Any = None,
                  mixed: MixedBatch | None = None, name: str = "row_parallel",
-                 collective_matmul: bool = False) -> jax.Array:
+                 collective_matmul: bool = False, fp8_scaling: str = "tensor") -> jax.Array:
     """`x @ kernel + bias + s (lora_x @ A) @ B` with the kernel's input features split over tp.
 
-    `kernel` may be stored quantised, as `column_parallel` says.
+    `kernel` may be stored quantised (and `fp8_scaling` chosen), as `column_parallel` says.
 
     With `mixed`: N stacked adapters, one per row as `column_parallel` says; each device adds
     its rows' partial `s[k] (x_i A_i[k]) B[k]` before the one reduction, as for one adapter.
@@ -164,11 +166,12 @@ def row_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
                              sizes=axis_sizes(mesh), lora_dtype=lora_dtype,
                              mixed_method=None if mixed is None else mixed.method,
                              collective_matmul=collective_matmul)
-    return _run(body, mesh, "row", x, kernel, bias, lora, lora_x, x_spec, out_spec, mixed, name)
+    return _run(body, mesh, "row", x, kernel, bias, lora, lora_x, x_spec, out_spec, mixed, name,
+                fp8_scaling=fp8_scaling)
 
 
 def _run(body, mesh, role, x, kernel, bias, lora, lora_x, x_spec, out_spec, mixed=None,
-         name=None):
+         name=None, *, fp8_scaling="tensor"):
     """shard_map `body` over the operands that are present, with the role's specs (axes of size
     1 dropped: see `drop_trivial_axes`). A quantised kernel goes in as its leaves."""
     prune = functools.partial(drop_trivial_axes, mesh=mesh)
@@ -180,8 +183,11 @@ def _run(body, mesh, role, x, kernel, bias, lora, lora_x, x_spec, out_spec, mixe
         # FP8's activation amax is reduced over every axis the input or the output (hence the
         # output gradient) is split on: see sharding.quantized.
         split_on = _mesh_axes_of(prune(x_spec), prune(out_spec))
+        # Per-row amax: only the axes splitting x's / the output's (so dy's) last axis.
+        rows_split_on = tuple(_mesh_axes_of(P(prune(s)[-1])) for s in (x_spec, out_spec))
         ops["kernel"], specs["kernel"], local = quantized.operand(
-            kernel, role, mesh, layer=name or role, amax_axes=split_on)
+            kernel, role, mesh, layer=name or role, amax_axes=split_on,
+            row_amax_axes=rows_split_on, fp8_scaling=fp8_scaling)
         body = functools.partial(body, quant=local)
     if bias is not None:
         ops["bias"], specs["bias"] = bias, BIAS_SPECS[role]
@@ -397,6 +403,8 @@ class _ParallelDense(nn.Module):
     # Sequence parallelism's collective as a ppermute ring overlapped with the base matmul
     # (`sharding.collective_matmul`); see `column_parallel` / `row_parallel` for when it applies.
     collective_matmul: bool = False
+    # How an FP8 `quant` kernel scales x and dy: "tensor" or "row" (`models.quant`).
+    fp8_scaling: str = "tensor"
 
     def _params(self, x: jax.Array):
         """(kernel, bias or None) as stored, the adapter or None, the adapter's dtype."""
@@ -476,7 +484,8 @@ class ColumnParallelDense(_ParallelDense):
         return column_parallel(x, kernel, bias, lora, mesh=self.mesh, lora_x=lora_x,
                                sequence_parallel=self.sequence_parallel, lora_dtype=lora_dtype,
                                mixed=self._mixed(lora), name=self._label(),
-                               collective_matmul=self.collective_matmul)
+                               collective_matmul=self.collective_matmul,
+                               fp8_scaling=self.fp8_scaling)
 
 
 class RowParallelDense(_ParallelDense):
@@ -490,7 +499,8 @@ class RowParallelDense(_ParallelDense):
         return row_parallel(x, kernel, bias, lora, mesh=self.mesh, lora_x=lora_x,
                             sequence_parallel=self.sequence_parallel, lora_dtype=lora_dtype,
                             mixed=self._mixed(lora), name=self._label(),
-                            collective_matmul=self.collective_matmul)
+                            collective_matmul=self.collective_matmul,
+                            fp8_scaling=self.fp8_scaling)
 
 
 class ReplicatedDense(_ParallelDense):
@@ -504,8 +514,8 @@ class ReplicatedDense(_ParallelDense):
         kernel, bias, lora, lora_dtype = self._params(x)
         x_in, kernel, bias = self._promote(x, kernel, bias)
         # A quantised kernel here is split by GSPMD, as QuantDense's is at tp=1.
-        y = (quantized_matmul(x_in, kernel, x_in.dtype) if is_quantized(kernel)
-             else _matmul(x_in, kernel))
+        y = (quantized_matmul(x_in, kernel, x_in.dtype, fp8_scaling=self.fp8_scaling)
+             if is_quantized(kernel) else _matmul(x_in, kernel))
         if bias is not None:
             y = y + bias
         if lora is None:

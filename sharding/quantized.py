@@ -26,6 +26,10 @@ FP8 scales its activations per call by a per-tensor amax (`models.fp8`). Inside 
 device sees a shard of the activation (batch over dp/fsdp, row layer's `in` over tp) and of the
 output gradient, so the kernel carries `amax_axes`, the mesh axes those are split over, and the
 amax is reduced over them (`pmax`): every device then scales by the single-device amax.
+With `fp8_scaling="row"` the amax is per row of the last (feature) axis: it is reduced only
+over the axes that split that axis (`Fp8Kernel.row_amax_axes`: a row layer's input x [.., in/tp],
+a column layer's output gradient [.., out/tp]); axes that split tokens (dp, fsdp, sp) hold whole
+rows, so each device's row scales are already the single-device ones.
 """
 from __future__ import annotations
 
@@ -48,11 +52,14 @@ class LocalQuant:
 
     treedef: Any
     fsdp_axes: tuple[int | None, ...]
+    fp8_scaling: str = "tensor"  # `quantized_matmul`'s; "row": per-token FP8 scales
 
 
 def operand(kernel: Any, role: str, mesh: Mesh, *, layer: str,
-            amax_axes: tuple[str, ...] = ()) -> tuple[tuple[jax.Array, ...], tuple[P, ...],
-                                                      LocalQuant]:
+            amax_axes: tuple[str, ...] = (),
+            row_amax_axes: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
+            fp8_scaling: str = "tensor") -> tuple[tuple[jax.Array, ...], tuple[P, ...],
+                                                  LocalQuant]:
     """A quantised kernel as shard_map operands: (leaves, their specs, how to rebuild it).
 
     Args:
@@ -61,6 +68,9 @@ def operand(kernel: Any, role: str, mesh: Mesh, *, layer: str,
       mesh: the (dp, fsdp, tp) mesh.
       layer: the layer's name, for errors.
       amax_axes: mesh axes the activation or output gradient is split over (FP8's amax).
+      row_amax_axes: (axes splitting the activation's last axis, axes splitting the output
+        gradient's last axis): FP8's per-row amax under `fp8_scaling="row"`.
+      fp8_scaling: "tensor" | "row", handed to `quantized_matmul` inside.
 
     Raises:
       MeshError: a leaf does not split evenly over the mesh (the message names the fix).
@@ -77,7 +87,8 @@ def operand(kernel: Any, role: str, mesh: Mesh, *, layer: str,
     if isinstance(kernel, Nf4Kernel) and kernel.absmax2 is not None:
         kernel = Nf4Kernel(kernel.codes, kernel.block_scales(), None, None, dtype=kernel.dtype)
     if isinstance(kernel, Fp8Kernel):
-        kernel = kernel.replace(amax_axes=tuple(amax_axes))
+        kernel = kernel.replace(amax_axes=tuple(amax_axes),
+                                row_amax_axes=tuple(tuple(a) for a in row_amax_axes))
     named, treedef = jax.tree_util.tree_flatten_with_path(kernel)
     names = [path[-1].name for path, _ in named]
     specs = tuple(QUANT_SPECS[role][n] for n in names)
@@ -85,7 +96,7 @@ def operand(kernel: Any, role: str, mesh: Mesh, *, layer: str,
     for name, leaf, spec in zip(names, leaves, specs):
         _check_split(layer, kernel, name, leaf.shape, spec, mesh)
     fsdp_axes = tuple(_axis_of(spec, FSDP) for spec in specs)
-    return leaves, specs, LocalQuant(treedef, fsdp_axes)
+    return leaves, specs, LocalQuant(treedef, fsdp_axes, fp8_scaling)
 
 
 def matmul(x: jax.Array, leaves: tuple[jax.Array, ...], local: LocalQuant,
@@ -98,7 +109,8 @@ def matmul(x: jax.Array, leaves: tuple[jax.Array, ...], local: LocalQuant,
         if sizes[FSDP] > 1:
             leaves = [leaf if axis is None else all_gather(leaf, FSDP, axis=axis)
                       for leaf, axis in zip(leaves, local.fsdp_axes)]
-        return quantized_matmul(x, jax.tree.unflatten(local.treedef, leaves), x.dtype)
+        return quantized_matmul(x, jax.tree.unflatten(local.treedef, leaves), x.dtype,
+                                fp8_scaling=local.fp8_scaling)
 
     if sizes[FSDP] == 1:
         return run(x, leaves)
