@@ -52,7 +52,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from models import fp8 as fp8_recipe
 from models.options import QUANT_IMPLS  # how NF4 / int8 multiply (`quantized_matmul`'s impl)
-from models.options import FP8_SCALINGS  # how FP8 scales x and dy (`quantized_matmul`'s fp8_scaling)
+from models.options import FP8_SCALINGS  # how FP8 scales x and dy (`fp8_scaling`)
 
 FORMATS = ("nf4", "int8", "fp8")
 NF4_BLOCK = 64

@@ -6,8 +6,9 @@ its own amax over the last axis, and applies that [..., 1] scale to the GEMM's o
 Tolerances, and why each can fail:
 - Against the recipe written out by hand (per-row amax, e4m3 / e5m2 casts, a float64 product of
   the codes, rescale): the same codes enter both, so only the GEMM's float32 summation order
-  differs (64 terms): 1e-5 of the largest entry (measured 1.0e-7 forward, 1.3e-7 backward). A per-tensor scale, a scale on the wrong axis
-  or a missing channel scale changes the codes and gives errors of order 1e-2..1.
+  differs (64 terms): 1e-5 of the largest entry (measured 1.0e-7 forward, 1.3e-7 backward).
+  A per-tensor scale, a scale on the wrong axis or a missing channel scale changes the codes
+  and gives errors of order 1e-2..1.
 - Against the unquantised float32 product, judged PER ROW: e4m3 rounds a normal value to 3
   mantissa bits (at most 2^-4 relative, rms about 2^-4/sqrt(3) = 3.6e-2 for a uniform spread),
   on both x and W, so a row's relative error is about 3e-2 (measured here: <= 3.0e-2); the
@@ -17,8 +18,9 @@ Tolerances, and why each can fail:
 - Tensor parallelism, one layer: in row mode a row's amax is reduced (pmax) only over the axes
   that split the row's features, so every device scales exactly as one device does: 1e-5, as
   tests/test_quant_tp.py. Dropping that pmax, or adding one over a token axis (dp, fsdp, sp),
-  gives a device scales of its own and errors ~1e-2 (checked by hand: the pmax removed from
-  `sharding/layers.py`, this test failed).
+  gives a device scales of its own and misses 1e-5 by orders of magnitude (checked by hand:
+  with `sharding/layers.py`'s row axes set to none, and to every split axis, this test and
+  the two below failed).
 - Tensor parallelism, whole model (dp2 x tp2 with SP): measured 5e-7 (logits) and 9e-7
   (adapter gradients) of each leaf's maximum. Float32 reordering upstream can still move a value
   sitting on an e4m3 rounding edge by one code (~7e-5 of the logits' maximum per flip,
