@@ -35,14 +35,17 @@ def quantized_projection(parallel: Parallelism, config: Any, features: int, *, n
     """A block projection whose frozen kernel is stored in `config.quantize`'s format: without
     parallelism `models.quant.QuantDense` (dp and FSDP then shard its leaves by the kernel's
     rules, GSPMD); otherwise the parallelism's layer of that role, asked with `quant=` (the
-    tensor-parallel shard_map layers multiply each device's shard of the quantised kernel)."""
+    tensor-parallel shard_map layers multiply each device's shard of the quantised kernel, with
+    `config.quant_impl`, also asked with `quant_impl=` when it is not the default "xla")."""
+    impl = getattr(config, "quant_impl", "xla")
     if not isinstance(parallel, NoParallelism):
         return parallel.dense(features, role=role, name=name, use_bias=use_bias,
                               dtype=config.dtype, param_dtype=config.param_dtype,
                               kernel_init=nn.initializers.normal(config.initializer_range),
-                              bias_init=nn.initializers.zeros, quant=config.quantize)
+                              bias_init=nn.initializers.zeros, quant=config.quantize,
+                              **({"quant_impl": impl} if impl != "xla" else {}))
     return QuantDense(features, quant=config.quantize, name=name, use_bias=use_bias,
-                      quant_impl=getattr(config, "quant_impl", "xla"),
+                      quant_impl=impl,
                       dtype=config.dtype, param_dtype=config.param_dtype,
                       kernel_init=nn.initializers.normal(config.initializer_range),
                       bias_init=nn.initializers.zeros)
