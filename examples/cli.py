@@ -259,7 +259,9 @@ def _numerics_flags(g, d: TrainConfig) -> None:
                         "any --dp/--fsdp/--tp/--sp; adapters stay float32")
     g.add_argument("--quant-impl", choices=("xla", "pallas"), default=d.quant_impl,
                    help="with --quantize nf4|int8: 'pallas' dequantises inside the GEMM "
-                        "(models.quant_pallas, Triton on GPU); 'xla' dequantises first")
+                        "(models.quant_pallas, Triton on GPU); 'xla' dequantises first. "
+                        "Under --tp > 1 per device on its shard; with --dp/--fsdp alone "
+                        "the call runs on gathered operands (no SPMD rule)")
     g.add_argument("--mlp-chunk", type=int, default=d.mlp_chunk, metavar="TOKENS",
                    help="long context: run the MLP over slices of TOKENS tokens of the "
                         "sequence (models.chunking; --seq-len a multiple of it, --tp 1); with "
