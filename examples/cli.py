@@ -260,7 +260,9 @@ def _numerics_flags(g, d: TrainConfig) -> None:
                         "any --dp/--fsdp/--tp/--sp; adapters stay float32")
     g.add_argument("--quant-impl", choices=("xla", "pallas"), default=d.quant_impl,
                    help="with --quantize nf4|int8: 'pallas' dequantises inside the GEMM "
-                        "(models.quant_pallas, Triton on GPU); 'xla' dequantises first")
+                        "(models.quant_pallas, Triton on GPU); 'xla' dequantises first. "
+                        "Under --tp > 1 per device on its shard; with --dp/--fsdp alone "
+                        "the call runs on gathered operands (no SPMD rule)")
     g.add_argument("--fp8-scaling", choices=("tensor", "row"), default=d.fp8_scaling,
                    help="with --quantize fp8: one FP8 scale per activation tensor ('tensor') "
                         "or per token row ('row', models.quant)")

@@ -36,6 +36,8 @@ class Parallelism(Protocol):
     # An implementation that stores frozen kernels quantised also takes `quant=` (a
     # `models.quant` format) in `dense`; `models.projection` passes it only for block
     # projections of a `quantize=` model, and builds `QuantDense` itself for `NoParallelism`.
+    # With a model's `quant_impl` other than "xla" it also passes `quant_impl=` (how each
+    # device multiplies its shard: `models.quant.quantized_matmul`'s impl).
 
     def constrain(self, x: jax.Array, mark: Mark) -> jax.Array: ...
 

@@ -35,26 +35,30 @@ def quantized_projection(parallel: Parallelism, config: Any, features: int, *, n
     """A block projection whose frozen kernel is stored in `config.quantize`'s format: without
     parallelism `models.quant.QuantDense` (dp and FSDP then shard its leaves by the kernel's
     rules, GSPMD); otherwise the parallelism's layer of that role, asked with `quant=` (the
-    tensor-parallel shard_map layers multiply each device's shard of the quantised kernel)."""
+    tensor-parallel shard_map layers multiply each device's shard of the quantised kernel, with
+    `config.quant_impl`, also asked with `quant_impl=` when it is not the default "xla")."""
+    impl = getattr(config, "quant_impl", "xla")
     if not isinstance(parallel, NoParallelism):
         return parallel.dense(features, role=role, name=name, use_bias=use_bias,
                               dtype=config.dtype, param_dtype=config.param_dtype,
                               kernel_init=nn.initializers.normal(config.initializer_range),
                               bias_init=nn.initializers.zeros, quant=config.quantize,
-                              **_fp8_options(config))
+                              **_non_default_options(config))
     return QuantDense(features, quant=config.quantize, name=name, use_bias=use_bias,
-                      quant_impl=getattr(config, "quant_impl", "xla"),
+                      quant_impl=impl,
                       fp8_scaling=getattr(config, "fp8_scaling", "tensor"),
                       dtype=config.dtype, param_dtype=config.param_dtype,
                       kernel_init=nn.initializers.normal(config.initializer_range),
                       bias_init=nn.initializers.zeros)
 
 
-def _fp8_options(config: Any) -> dict:
-    """`fp8_scaling=` for a parallelism's layer when the config asks for a non-default one (so
-    a parallelism that does not know the option is asked with it only when it matters)."""
-    scaling = getattr(config, "fp8_scaling", "tensor")
-    return {} if scaling == "tensor" else {"fp8_scaling": scaling}
+def _non_default_options(config: Any) -> dict:
+    """`quant_impl=` / `fp8_scaling=` for a parallelism's layer, each only when the config asks
+    for a non-default value (so a parallelism that does not know an option is asked with it only
+    when it matters)."""
+    options = {"quant_impl": getattr(config, "quant_impl", "xla"),
+               "fp8_scaling": getattr(config, "fp8_scaling", "tensor")}
+    return {k: v for k, v in options.items() if v not in ("xla", "tensor")}
 
 
 def embedding(config: Any, num: int, features: int) -> nn.Embed:

@@ -31,8 +31,10 @@ tile is the dot's first operand (`_mm`); `split_x` reorders x's columns in XLA s
 loads them contiguously (`split_even_odd`). `benchmarks/quant_gemm.py --sweep` times them.
 
 Multi-device: a pallas_call has no SPMD partitioning rule, so under GSPMD (dp / FSDP meshes)
-XLA gathers its operands and runs it whole on every device. impl="pallas" is for one device
-until the call is wrapped in a `shard_map` over the batch axes.
+XLA gathers its operands and runs it whole on every device. Inside a `shard_map` (the
+tensor-parallel layers, `sharding.quantized`) it runs per device on the local shard: the
+output's type then names the mesh axes it varies over (`_out_struct`), as shard_map's type
+check asks. impl="pallas" is for one device or the tensor-parallel layers.
 
 Shapes that do not tile (an output or contraction dimension with no power-of-two divisor >= 16
 in range) make `fits_*` return False; `models.quant` then takes its XLA path for that kernel.
@@ -99,6 +101,33 @@ def _acc(rows: int, cols: int, swap: bool) -> jax.Array:
 
 def _unswap(acc: jax.Array, swap: bool) -> jax.Array:
     return acc.T if swap else acc
+
+
+def _out_struct(shape: tuple[int, ...], dtype: Any, *operands: jax.Array) -> Any:
+    """The pallas_call output's `ShapeDtypeStruct`, varying over the mesh axes any operand
+    varies over (what XLA infers for an ordinary op on them).
+
+    Inside a `shard_map` with its type check on (`check_vma`, the tensor-parallel layers'),
+    Pallas cannot infer that itself and refuses an output that does not say; outside one the
+    annotation is empty and ignored. JAX 0.10 calls it `manual_axis_type`, older releases `vma`.
+    """
+    avals = [jax.typeof(a) for a in operands] if hasattr(jax, "typeof") else []
+    mats = [getattr(a, "manual_axis_type", None) for a in avals]
+    if avals and all(m is not None for m in mats):
+        from jax.sharding import ManualAxisType
+        varying = frozenset().union(*(m.varying for m in mats))
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=ManualAxisType(varying=varying))
+    vmas = [getattr(a, "vma", None) for a in avals]
+    if avals and all(v is not None for v in vmas):
+        return jax.ShapeDtypeStruct(shape, dtype, vma=frozenset().union(*vmas))
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def interprets() -> bool:
+    """True when the kernels run in Pallas interpret mode here by default (no GPU backend):
+    exact but slow, and (JAX 0.10) not on operands typed as varying inside a type-checked
+    `shard_map` (see `sharding.quantized.checks_types`)."""
+    return _interpret(None)
 
 
 def _interpret(interpret: bool | None) -> bool:
@@ -342,7 +371,7 @@ def nf4_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, out_dtype: Any
                   pl.BlockSpec((k // NF4_BLOCK, bn_), lambda *p: (0, tile(*p)[1])),
                   pl.BlockSpec((16,), lambda *p: (0,))],
         out_specs=pl.BlockSpec((bm_, bn_), lambda *p: tile(*p)),
-        out_shape=jax.ShapeDtypeStruct((xp.shape[0], n), out_dtype),
+        out_shape=_out_struct((xp.shape[0], n), out_dtype, xp, codes, scales),
         compiler_params=_triton_params(num_warps, num_stages),
         interpret=_interpret(interpret),
         name="nf4_matmul",
@@ -415,7 +444,7 @@ def nf4_matmul_t(dy: jax.Array, codes: jax.Array, scales: jax.Array,
                   pl.BlockSpec((bk_ // NF4_BLOCK, n), lambda *p: (tile(*p)[1], 0)),
                   pl.BlockSpec((16,), lambda *p: (0,))],
         out_specs=pl.BlockSpec((bm_, bk_), lambda *p: tile(*p)),
-        out_shape=jax.ShapeDtypeStruct((dyp.shape[0], k), out_dtype),
+        out_shape=_out_struct((dyp.shape[0], k), out_dtype, dyp, codes, scales),
         compiler_params=_triton_params(num_warps, num_stages),
         interpret=_interpret(interpret),
         name="nf4_matmul_t",
@@ -489,7 +518,7 @@ def int8_matmul(x: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32,
                   pl.BlockSpec((k, bn_), lambda *p: (0, tile(*p)[1])),
                   pl.BlockSpec((1, bn_), lambda *p: (0, tile(*p)[1]))],
         out_specs=pl.BlockSpec((bm_, bn_), lambda *p: tile(*p)),
-        out_shape=jax.ShapeDtypeStruct((xp.shape[0], n), out_dtype),
+        out_shape=_out_struct((xp.shape[0], n), out_dtype, xp, codes, scale),
         compiler_params=_triton_params(num_warps, num_stages),
         interpret=_interpret(interpret),
         name="int8_matmul",
@@ -540,7 +569,7 @@ def int8_matmul_t(dy: jax.Array, codes: jax.Array, out_dtype: Any = jnp.float32,
         in_specs=[pl.BlockSpec((bm_, n), lambda *p: (tile(*p)[0], 0)),
                   pl.BlockSpec((bk_, n), lambda *p: (tile(*p)[1], 0))],
         out_specs=pl.BlockSpec((bm_, bk_), lambda *p: tile(*p)),
-        out_shape=jax.ShapeDtypeStruct((dyp.shape[0], k), out_dtype),
+        out_shape=_out_struct((dyp.shape[0], k), out_dtype, dyp, codes),
         compiler_params=_triton_params(num_warps, num_stages),
         interpret=_interpret(interpret),
         name="int8_matmul_t",

@@ -22,8 +22,9 @@ so nothing is scattered back. Adapters are not split over fsdp (see
 `sharding.rules.derive_adapter_spec`).
 Quantised kernels (`quant=`, `models.quant`): the leaves enter split like the kernel and each
 device runs `quantized_matmul` on its shard (`sharding.quantized`); the param tree is
-`QuantDense`'s. `fp8_scaling="row"`: an FP8 kernel scales x and dy per token row, the row amax
-reduced only over the axes splitting the row (`sharding.quantized`).
+`QuantDense`'s. `quant_impl="pallas"` runs the fused NF4 / int8 kernel on each local shard.
+`fp8_scaling="row"`: an FP8 kernel scales x and dy per token row, the row amax reduced only over
+the axes splitting the row (`sharding.quantized`).
 Collective matmul (`collective_matmul=True`, sequence parallelism only): the column layer's
 all-gather and the row layer's reduce-scatter become rings of ppermutes interleaved with the
 base matmul's chunks (`sharding.collective_matmul`); taken only for a plain kernel without
@@ -47,7 +48,7 @@ from lora_jax.errors import LoraError
 from lora_jax.tree import LORA_A, LORA_B
 from lora_jax import dora
 from lora_jax.tree import LORA_MAGNITUDE
-from models.quant import check_format, is_quantized, quantize, quantized_matmul
+from models.quant import check_format, check_impl, is_quantized, quantize, quantized_matmul
 from sharding import quantized
 from sharding.collective_matmul import gather_and_matmul, matmul_reducescatter
 from sharding.compat import all_gather, shard_map, to_varying
@@ -92,11 +93,13 @@ def column_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = No
                     lora: Lora | None = None, *, mesh: Mesh, sequence_parallel: bool = False,
                     lora_x: jax.Array | None = None, lora_dtype: Any = None,
                     mixed: MixedBatch | None = None, name: str = "column_parallel",
-                    collective_matmul: bool = False, fp8_scaling: str = "tensor") -> jax.Array:
+                    collective_matmul: bool = False, quant_impl: str = "xla",
+                    fp8_scaling: str = "tensor") -> jax.Array:
     """`x @ kernel + bias + s (lora_x @ A) @ B` with the kernel's output features split over tp.
 
     `kernel` may be stored quantised (`models.quant`: NF4, int8, FP8): each device multiplies
-    its shard with `quantized_matmul` (see `sharding.quantized`); `name` labels its errors;
+    its shard with `quantized_matmul(..., impl=quant_impl)` (see `sharding.quantized`: "pallas"
+    runs the fused kernel on the local shard when it tiles); `name` labels its errors;
     `fp8_scaling` ("tensor" | "row") is how an FP8 kernel scales x and the output gradient.
 
     With `mixed` (a mixed batch), lora holds N stacked adapters (A [N, in, r], B [N, r, out],
@@ -125,17 +128,19 @@ def column_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = No
                              mixed_method=None if mixed is None else mixed.method,
                              collective_matmul=collective_matmul)
     return _run(body, mesh, "column", x, kernel, bias, lora, lora_x, x_spec, out_spec, mixed,
-                name, fp8_scaling=fp8_scaling)
+                name, quant_impl=quant_impl, fp8_scaling=fp8_scaling)
 
 
 def row_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
                  lora: Lora | None = None, *, mesh: Mesh, sequence_parallel: bool = False,
                  lora_x: jax.Array | None = None, lora_dtype: Any = None,
                  mixed: MixedBatch | None = None, name: str = "row_parallel",
-                 collective_matmul: bool = False, fp8_scaling: str = "tensor") -> jax.Array:
+                 collective_matmul: bool = False, quant_impl: str = "xla",
+                 fp8_scaling: str = "tensor") -> jax.Array:
     """`x @ kernel + bias + s (lora_x @ A) @ B` with the kernel's input features split over tp.
 
-    `kernel` may be stored quantised (and `fp8_scaling` chosen), as `column_parallel` says.
+    `kernel` may be stored quantised, as `column_parallel` says (`quant_impl` and `fp8_scaling`
+    likewise; the fused kernel's tiling is judged on the local [in/tp, out] shard).
 
     With `mixed`: N stacked adapters, one per row as `column_parallel` says; each device adds
     its rows' partial `s[k] (x_i A_i[k]) B[k]` before the one reduction, as for one adapter.
@@ -167,13 +172,16 @@ def row_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
                              mixed_method=None if mixed is None else mixed.method,
                              collective_matmul=collective_matmul)
     return _run(body, mesh, "row", x, kernel, bias, lora, lora_x, x_spec, out_spec, mixed, name,
-                fp8_scaling=fp8_scaling)
+                quant_impl=quant_impl, fp8_scaling=fp8_scaling)
 
 
 def _run(body, mesh, role, x, kernel, bias, lora, lora_x, x_spec, out_spec, mixed=None,
-         name=None, *, fp8_scaling="tensor"):
+         name=None, quant_impl="xla", fp8_scaling="tensor"):
     """shard_map `body` over the operands that are present, with the role's specs (axes of size
-    1 dropped: see `drop_trivial_axes`). A quantised kernel goes in as its leaves."""
+    1 dropped: see `drop_trivial_axes`). A quantised kernel goes in as its leaves, with the
+    `quant_impl` its shards multiply with (checked here whatever the kernel, so a typo is
+    refused before it meets a quantised one)."""
+    check_impl(quant_impl)
     prune = functools.partial(drop_trivial_axes, mesh=mesh)
     ops, specs = {"x": x, "kernel": kernel}, {"x": x_spec, "kernel": KERNEL_SPECS[role]}
     if is_quantized(kernel):
@@ -187,7 +195,7 @@ def _run(body, mesh, role, x, kernel, bias, lora, lora_x, x_spec, out_spec, mixe
         rows_split_on = tuple(_mesh_axes_of(P(prune(s)[-1])) for s in (x_spec, out_spec))
         ops["kernel"], specs["kernel"], local = quantized.operand(
             kernel, role, mesh, layer=name or role, amax_axes=split_on,
-            row_amax_axes=rows_split_on, fp8_scaling=fp8_scaling)
+            row_amax_axes=rows_split_on, fp8_scaling=fp8_scaling, impl=quant_impl)
         body = functools.partial(body, quant=local)
     if bias is not None:
         ops["bias"], specs["bias"] = bias, BIAS_SPECS[role]
@@ -208,7 +216,8 @@ def _run(body, mesh, role, x, kernel, bias, lora, lora_x, x_spec, out_spec, mixe
             specs["lora"] = (P(None, *a_spec), P(None, *b_spec), P())
             ops["index"], specs["index"] = mixed.index, P(x_spec[0])
     specs = jax.tree.map(prune, specs, is_leaf=lambda s: isinstance(s, P))
-    fn = shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=prune(out_spec))
+    fn = shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=prune(out_spec),
+                   check_vma=not is_quantized(kernel) or quantized.checks_types(quant_impl))
     return fn(ops)
 
 
@@ -400,6 +409,9 @@ class _ParallelDense(nn.Module):
     # Store the frozen kernel quantised in this format (`models.quant.FORMATS`), with
     # `QuantDense`'s param tree, so a checkpoint is the same at tp=1 and tp>1.
     quant: str | None = None
+    # How a quantised kernel's shard multiplies (`models.quant.quantized_matmul`'s impl): "xla",
+    # or "pallas", the fused NF4 / int8 kernel run by each device on its local shard.
+    quant_impl: str = "xla"
     # Sequence parallelism's collective as a ppermute ring overlapped with the base matmul
     # (`sharding.collective_matmul`); see `column_parallel` / `row_parallel` for when it applies.
     collective_matmul: bool = False
@@ -409,6 +421,7 @@ class _ParallelDense(nn.Module):
     def _params(self, x: jax.Array):
         """(kernel, bias or None) as stored, the adapter or None, the adapter's dtype."""
         shape = (jnp.shape(x)[-1], self.features)
+        check_impl(self.quant_impl)
         if self.quant is None:
             kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         else:  # as QuantDense: the kernel_init draw in float32, quantised
@@ -485,7 +498,7 @@ class ColumnParallelDense(_ParallelDense):
                                sequence_parallel=self.sequence_parallel, lora_dtype=lora_dtype,
                                mixed=self._mixed(lora), name=self._label(),
                                collective_matmul=self.collective_matmul,
-                               fp8_scaling=self.fp8_scaling)
+                               quant_impl=self.quant_impl, fp8_scaling=self.fp8_scaling)
 
 
 class RowParallelDense(_ParallelDense):
@@ -500,7 +513,7 @@ class RowParallelDense(_ParallelDense):
                             sequence_parallel=self.sequence_parallel, lora_dtype=lora_dtype,
                             mixed=self._mixed(lora), name=self._label(),
                             collective_matmul=self.collective_matmul,
-                            fp8_scaling=self.fp8_scaling)
+                            quant_impl=self.quant_impl, fp8_scaling=self.fp8_scaling)
 
 
 class ReplicatedDense(_ParallelDense):
@@ -513,8 +526,10 @@ class ReplicatedDense(_ParallelDense):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel, bias, lora, lora_dtype = self._params(x)
         x_in, kernel, bias = self._promote(x, kernel, bias)
-        # A quantised kernel here is split by GSPMD, as QuantDense's is at tp=1.
-        y = (quantized_matmul(x_in, kernel, x_in.dtype, fp8_scaling=self.fp8_scaling)
+        # A quantised kernel here is split by GSPMD, as QuantDense's is at tp=1 (a pallas impl
+        # then runs on gathered operands: a pallas_call has no SPMD rule).
+        y = (quantized_matmul(x_in, kernel, x_in.dtype, self.quant_impl,
+                              fp8_scaling=self.fp8_scaling)
              if is_quantized(kernel) else _matmul(x_in, kernel))
         if bias is not None:
             y = y + bias

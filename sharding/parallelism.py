@@ -53,9 +53,11 @@ class TensorParallelism:
                              "reduce-scatter with the matmuls: it needs sequence_parallel=True")
 
     def dense(self, features, *, role, name, use_bias, dtype, param_dtype, kernel_init,
-              bias_init, dot_general=None, quant=None, fp8_scaling="tensor") -> nn.Module:
+              bias_init, dot_general=None, quant=None, quant_impl="xla",
+              fp8_scaling="tensor") -> nn.Module:
         """The role's shard_map layer; `quant` stores its frozen kernel quantised
-        (`models.quant` format: each device multiplies its shard, see `sharding.quantized`);
+        (`models.quant` format: each device multiplies its shard, see `sharding.quantized`),
+        `quant_impl` says how ("xla", or "pallas": the fused kernel on each local shard);
         `fp8_scaling` ("tensor" | "row") is how an FP8 one scales its activations."""
         if dot_general is not None:
             raise NotImplementedError(
@@ -66,7 +68,8 @@ class TensorParallelism:
         return _LAYERS[role](features, mesh=self.mesh, sequence_parallel=self.sequence_parallel,
                              use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                              kernel_init=kernel_init, bias_init=bias_init, name=name,
-                             quant=quant, collective_matmul=self.collective_matmul,
+                             quant=quant, quant_impl=quant_impl,
+                             collective_matmul=self.collective_matmul,
                              fp8_scaling=fp8_scaling)
 
     def constrain(self, x: jax.Array, mark: str) -> jax.Array:

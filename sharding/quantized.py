@@ -30,6 +30,14 @@ With `fp8_scaling="row"` the amax is per row of the last (feature) axis: it is r
 over the axes that split that axis (`Fp8Kernel.row_amax_axes`: a row layer's input x [.., in/tp],
 a column layer's output gradient [.., out/tp]); axes that split tokens (dp, fsdp, sp) hold whole
 rows, so each device's row scales are already the single-device ones.
+
+`impl` (`models.quant.quantized_matmul`'s, "xla" or "pallas") rides in `LocalQuant`: under
+"pallas" each device runs the fused dequantise-in-the-GEMM kernel (`models.quant_pallas`) on its
+LOCAL shard, so whether it tiles (`quant_pallas.fits`) is judged on the local shape (a column
+layer's `out/tp`, a row layer's `in/tp`); a shard that does not tile takes the XLA rules, as one
+device does. Inside shard_map the pallas_call needs no SPMD rule: it sees per-device arrays.
+Where the kernels run in Pallas interpret mode (no GPU: the CPU tests), the layer's shard_map
+runs without its type check (`checks_types`), which JAX 0.10's Pallas interpreter cannot pass.
 """
 from __future__ import annotations
 
@@ -39,7 +47,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from models.quant import NF4_BLOCK, Fp8Kernel, Nf4Kernel, quantized_matmul
+from models.quant import NF4_BLOCK, Fp8Kernel, Nf4Kernel, check_impl, quantized_matmul
 from sharding.compat import all_gather
 from sharding.mesh import FSDP, MeshError, axis_size
 from sharding.rules import QUANT_SPECS
@@ -48,18 +56,20 @@ from sharding.rules import QUANT_SPECS
 @dataclasses.dataclass(frozen=True)
 class LocalQuant:
     """What the shard_map body needs to rebuild and use a quantised kernel from its leaves
-    (static, hashable): the pytree structure and, per leaf, the axis FSDP splits (or None)."""
+    (static, hashable): the pytree structure, per leaf the axis FSDP splits (or None), and the
+    `quantized_matmul` impl each device multiplies its shard with."""
 
     treedef: Any
     fsdp_axes: tuple[int | None, ...]
     fp8_scaling: str = "tensor"  # `quantized_matmul`'s; "row": per-token FP8 scales
+    impl: str = "xla"
 
 
 def operand(kernel: Any, role: str, mesh: Mesh, *, layer: str,
             amax_axes: tuple[str, ...] = (),
             row_amax_axes: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
-            fp8_scaling: str = "tensor") -> tuple[tuple[jax.Array, ...], tuple[P, ...],
-                                                  LocalQuant]:
+            fp8_scaling: str = "tensor", impl: str = "xla"
+            ) -> tuple[tuple[jax.Array, ...], tuple[P, ...], LocalQuant]:
     """A quantised kernel as shard_map operands: (leaves, their specs, how to rebuild it).
 
     Args:
@@ -71,13 +81,16 @@ def operand(kernel: Any, role: str, mesh: Mesh, *, layer: str,
       row_amax_axes: (axes splitting the activation's last axis, axes splitting the output
         gradient's last axis): FP8's per-row amax under `fp8_scaling="row"`.
       fp8_scaling: "tensor" | "row", handed to `quantized_matmul` inside.
+      impl: how each device multiplies its shard: "xla" or "pallas" (`quantized_matmul`).
 
     Raises:
       MeshError: a leaf does not split evenly over the mesh (the message names the fix).
+      ValueError: an unknown role or impl, or a kernel that is not [in, out].
 
     Example:
       >>> leaves, specs, local = operand(q, "row", mesh, layer="mlp.down_proj")
     """
+    check_impl(impl)
     if role not in QUANT_SPECS:
         raise ValueError(f"{layer}: a quantised kernel has no {role!r} layout; the shard_map "
                          f"layers take one as {sorted(QUANT_SPECS)}")
@@ -96,7 +109,7 @@ def operand(kernel: Any, role: str, mesh: Mesh, *, layer: str,
     for name, leaf, spec in zip(names, leaves, specs):
         _check_split(layer, kernel, name, leaf.shape, spec, mesh)
     fsdp_axes = tuple(_axis_of(spec, FSDP) for spec in specs)
-    return leaves, specs, LocalQuant(treedef, fsdp_axes, fp8_scaling)
+    return leaves, specs, LocalQuant(treedef, fsdp_axes, fp8_scaling, impl)
 
 
 def matmul(x: jax.Array, leaves: tuple[jax.Array, ...], local: LocalQuant,
@@ -104,17 +117,37 @@ def matmul(x: jax.Array, leaves: tuple[jax.Array, ...], local: LocalQuant,
     """Inside shard_map: `x @ W` for this device's shard of a quantised `W`, its leaves first
     all-gathered over fsdp (inside `jax.checkpoint`, so the backward gathers them again).
 
-    Returns the result in x's dtype (the layer's compute dtype)."""
+    Runs `local.impl`'s kernel on the local (gathered) shard. Returns the result in x's dtype
+    (the layer's compute dtype)."""
     def run(x, leaves):
         if sizes[FSDP] > 1:
             leaves = [leaf if axis is None else all_gather(leaf, FSDP, axis=axis)
                       for leaf, axis in zip(leaves, local.fsdp_axes)]
         return quantized_matmul(x, jax.tree.unflatten(local.treedef, leaves), x.dtype,
-                                fp8_scaling=local.fp8_scaling)
+                                local.impl, fp8_scaling=local.fp8_scaling)
 
     if sizes[FSDP] == 1:
         return run(x, leaves)
     return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(x, list(leaves))
+
+
+def checks_types(impl: str) -> bool:
+    """Whether a tensor-parallel layer multiplying a quantised kernel with `impl` can run its
+    shard_map with the varying-axes type check (`check_vma`) on.
+
+    Not when the Pallas kernels will interpret (impl="pallas" on a backend without a GPU):
+    JAX 0.10's Pallas HLO interpreter evaluates the kernel body, traced on untyped blocks, on
+    operands typed as varying over the mesh axes, and its loops and ops then refuse the mixed
+    types ("Scan carry input and output got mismatched varying manual axes"). Unchecked, the
+    layer is still exact (shard_map's untyped transposes; tests/test_quant_tp_pallas.py checks
+    values and gradients), it only issues more all-reduces in the backward (the row layer 3
+    instead of 1). On a GPU the kernels lower to Triton, which takes the typed operands, so the
+    check stays on and the program is the XLA impl's with the kernel swapped in.
+    """
+    if impl != "pallas":
+        return True
+    from models import quant_pallas  # imported here, as models.quant does: it is optional
+    return not quant_pallas.interprets()
 
 
 def _axis_of(spec: P, name: str) -> int | None:
