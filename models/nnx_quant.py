@@ -107,7 +107,7 @@ def quantize(model: nnx.Module, fmt: str, *, select: Callable[[str], bool] | Non
     kernels = {}
     for path, layer in layers.items():
         try:
-            kernels[path] = quant.quantize(layer.kernel.get_value(), fmt, dtype=dtype)
+            kernels[path] = _quantize_jit(layer.kernel.get_value(), fmt, dtype=dtype)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
     for path, layer in layers.items():
@@ -115,6 +115,11 @@ def quantize(model: nnx.Module, fmt: str, *, select: Callable[[str], bool] | Non
         layer.__class__ = quant_class(type(layer))
         layer.quant_impl = impl
     return model
+
+
+# One compiled program per kernel shape: eagerly, each of the quantiser's ops is compiled and
+# run on its own (NF4: seconds per shape on a CPU) and keeps its float32 temporaries alive.
+_quantize_jit = jax.jit(quant.quantize, static_argnums=(1,), static_argnames=("dtype",))
 
 
 def _selected(model: nnx.Module, select: Callable[[str], bool]) -> dict[str, nnx.Module]:
