@@ -4,6 +4,7 @@ checked against the Linen path.
 
     python -m examples.nnx_demo                 # about 2 minutes on 2 CPU cores
     python -m examples.nnx_demo --steps 20
+    python -m examples.nnx_demo --quantize nf4  # QLoRA: the frozen projections stored in NF4
 
 It loads `examples/base/` (a Linen checkpoint directory) with `models.load_hf`, converts the
 weights to the NNX Llama of `examples/nnx_llama.py` (same module names), injects rank-16
@@ -15,6 +16,7 @@ Then it writes the adapter in PEFT's format from `lj.nnx.params(model)`, imports
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 import time
@@ -32,6 +34,7 @@ import models
 from examples import demo_task
 from examples.data import Batches, read_documents, tokenize
 from examples.nnx_llama import from_linen
+from models.quant import FORMATS, quantize_params
 
 BASE = Path(__file__).parent / "base"
 # The NNX and Linen forwards run the same float32 ops; merging reassociates x(W + sAB).
@@ -71,6 +74,10 @@ def run(args) -> dict:
     start = time.perf_counter()
     linen_model, params = models.load_hf(BASE)
     tok = models.load_tokenizer(BASE)
+    if args.quantize:  # the Linen twin (the check at the end) holds the same quantised kernels
+        linen_model = models.build(dataclasses.replace(linen_model.config,
+                                                       quantize=args.quantize))
+        params = jax.jit(quantize_params, static_argnums=1)(params, args.quantize)
     model = from_linen(linen_model.config, params)
     before = metrics(model, tok)
     lora = lj.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
@@ -106,6 +113,9 @@ def check_against_linen(model, linen_model, base_params, lora, tok, out: Path) -
                               **models.peft_naming(linen_model))
     linen = lj.apply(linen_model, {"params": lj.import_peft(peft_dir, base_params)}, ids)
     report("Linen Llama + the NNX model's PEFT export vs NNX", linen, model(ids), MATCH_RTOL)
+    if linen_model.config.quantize == "fp8":  # unmerged, the activations are e4m3-quantised
+        print("  merged NNX model: not compared (FP8 quantises activations only unmerged)")
+        return
     report("merged NNX model (lj.nnx.merge) vs unmerged", lj.nnx.merge(model)(ids), model(ids),
            MERGE_RTOL)
 
@@ -124,6 +134,9 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/nnx_demo")
+    ap.add_argument("--quantize", choices=FORMATS, default=None,
+                    help="store the frozen block projections quantised (QLoRA's base, "
+                         "models.nnx_quant); the output head and embeddings stay float")
     return ap.parse_args(argv)
 
 

@@ -15,8 +15,12 @@ so `lora_jax.nnx` targets the same modules, writes the same PEFT files and train
 adapters as the Linen path (tests/test_nnx_llama.py). The pure pieces are shared with
 `models/` (RoPE, attention, the masks): only the modules are NNX.
 
+`config.quantize` ("nf4" | "int8" | "fp8", with `config.quant_impl`) stores every block
+projection's kernel quantised, as the Linen model does (`models.nnx_quant.quantize`: the output
+head stays), so the state is the Linen quantised model's tree and `from_linen` takes it.
+
 Not covered: KV caches and generation, `scan_layers` / `remat_policy` (the layers are an
-unrolled `nnx.List`), `base_fp8` and the sharding seam (`models.parallel`).
+unrolled `nnx.List`), `base_fp8`, `mlp_chunk` and the sharding seam (`models.parallel`).
 
 Example:
     >>> config = models.LlamaConfig.tiny()
@@ -36,6 +40,8 @@ from flax import nnx
 from models.attention import attend, begin_forward
 from models.layout import is_scanned, unstack_layers
 from models.llama import LlamaConfig
+from models.nnx_quant import quantize
+from models.quant import is_quantized
 from models.rope import apply_rope, inverse_frequencies, rope_angles
 
 
@@ -138,7 +144,8 @@ class NnxLlama(nnx.Module):
 
     Args:
       config: a `models.LlamaConfig` (`scan_layers`, `remat_policy` and sharding are not used;
-        `base_fp8` is refused).
+        `base_fp8` is refused; `quantize` stores the block projections quantised, the random
+        draw quantised as the Linen `QuantDense` does).
       rngs: `nnx.Rngs` for the random init (normal(initializer_range), unit norms).
 
     Example:
@@ -153,6 +160,8 @@ class NnxLlama(nnx.Module):
         self.model = LlamaModel(config, rngs)
         if not config.tie_word_embeddings:
             self.lm_head = _linear(config, config.hidden_size, config.vocab_size, False, rngs)
+        if config.quantize:
+            quantize(self, config.quantize, impl=config.quant_impl)
 
     def __call__(self, input_ids: jax.Array, *,
                  attention_mask: jax.Array | None = None) -> jax.Array:
@@ -191,6 +200,7 @@ def from_linen(config: LlamaConfig, params: Mapping) -> NnxLlama:
     if expected != given:  # a partial update would leave abstract leaves in the model
         raise ValueError(f"the params do not fit the config: missing {sorted(expected - given)[:5]}"
                          f", unexpected {sorted(given - expected)[:5]}")
+    _check_formats(_formats(nnx.to_pure_dict(state)), _formats(base), config)
     nnx.replace_by_pure_dict(state, base)  # flax turns the "0", "1" keys into List indices
     nnx.update(model, state)
     return model
@@ -210,6 +220,28 @@ def _base_only(tree: Mapping) -> dict:
     """The tree without `lora_*` leaves (the model it goes into has none)."""
     return {k: _base_only(v) if isinstance(v, Mapping) else v
             for k, v in tree.items() if not str(k).startswith("lora_")}
+
+
+def _formats(tree: Mapping, prefix: str = "") -> dict[str, str]:
+    """`{dotted path: format}` of the quantised leaves of a nested dict ("nf4", "int8", "fp8")."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_formats(v, f"{prefix}{k}."))
+        elif is_quantized(v):
+            out[f"{prefix}{k}"] = v.format
+    return out
+
+
+def _check_formats(expected: dict[str, str], given: dict[str, str], config: LlamaConfig) -> None:
+    """A quantised tree goes only into a model built with the same `quantize` (and back)."""
+    if expected != given:
+        bad = sorted(p for p in expected.keys() | given.keys() if expected.get(p) != given.get(p))
+        raise ValueError(f"the params' quantised kernels do not fit config.quantize="
+                         f"{config.quantize!r}: at {bad[:3]} the config builds "
+                         f"{expected.get(bad[0], 'a float kernel')}, the params hold "
+                         f"{given.get(bad[0], 'a float kernel')}; build the config with "
+                         "quantize= the params' format (or quantise a float tree after loading).")
 
 
 def _paths(tree: Mapping, prefix: str = "") -> set[str]:

@@ -34,10 +34,20 @@ DoRA (`LoraConfig(use_dora=True)`): the magnitude `lora_magnitude` is a `LoraPar
 B, and the layer's output is rescaled as in the Linen path (`lora_jax.dora`); `nnx.Einsum`
 layers refuse it.
 
+A quantised frozen base (`models.nnx_quant.quantize`: the kernel Param holds a `models.quant`
+pytree, the layer a subclass of `nnx.Linear` that multiplies with it) takes adapters in either
+order: a layer of a subclass of the NNX classes gets `Lora<its class>` (`lora_class`), whose
+`__call__` adds the adapter term to its own forward. `merge` dequantises, adds the delta in
+float32 and writes a plain kernel in the dequantised dtype, as `lora_jax.merge` does, and the
+layer becomes a plain `nnx.Linear`. DoRA and kernel-rewriting inits are refused over a
+quantised kernel, as on the Linen path. This module reads such a kernel by duck type only
+(`dequantize`, `.shape`, `.dtype`): it does not import `models`.
+
 Not yet: LoRA dropout draws equal to the Linen path's.
 """
 from __future__ import annotations
 
+import types
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -50,7 +60,8 @@ from lora_jax.config import ALL_LINEAR, matches_modules
 from lora_jax.errors import LoraError
 from lora_jax.finite import check_finite
 from lora_jax import dora
-from lora_jax.inject import _check_patterns, adapter_leaves, select_targets, with_magnitude
+from lora_jax.inject import _check_patterns, _check_quantized, adapter_leaves, select_targets
+from lora_jax.inject import with_magnitude
 from lora_jax.inits import base_changing_module, is_base_changing
 from lora_jax.layout import KernelLayout, default_layout
 from lora_jax.merge import merged_kernel
@@ -70,7 +81,7 @@ def adapted_output(layer: nnx.Module, x: jax.Array, y: jax.Array,
                    in_axes: tuple[int, ...]) -> jax.Array:
     """`y + scale * (dropout(x) @ A) @ B` for a LoRA-carrying layer, through the adapter op
     (DoRA's rescaled term when the layer carries a `lora_magnitude`)."""
-    dtype = compute_dtype(layer.dtype, x, layer.kernel[...])
+    dtype = compute_dtype(layer.dtype, x, kernel_of(layer))
     dropout = getattr(layer, "lora_dropout", None)
     x_in = x if dropout is None else dropout(x)
     refuse_mixed("Flax NNX layers")
@@ -85,7 +96,11 @@ def adapted_output(layer: nnx.Module, x: jax.Array, y: jax.Array,
 def _dora_term(layer: nnx.Module, dropped: jax.Array | None, y: jax.Array, delta: jax.Array,
                in_axes: tuple[int, ...], dtype) -> jax.Array:
     """DoRA's addition to an NNX layer's output, by the rule of `adapter_op.dora_delta`."""
-    kernel, a, b = layer.kernel[...], layer.lora_a[...], layer.lora_b[...]
+    kernel, a, b = kernel_of(layer), layer.lora_a[...], layer.lora_b[...]
+    if is_quantized(kernel):
+        raise LoraError(f"{type(layer).__name__}: DoRA's weight norm over a quantised kernel is "
+                        "not supported (as on the Linen path); use plain LoRA, or quantise "
+                        "before inject (which then refuses DoRA by name).")
     magnitude = getattr(layer, LORA_MAGNITUDE)[...]
     dora.check_magnitude(type(layer).__name__, magnitude, kernel.shape[len(in_axes):])
     g = dora.factor(magnitude, dora.weight_norm_sq(kernel, a, b, layer.lora_scale[...]))
@@ -215,7 +230,7 @@ class LoraEinsum(nnx.Einsum):
         order = [roles.x.index(c) for c in kept + list(roles.in_letters)]
         x = jnp.transpose(inputs, order)
         n = roles.n_in
-        dtype = compute_dtype(self.dtype, inputs, self.kernel[...])
+        dtype = compute_dtype(self.dtype, inputs, kernel_of(self))
         dropout = getattr(self, "lora_dropout", None)
         x_in = x if dropout is None else dropout(x)
         refuse_mixed("Flax NNX layers")
@@ -230,6 +245,46 @@ class LoraEinsum(nnx.Einsum):
 LORA_CLASSES = {nnx.Linear: LoraLinear, nnx.LinearGeneral: LoraLinearGeneral,
                 nnx.Einsum: LoraEinsum}
 BASE_CLASSES = {v: k for k, v in LORA_CLASSES.items()}
+_DERIVED: dict[type, type] = {}  # a subclass of a base class -> its LoRA subclass
+_UNDERIVED: dict[type, type] = {}  # and back
+
+
+def lora_class(cls: type) -> type:
+    """The class a layer of class `cls` takes when it carries an adapter: `LoraLinear` (...) for
+    the three NNX classes, `cls` itself when it already adds the adapter term, and for a
+    subclass of one of them (a quantised base, `models.nnx_quant.QuantLinear`, or a user's
+    layer) `Lora<cls>` with bases (LoraLinear, cls), made once: the adapter's `__call__` runs
+    first and its `super()` call reaches `cls`'s own forward."""
+    if cls in LORA_CLASSES:
+        return LORA_CLASSES[cls]
+    if issubclass(cls, tuple(BASE_CLASSES)):
+        return cls
+    if cls not in _DERIVED:
+        lora = next(LORA_CLASSES[base] for base in LORA_CLASSES if issubclass(cls, base))
+        _DERIVED[cls] = types.new_class(f"Lora{cls.__name__}", (lora, cls))
+        _DERIVED[cls].__module__ = __name__
+        _UNDERIVED[_DERIVED[cls]] = cls
+    return _DERIVED[cls]
+
+
+def plain_class(cls: type, quantized: bool) -> type:
+    """The class a merged layer of LoRA class `cls` goes back to: the plain NNX class when its
+    kernel was quantised (the merged kernel is a plain array, which a quantised layer's matmul
+    cannot take), else the class it had before `inject` (`lora_class` inverted)."""
+    if quantized or cls not in BASE_CLASSES and cls not in _UNDERIVED:
+        return next(base for base in LORA_CLASSES if issubclass(cls, base))
+    return BASE_CLASSES.get(cls) or _UNDERIVED[cls]
+
+
+def kernel_of(layer: nnx.Module) -> Any:
+    """The layer's kernel: an array, or a quantised pytree (`models.quant`, duck-typed by its
+    `dequantize`), which a Variable's `[...]` cannot index."""
+    return layer.kernel.get_value()
+
+
+def is_quantized(kernel: Any) -> bool:
+    """True for a quantised kernel pytree (it has `dequantize`, as `lora_jax.tree` reads it)."""
+    return hasattr(kernel, "dequantize")
 
 
 def inject(model: nnx.Module, config: LoraConfig, rng: jax.Array, *,
@@ -266,7 +321,8 @@ def inject(model: nnx.Module, config: LoraConfig, rng: jax.Array, *,
                         "dropout stream (model.train() / model.eval() switch it).")
     for path in targets:
         layer = layers[path]
-        kernel = layer.kernel[...]
+        kernel = kernel_of(layer)
+        _check_quantized(path, kernel, config)  # DoRA / PiSSA / OLoRA need a float kernel
         leaves = adapter_leaves(path, kernel.shape, layout_of(path, layer), config, rng)
         if is_base_changing(config.init_lora_weights):  # PiSSA / OLoRA: the kernel is rewritten
             module = base_changing_module(path, {"kernel": kernel}, leaves,
@@ -275,7 +331,7 @@ def inject(model: nnx.Module, config: LoraConfig, rng: jax.Array, *,
             leaves = module
         if config.use_dora:
             _check_dora_layer(path, layer)  # before the norm is computed for nothing
-            leaves = with_magnitude(layer.kernel[...], leaves, layout_of(path, layer), config)
+            leaves = with_magnitude(kernel_of(layer), leaves, layout_of(path, layer), config)
         _attach(layer, leaves)
         if config.lora_dropout > 0:
             layer.lora_dropout = nnx.Dropout(config.lora_dropout, rngs=rngs)
@@ -313,7 +369,7 @@ def adaptable(model: nnx.Module) -> dict[str, nnx.Module]:
 
 def layout_of(path: str, layer: nnx.Module) -> KernelLayout:
     """How the layer's kernel splits into stacked, input and output axes."""
-    shape = tuple(layer.kernel[...].shape)
+    shape = tuple(kernel_of(layer).shape)
     if isinstance(layer, nnx.Einsum):
         if layer.einsum_str is None:
             raise LoraError(f"{path}: nnx.Einsum without an einsum_str at construction cannot "
@@ -410,22 +466,23 @@ def merge(model: nnx.Module, *, check_finite_values: bool = True) -> nnx.Module:
     for path, layer in adaptable(merged).items():
         if not hasattr(layer, LORA_A):
             continue
-        module = {"kernel": layer.kernel[...], **{k: getattr(layer, k)[...]
-                                                    for k in ADAPTER_LEAVES if hasattr(layer, k)}}
-        kernel = merged_kernel(module)
+        base = kernel_of(layer)
+        module = {"kernel": base, **{k: getattr(layer, k)[...]
+                                     for k in ADAPTER_LEAVES if hasattr(layer, k)}}
+        kernel = merged_kernel(module)  # a quantised base: dequantised, + delta, in its dtype
         if check_finite_values:
             check_finite({path: kernel}, "lora_jax.nnx.merge")
-        layer.kernel[...] = kernel
+        layer.kernel.set_value(kernel)
         for name in (*ADAPTER_LEAVES, "lora_dropout"):
             if hasattr(layer, name):
                 delattr(layer, name)
-        layer.__class__ = BASE_CLASSES[type(layer)]
+        layer.__class__ = plain_class(type(layer), is_quantized(base))
     return merged
 
 
 def _module_view(layer: nnx.Module) -> dict:
     """The dict `select_targets` reads: the kernel, and the adapters if the layer has them."""
-    view = {"kernel": layer.kernel[...]}
+    view = {"kernel": kernel_of(layer)}
     view.update({k: getattr(layer, k)[...] for k in ADAPTER_LEAVES if hasattr(layer, k)})
     return view
 
@@ -445,8 +502,7 @@ def _attach(layer: nnx.Module, leaves: Mapping[str, Any]) -> None:
             getattr(layer, name)[...] = value.astype(getattr(layer, name)[...].dtype)
         else:
             setattr(layer, name, (LoraScale if name == LORA_SCALE else LoraParam)(value))
-    if type(layer) in LORA_CLASSES:
-        layer.__class__ = LORA_CLASSES[type(layer)]
+    layer.__class__ = lora_class(type(layer))
 
 
 def _string_keys(tree: Any) -> Any:
@@ -456,5 +512,6 @@ def _string_keys(tree: Any) -> Any:
 
 
 __all__ = ["LoraParam", "LoraScale", "LoraLinear", "LoraLinearGeneral", "LoraEinsum",
-           "EinsumRoles", "einsum_roles", "inject", "adaptable",
+           "EinsumRoles", "einsum_roles", "inject", "adaptable", "lora_class", "plain_class",
+           "kernel_of", "is_quantized",
            "layout_of", "layouts", "params", "adapters", "load", "merge"]
