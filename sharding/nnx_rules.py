@@ -35,10 +35,15 @@ def nnx_shardings(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -
     by_path = param_shardings(lora_jax.nnx.params(model), mesh, rules)
 
     def pick(key_path, _leaf):
+        # Dict keys walk the Linen-form tree; attribute keys walk into a quantised kernel's
+        # pytree (`models.quant`: codes, scales), whose shardings `param_shardings` gives per
+        # field. Other keys (a Variable's own wrapping) add no level to `by_path`.
         node = by_path
         for key in key_path:
             if isinstance(key, jax.tree_util.DictKey):
                 node = node[str(key.key)]
+            elif isinstance(key, jax.tree_util.GetAttrKey) and hasattr(node, key.name):
+                node = getattr(node, key.name)
         return node
 
     return jax.tree_util.tree_map_with_path(pick, nnx.state(model, RULED_STATE))

@@ -210,3 +210,28 @@ def test_unsupported_layers_are_refused_by_name(name, match):
         quantize(model, "nf4", select=lambda path: path == name)
     assert not any(is_quantized(x) for x in jax.tree.leaves(  # nothing half-done
         nnx.state(model), is_leaf=is_quantized))
+
+
+def test_a_quantised_model_is_placed_by_the_rules_and_equals_one_device(linen):
+    """`sharding.shard_nnx` walks into a quantised kernel's pytree: each field (codes, scale)
+    gets the sharding `param_shardings` gives it in the Linen-form tree (before the fix the
+    whole tree of shardings was handed to every field), and the placed model's logits equal one
+    device's within 1e-5 of their largest value (only float32 summation order changes: the
+    tp-split contractions are summed across devices). int8: its leaves divide on any mesh of
+    the tiny shape, where NF4's 64-input blocks do not split over fsdp or a row layer's tp."""
+    import sharding
+    from sharding_common import mesh_of
+
+    _, params = linen
+    model = quantize(from_linen(CONFIG, params), "int8")
+    lj.nnx.inject(model, LORA, jax.random.key(1))
+    expected = model(IDS)
+    mesh = mesh_of(dp=2, fsdp=2, tp=2)
+    placed = sharding.nnx_shardings(model, mesh)
+    by_rule = sharding.param_shardings(lj.nnx.params(model), mesh)
+    layer0 = by_rule["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+    state = nnx.to_pure_dict(placed)["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
+    assert is_quantized(layer0) and state.codes == layer0.codes and state.scale == layer0.scale
+    sharding.shard_nnx(model, mesh)
+    assert q_proj(model).kernel.get_value().codes.sharding == layer0.codes
+    assert_close(nnx.jit(lambda m, ids: m(ids))(model, IDS), expected, 1e-5)
