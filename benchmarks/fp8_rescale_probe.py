@@ -1,0 +1,136 @@
+"""Where the FP8-stored base loses its time outside the GEMMs: one attention input block (x
+feeding q/k/v, 8B shapes, M = 8192 tokens), forward and input gradient, in three forms.
+
+  bf16     plain bf16 dots (the bar).
+  current  `models.quant.quantized_matmul` on `Fp8Kernel`s (per-output-channel weight scale,
+           per-tensor activation scale): the FP8 GEMM returns bf16 and the scales multiply its
+           output in float32 afterwards, a separate pass per projection that the three input
+           gradients must each take before they are summed.
+  qdq      per-tensor weight scale, written as dequantise-then-dot (`dot(convert(x8) * sx,
+           convert(w8) * sw)`): the pattern XLA's GPU GEMM rewriter folds into one cuBLASLt FP8
+           call with the scales as its operands, so no rescaling pass is left.
+
+For each: the median time of `jax.value_and_grad` over x, how many `__cublas$lt$matmul$f8` calls
+the compiled program has, and how many other kernels (fusions). One JSON line per form.
+
+    python -m benchmarks.fp8_rescale_probe            # one H200
+    python -m benchmarks.fp8_rescale_probe --smoke    # CPU: tiny shapes, counts only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from models import fp8 as recipe
+from models.quant import quantize, quantized_matmul
+
+SHAPES = ((4096, 4096), (4096, 1024), (4096, 1024))  # q, k, v: [in, out]
+TOKENS = 8192
+
+
+def _dequant_dot(a8, sa, b8, sb, dtype):
+    """a8 [..., K] . b8 [N, K] as dequantise-then-dot with scalar scales (the rewriter's form)."""
+    a = a8.astype(dtype) * sa.astype(dtype)
+    b = b8.astype(dtype) * sb.astype(dtype)
+    return jax.lax.dot_general(a, b, (((a.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=dtype)
+
+
+@jax.custom_vjp
+def qdq_matmul(x, w8t, sw):
+    """x [M, K] @ W with W^T = w8t [N, K] * sw (a scalar): e4m3 forward, e5m2 gradient."""
+    x8, sx = recipe.quantize(x, recipe.FORWARD_DTYPE)
+    return _dequant_dot(x8, sx, w8t, sw, x.dtype)
+
+
+def _qdq_fwd(x, w8t, sw):
+    return qdq_matmul(x, w8t, sw), (w8t, sw)
+
+
+def _qdq_bwd(res, dy):
+    w8t, sw = res
+    dy8, sdy = recipe.quantize(dy, recipe.GRADIENT_DTYPE)
+    w8 = w8t.T  # [K, N]: the gradient GEMM contracts N, last axis of both operands
+    dx = _dequant_dot(dy8, sdy, w8, sw, dy.dtype)
+    return dx, jnp.zeros_like(w8t), jnp.zeros_like(sw)
+
+
+qdq_matmul.defvjp(_qdq_fwd, _qdq_bwd)
+
+
+def _per_tensor(w):
+    """W^T as e4m3 codes [N, K] and one float32 scale (amax -> e4m3 max)."""
+    wt8, sw = recipe.quantize(w.T, recipe.FORWARD_DTYPE)
+    return wt8, sw
+
+
+def loss_fn(form, x, kernels):
+    """Sum over q/k/v of a cheap consumer of each projection (a square, as attention's inputs
+    are used nonlinearly), so each gradient is a full tensor that depends on the output."""
+    total = 0.0
+    for k in kernels:
+        if form == "bf16":
+            y = x @ k
+        elif form == "current":
+            y = quantized_matmul(x, k, jnp.bfloat16)
+        else:
+            y = qdq_matmul(x, *k)
+        total = total + jnp.sum(jnp.square(y.astype(jnp.float32)))
+    return total
+
+
+def build(form, key, shapes):
+    keys = jax.random.split(key, len(shapes))
+    ws = [0.02 * jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes)]
+    if form == "bf16":
+        return [w.astype(jnp.bfloat16) for w in ws]
+    if form == "current":
+        return [quantize(w, "fp8", dtype=jnp.bfloat16) for w in ws]
+    return [_per_tensor(w) for w in ws]
+
+
+def counts(hlo: str) -> dict:
+    entry = hlo[hlo.index("ENTRY"):]
+    return {"fp8_gemms": len(re.findall(r"__cublas\$lt\$matmul\$f8", entry)),
+            "gemms": len(re.findall(r"custom_call_target=\"__cublas", entry)),
+            "fusions": len(re.findall(r"= \S+ fusion\(", entry))}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    tokens, shapes = (64, ((128, 128), (128, 32), (128, 32))) if args.smoke else (TOKENS, SHAPES)
+    x = jax.random.normal(jax.random.key(0), (tokens, shapes[0][0]), jnp.float32)
+    x = x.astype(jnp.bfloat16)
+    for form in ("bf16", "current", "qdq"):
+        kernels = build(form, jax.random.key(1), shapes)
+        step = jax.jit(jax.value_and_grad(lambda x_, ks, f=form: loss_fn(f, x_, ks)))
+        compiled = step.lower(x, kernels).compile()
+        row = {"form": form, "tokens": tokens, **counts(compiled.as_text()),
+               "backend": jax.default_backend()}
+        row["loss"] = float(step(x, kernels)[0])  # the three forms agree to FP8 rounding
+        if not args.smoke:
+            times = []
+            for _ in range(args.iters):
+                t0 = time.perf_counter()
+                jax.block_until_ready(step(x, kernels))
+                times.append(time.perf_counter() - t0)
+            row["ms"] = 1e3 * statistics.median(times)
+        line = json.dumps(row)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
