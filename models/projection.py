@@ -36,8 +36,7 @@ def quantized_projection(parallel: Parallelism, config: Any, features: int, *, n
     parallelism `models.quant.QuantDense` (dp and FSDP then shard its leaves by the kernel's
     rules, GSPMD); otherwise the parallelism's layer of that role, asked with `quant=` (the
     tensor-parallel shard_map layers multiply each device's shard of the quantised kernel, with
-    `config.quant_impl`, also asked with `quant_impl=` when it is not the default "xla")."""
-    impl = getattr(config, "quant_impl", "xla")
+    `config.quant_impl` and `config.fp8_scaling`, each asked only when not its default)."""
     if not isinstance(parallel, NoParallelism):
         return parallel.dense(features, role=role, name=name, use_bias=use_bias,
                               dtype=config.dtype, param_dtype=config.param_dtype,
@@ -45,20 +44,28 @@ def quantized_projection(parallel: Parallelism, config: Any, features: int, *, n
                               bias_init=nn.initializers.zeros, quant=config.quantize,
                               **_non_default_options(config))
     return QuantDense(features, quant=config.quantize, name=name, use_bias=use_bias,
-                      quant_impl=impl,
-                      fp8_scaling=getattr(config, "fp8_scaling", "tensor"),
+                      **_options(config),
                       dtype=config.dtype, param_dtype=config.param_dtype,
                       kernel_init=nn.initializers.normal(config.initializer_range),
                       bias_init=nn.initializers.zeros)
+
+
+# Options a quantised projection layer takes, with their defaults (a config that predates an
+# option, or a model family without it, gets the default).
+LAYER_OPTION_DEFAULTS = {"quant_impl": "xla", "fp8_scaling": "tensor"}
+
+
+def _options(config: Any) -> dict:
+    """`{option: the config's value or its default}` for each of `LAYER_OPTION_DEFAULTS`."""
+    return {k: getattr(config, k, default) for k, default in LAYER_OPTION_DEFAULTS.items()}
 
 
 def _non_default_options(config: Any) -> dict:
     """`quant_impl=` / `fp8_scaling=` for a parallelism's layer, each only when the config asks
     for a non-default value (so a parallelism that does not know an option is asked with it only
     when it matters)."""
-    options = {"quant_impl": getattr(config, "quant_impl", "xla"),
-               "fp8_scaling": getattr(config, "fp8_scaling", "tensor")}
-    return {k: v for k, v in options.items() if v not in ("xla", "tensor")}
+    return {k: v for k, v in _options(config).items()
+            if v != LAYER_OPTION_DEFAULTS[k]}
 
 
 def embedding(config: Any, num: int, features: int) -> nn.Embed:
