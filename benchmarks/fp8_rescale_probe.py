@@ -9,6 +9,12 @@ feeding q/k/v, 8B shapes, M = 8192 tokens), forward and input gradient, in three
   qdq      per-tensor weight scale, written as dequantise-then-dot (`dot(convert(x8) * sx,
            convert(w8) * sw)`): the pattern XLA's GPU GEMM rewriter folds into one cuBLASLt FP8
            call with the scales as its operands, so no rescaling pass is left.
+  qdq32    the same with the codes converted to float32 and the dot accumulated in float32
+           (the form of XLA's own FP8 rewriter tests), cast to bf16 afterwards.
+  direct32 / directbf
+           FP8 codes straight into the dot as `current`, but with a per-tensor weight scale: the
+           output is multiplied by one scalar (in float32 / bf16), which XLA may fold into the
+           GEMM, and the three input gradients may then accumulate in the GEMMs' epilogues.
 
 For each: the median time of `jax.value_and_grad` over x, how many `__cublas$lt$matmul$f8` calls
 the compiled program has, and how many other kernels (fusions). One JSON line per form.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import time
@@ -30,38 +37,78 @@ import jax.numpy as jnp
 from models import fp8 as recipe
 from models.quant import quantize, quantized_matmul
 
+FORMS = ("bf16", "current", "qdq", "qdq32", "direct32", "directbf")
 SHAPES = ((4096, 4096), (4096, 1024), (4096, 1024))  # q, k, v: [in, out]
 TOKENS = 8192
 
 
-def _dequant_dot(a8, sa, b8, sb, dtype):
-    """a8 [..., K] . b8 [N, K] as dequantise-then-dot with scalar scales (the rewriter's form)."""
-    a = a8.astype(dtype) * sa.astype(dtype)
-    b = b8.astype(dtype) * sb.astype(dtype)
+def _dequant_dot(a8, sa, b8, sb, dtype, wide=None):
+    """a8 [..., K] . b8 [N, K] as dequantise-then-dot with scalar scales (the rewriter's form):
+    the codes converted to `wide` (default: `dtype`) and multiplied by their broadcast scale
+    there, the dot accumulated into `wide`, its result cast to `dtype`."""
+    wide = wide or dtype
+    a = a8.astype(wide) * sa.astype(wide)
+    b = b8.astype(wide) * sb.astype(wide)
     return jax.lax.dot_general(a, b, (((a.ndim - 1,), (1,)), ((), ())),
-                               preferred_element_type=dtype)
+                               preferred_element_type=wide).astype(dtype)
 
 
-@jax.custom_vjp
-def qdq_matmul(x, w8t, sw):
-    """x [M, K] @ W with W^T = w8t [N, K] * sw (a scalar): e4m3 forward, e5m2 gradient."""
-    x8, sx = recipe.quantize(x, recipe.FORWARD_DTYPE)
-    return _dequant_dot(x8, sx, w8t, sw, x.dtype)
+def _qdq(wide):
+    """The qdq matmul whose dequantised operands are in `wide` (None: the compute dtype)."""
+    @jax.custom_vjp
+    def qdq_matmul(x, w8t, sw):
+        """x [M, K] @ W with W^T = w8t [N, K] * sw (a scalar): e4m3 forward, e5m2 gradient."""
+        x8, sx = recipe.quantize(x, recipe.FORWARD_DTYPE)
+        return _dequant_dot(x8, sx, w8t, sw, x.dtype, wide)
+
+    def fwd(x, w8t, sw):
+        return qdq_matmul(x, w8t, sw), (w8t, sw)
+
+    def bwd(res, dy):
+        w8t, sw = res
+        dy8, sdy = recipe.quantize(dy, recipe.GRADIENT_DTYPE)
+        w8 = w8t.T  # [K, N]: the gradient GEMM contracts N, last axis of both operands
+        dx = _dequant_dot(dy8, sdy, w8, sw, dy.dtype, wide)
+        return dx, jnp.zeros_like(w8t), jnp.zeros_like(sw)
+
+    qdq_matmul.defvjp(fwd, bwd)
+    return qdq_matmul
 
 
-def _qdq_fwd(x, w8t, sw):
-    return qdq_matmul(x, w8t, sw), (w8t, sw)
+qdq_matmul = _qdq(None)
+qdq32_matmul = _qdq(jnp.float32)
 
 
-def _qdq_bwd(res, dy):
-    w8t, sw = res
-    dy8, sdy = recipe.quantize(dy, recipe.GRADIENT_DTYPE)
-    w8 = w8t.T  # [K, N]: the gradient GEMM contracts N, last axis of both operands
-    dx = _dequant_dot(dy8, sdy, w8, sw, dy.dtype)
-    return dx, jnp.zeros_like(w8t), jnp.zeros_like(sw)
+def _direct_dot(a8, sa, b8, sb, dtype, wide):
+    """a8 [..., K] . b8 [N, K] in FP8, then times the scalar sa * sb in `wide`."""
+    y = jax.lax.dot_general(a8, b8, (((a8.ndim - 1,), (1,)), ((), ())),
+                            preferred_element_type=dtype)
+    return (y.astype(wide) * (sa * sb).astype(wide)).astype(dtype)
 
 
-qdq_matmul.defvjp(_qdq_fwd, _qdq_bwd)
+def _direct(wide):
+    """FP8 codes straight into the dot (as `current`) but with a per-tensor (scalar) weight
+    scale, the product of the two scalars applied to the output in `wide`."""
+    @jax.custom_vjp
+    def direct_matmul(x, w8t, sw):
+        x8, sx = recipe.quantize(x, recipe.FORWARD_DTYPE)
+        return _direct_dot(x8, sx, w8t, sw, x.dtype, wide)
+
+    def fwd(x, w8t, sw):
+        return direct_matmul(x, w8t, sw), (w8t, sw)
+
+    def bwd(res, dy):
+        w8t, sw = res
+        dy8, sdy = recipe.quantize(dy, recipe.GRADIENT_DTYPE)
+        dx = _direct_dot(dy8, sdy, w8t.T, sw, dy.dtype, wide)
+        return dx, jnp.zeros_like(w8t), jnp.zeros_like(sw)
+
+    direct_matmul.defvjp(fwd, bwd)
+    return direct_matmul
+
+
+MATMULS = {"qdq": qdq_matmul, "qdq32": qdq32_matmul, "direct32": _direct(jnp.float32),
+           "directbf": _direct(jnp.bfloat16)}
 
 
 def _per_tensor(w):
@@ -80,7 +127,7 @@ def loss_fn(form, x, kernels):
         elif form == "current":
             y = quantized_matmul(x, k, jnp.bfloat16)
         else:
-            y = qdq_matmul(x, *k)
+            y = MATMULS[form](x, *k)
         total = total + jnp.sum(jnp.square(y.astype(jnp.float32)))
     return total
 
@@ -99,6 +146,7 @@ def counts(hlo: str) -> dict:
     entry = hlo[hlo.index("ENTRY"):]
     return {"fp8_gemms": len(re.findall(r"__cublas\$lt\$matmul\$f8", entry)),
             "gemms": len(re.findall(r"custom_call_target=\"__cublas", entry)),
+            "triton_gemms": len(re.findall(r"__triton_gemm", hlo)),
             "fusions": len(re.findall(r"= \S+ fusion\(", entry))}
 
 
@@ -107,16 +155,23 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default="")
+    ap.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS)
+    ap.add_argument("--hlo-dir", default="", help="write each form's optimised HLO here")
     args = ap.parse_args()
     tokens, shapes = (64, ((128, 128), (128, 32), (128, 32))) if args.smoke else (TOKENS, SHAPES)
     x = jax.random.normal(jax.random.key(0), (tokens, shapes[0][0]), jnp.float32)
     x = x.astype(jnp.bfloat16)
-    for form in ("bf16", "current", "qdq"):
+    for form in args.forms:
         kernels = build(form, jax.random.key(1), shapes)
         step = jax.jit(jax.value_and_grad(lambda x_, ks, f=form: loss_fn(f, x_, ks)))
         compiled = step.lower(x, kernels).compile()
-        row = {"form": form, "tokens": tokens, **counts(compiled.as_text()),
-               "backend": jax.default_backend()}
+        hlo = compiled.as_text()
+        row = {"form": form, "tokens": tokens, **counts(hlo), "backend": jax.default_backend(),
+               "xla_flags": os.environ.get("XLA_FLAGS", "")}
+        if args.hlo_dir:
+            flag = "notriton" if "triton_gemm=false" in row["xla_flags"] else "default"
+            with open(os.path.join(args.hlo_dir, f"probe_{form}_{flag}.hlo.txt"), "w") as f:
+                f.write(hlo)
         row["loss"] = float(step(x, kernels)[0])  # the three forms agree to FP8 rounding
         if not args.smoke:
             times = []
