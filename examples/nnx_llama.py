@@ -15,12 +15,14 @@ so `lora_jax.nnx` targets the same modules, writes the same PEFT files and train
 adapters as the Linen path (tests/test_nnx_llama.py). The pure pieces are shared with
 `models/` (RoPE, attention, the masks): only the modules are NNX.
 
-`config.quantize` ("nf4" | "int8" | "fp8", with `config.quant_impl`) stores every block
-projection's kernel quantised, as the Linen model does (`models.nnx_quant.quantize`: the output
-head stays), so the state is the Linen quantised model's tree and `from_linen` takes it.
+`config.quantize` ("nf4" | "int8" | "fp8", with `config.quant_impl` and `config.fp8_scaling`)
+stores every block projection's kernel quantised, as the Linen model does
+(`models.nnx_quant.quantize`: the output head stays), so the state is the Linen quantised
+model's tree and `from_linen` takes it. `config.mlp_chunk` runs each MLP over sequence chunks
+with remat inside (`models.chunking.nnx_sequence_chunked`), as the Linen model does.
 
 Not covered: KV caches and generation, `scan_layers` / `remat_policy` (the layers are an
-unrolled `nnx.List`), `base_fp8`, `mlp_chunk` and the sharding seam (`models.parallel`).
+unrolled `nnx.List`), `base_fp8` (refused) and the sharding seam (`models.parallel`).
 
 Example:
     >>> config = models.LlamaConfig.tiny()
@@ -38,6 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.attention import attend, begin_forward
+from models.chunking import nnx_sequence_chunked
 from models.layout import is_scanned, unstack_layers
 from models.llama import LlamaConfig
 from models.nnx_quant import quantize
@@ -109,6 +112,7 @@ class DecoderLayer(nnx.Module):
     """One pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
 
     def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        self.mlp_chunk = config.mlp_chunk
         self.input_layernorm = RMSNorm(config.hidden_size, config)
         self.self_attn = Attention(config, rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config)
@@ -116,7 +120,8 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, ctx) -> jax.Array:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + nnx_sequence_chunked(self.mlp, h, self.mlp_chunk)
 
 
 class LlamaModel(nnx.Module):
@@ -145,7 +150,8 @@ class NnxLlama(nnx.Module):
     Args:
       config: a `models.LlamaConfig` (`scan_layers`, `remat_policy` and sharding are not used;
         `base_fp8` is refused; `quantize` stores the block projections quantised, the random
-        draw quantised as the Linen `QuantDense` does).
+        draw quantised as the Linen `QuantDense` does, multiplied with `quant_impl` and
+        `fp8_scaling`; `mlp_chunk` runs the MLPs over sequence chunks).
       rngs: `nnx.Rngs` for the random init (normal(initializer_range), unit norms).
 
     Example:
@@ -161,7 +167,8 @@ class NnxLlama(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = _linear(config, config.hidden_size, config.vocab_size, False, rngs)
         if config.quantize:
-            quantize(self, config.quantize, impl=config.quant_impl)
+            quantize(self, config.quantize, impl=config.quant_impl,
+                     fp8_scaling=config.fp8_scaling)
 
     def __call__(self, input_ids: jax.Array, *,
                  attention_mask: jax.Array | None = None) -> jax.Array:

@@ -12,11 +12,16 @@ order of the work (and so float rounding, not the maths).
 The scanned module is the caller's own, so its parameters keep their paths
 (`model.layers.3.mlp.gate_proj.kernel`) and `lora_jax.apply`'s interceptor still adds each
 projection's adapter inside the loop (it sees the broadcast `lora_a` / `lora_b` in the scope).
+
+`nnx_sequence_chunked` is the same loop for a Flax NNX module (the NNX Llama's MLP):
+`nnx.scan` over the chunks with `nnx.remat` inside, the module's parameters broadcast and its
+RNG state carried.
 """
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
+from flax import nnx
 
 from models.parallel import NoParallelism
 
@@ -81,6 +86,42 @@ def sequence_chunked(module: nn.Module, x: jax.Array, chunk: int | None) -> jax.
                    split_rngs={"params": False, "dropout": True}, in_axes=1, out_axes=1,
                    length=n)
     _, ys = scan(module, None, xs)
+    return ys.reshape(x.shape[0], length, *ys.shape[3:])
+
+
+def nnx_sequence_chunked(module: nnx.Module, x: jax.Array, chunk: int | None) -> jax.Array:
+    """`module(x)` over chunks of `chunk` tokens of x's sequence axis, for an NNX module: what
+    `sequence_chunked` does for a Linen one, under the same contract (tokenwise module,
+    `[B, T, ...]` in and out, calls of at most `chunk` tokens unchunked, `check_chunk`'s error).
+
+    The module's parameters (LoRA adapters and quantised kernels included) are broadcast: one
+    copy, read by every chunk, their gradients summed over the chunks. Its RNG state (an
+    adapter's `nnx.Dropout` stream) is carried from chunk to chunk, so each chunk draws its own
+    dropout mask, as the Linen loop splits "dropout"; the stream advances once per chunk.
+
+    It is an NNX transform, so it takes only Variables of the trace it runs in: train with
+    `nnx.jit` / `nnx.value_and_grad`, or, with plain JAX transforms over `nnx.split` state,
+    rebuild the module inside the transformed function (`nnx.merge(..., copy=True)`): a module
+    merged inside `jax.grad` from Variables made outside it fails with NNX's "different trace
+    level" error.
+
+    Example:
+      >>> y = nnx_sequence_chunked(layer.mlp, h, config.mlp_chunk)
+    """
+    length = x.shape[1]
+    if not chunk or length <= chunk:
+        return module(x)
+    n = check_chunk(length, chunk)
+    xs = x.reshape(x.shape[0], n, chunk, *x.shape[2:])
+
+    def body(mdl, x_chunk):
+        return mdl(x_chunk)
+
+    # As in `sequence_chunked`: remat inside the scan (prevent_cse=False is safe there), so the
+    # backward pass rebuilds one chunk's intermediates at a time.
+    state_axes = nnx.StateAxes({nnx.RngState: nnx.Carry, ...: None})
+    ys = nnx.scan(nnx.remat(body, prevent_cse=False), in_axes=(state_axes, 1), out_axes=1,
+                  length=n)(module, xs)
     return ys.reshape(x.shape[0], length, *ys.shape[3:])
 
 

@@ -40,11 +40,17 @@ from models import quant
 
 class QuantLinear(nnx.Linear):
     """An `nnx.Linear` whose `kernel` Param holds a quantised pytree (`models.quant`), multiplied
-    by `quantized_matmul` in `quant_impl` ("xla" or "pallas"), as `models.quant.QuantDense`
-    does: compute dtype the layer's `dtype`, else the kernel's dequantised dtype; bias added in
-    it. Made by `quantize`, not constructed directly."""
+    by `quantized_matmul` in `quant_impl` ("xla" or "pallas") with `fp8_scaling` ("tensor" or
+    "row", FP8 kernels only), as `models.quant.QuantDense` does: compute dtype the layer's
+    `dtype`, else the kernel's dequantised dtype; bias added in it. Made by `quantize`, not
+    constructed directly.
+
+    Both options are plain string attributes, so NNX keeps them in the graph definition (static,
+    like `use_bias`), not in the state: `nnx.state`, `lj.nnx.params` and checkpoints hold only
+    the arrays, and `nnx.split` / `nnx.merge` / `nnx.jit` carry the options through."""
 
     quant_impl: str = "xla"
+    fp8_scaling: str = "tensor"
 
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
         if out_sharding is not None:
@@ -52,7 +58,8 @@ class QuantLinear(nnx.Linear):
                              "place the inputs instead.")
         kernel = self.kernel.get_value()
         dtype = self.dtype or kernel.dtype
-        y = quant.quantized_matmul(inputs, kernel, dtype, self.quant_impl)
+        y = quant.quantized_matmul(inputs, kernel, dtype, self.quant_impl,
+                                   fp8_scaling=self.fp8_scaling)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
@@ -74,7 +81,7 @@ def quant_class(cls: type) -> type:
 
 
 def quantize(model: nnx.Module, fmt: str, *, select: Callable[[str], bool] | None = None,
-             impl: str = "xla", dtype: Any = None) -> nnx.Module:
+             impl: str = "xla", dtype: Any = None, fp8_scaling: str = "tensor") -> nnx.Module:
     """Store the kernel of every selected `nnx.Linear` quantised in format `fmt`, in place (and
     return the model). All kernels are quantised before any layer is changed, so an error
     leaves the model as it was.
@@ -87,22 +94,27 @@ def quantize(model: nnx.Module, fmt: str, *, select: Callable[[str], bool] | Non
       impl: how NF4 / int8 multiply: "xla" (dequantise, then a GEMM) or "pallas"
         (`models.quant_pallas`), as `quantized_matmul`'s `impl`.
       dtype: the dtype the kernels dequantise to (default each kernel's own).
+      fp8_scaling: how an FP8 kernel's layer scales x (forward) and the output gradient
+        (backward) into FP8: "tensor" (one amax per call) or "row" (one per token row), as
+        `quantized_matmul`'s `fp8_scaling`; NF4 / int8 ignore it, as `QuantDense` does.
 
     Returns:
       `model`, its selected kernels quantised.
 
     Raises:
-      ValueError: an unknown format or impl; nothing selected; a selected layer that is not an
-        `nnx.Linear` (`nnx.LinearGeneral`, `nnx.Einsum`, `nnx.Conv`); a kernel already quantised;
-        a kernel the format cannot hold (NF4 with inputs not divisible by 64).
+      ValueError: an unknown format, impl or fp8_scaling; nothing selected; a selected layer
+        that is not an `nnx.Linear` (`nnx.LinearGeneral`, `nnx.Einsum`, `nnx.Conv`); a kernel
+        already quantised; a kernel the format cannot hold (NF4 with inputs not divisible by 64).
 
     Example:
       >>> quantize(model, "int8", select=lambda path: path.endswith("mlp.up_proj"))
+      >>> quantize(model, "fp8", fp8_scaling="row")   # one FP8 scale per token row
     """
     if fmt is None:
         raise ValueError(f"quantize: fmt=None; use one of {quant.FORMATS}")
     quant.check_format(fmt)
     quant.check_impl(impl)
+    quant.check_fp8_scaling(fp8_scaling)
     layers = _selected(model, select or quant.quantizable)
     kernels = {}
     for path, layer in layers.items():
@@ -114,6 +126,7 @@ def quantize(model: nnx.Module, fmt: str, *, select: Callable[[str], bool] | Non
         layer.kernel.set_value(kernels[path])
         layer.__class__ = quant_class(type(layer))
         layer.quant_impl = impl
+        layer.fp8_scaling = fp8_scaling
     return model
 
 

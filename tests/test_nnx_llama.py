@@ -9,9 +9,13 @@ since `W + s*A@B` rounds differently from `x@W + s*(x@A)@B`. Files: byte for byt
 1e-6 relative on losses and adapters after 5 AdamW steps, as tests/test_nnx.py; this needs both
 jitted steps to take the frozen weights as arguments (a closed-over base is a compile-time
 constant XLA partly folds, which moved the Linen adapters by ~1e-5 relative: Adam's
-`m / sqrt(v)` magnifies rounding in the small gradients)."""
+`m / sqrt(v)` magnifies rounding in the small gradients). `mlp_chunk`: chunked against unchunked
+as tests/test_long_context.py (logits 1e-6, adapter gradients 2e-6 of each leaf's largest
+entry: only the order of the chunks' partial sums changes), against the Linen chunked Llama
+1e-5 as above."""
 import jax
 import jax.numpy as jnp
+from jax._src.ad_checkpoint import saved_residuals  # public print_saved_residuals prints only
 import numpy as np
 import optax
 import pytest
@@ -137,3 +141,81 @@ def test_from_linen_refuses_a_tree_of_another_shape():
         from_linen(CONFIGS["untied"], {"model": params["model"]})
     with pytest.raises(ValueError, match="unexpected.*lm_head"):
         from_linen(CONFIGS["tied"], params)
+
+
+CHUNKED = models.LlamaConfig.tiny(mlp_chunk=4)
+LONG_IDS = jax.random.randint(jax.random.key(8), (2, 16), 0, 512)  # 4 chunks of 4 tokens
+CHUNK_RTOL = 2e-6  # tests/test_long_context.py: ~1e-7 measured, a missed adapter is O(1)
+
+
+def chunk_pair(config):
+    """(Linen params with adapters, NNX model with adapters) for `config`; the same weights
+    and adapters for every `mlp_chunk` (the tree does not depend on it)."""
+    _, params, model = base_pair(config)
+    return lj.inject(params, LORA, jax.random.key(1)), lj.nnx.inject(model, LORA, jax.random.key(1))
+
+
+def mean_square(model):
+    logits = model(LONG_IDS)
+    return jnp.mean(logits ** 2), logits
+
+
+@nnx.jit
+def logits_and_grads(model):
+    """The NNX training path (nnx.jit, nnx.value_and_grad over the adapters)."""
+    (_, logits), grads = nnx.value_and_grad(mean_square, has_aux=True,
+                                            argnums=nnx.DiffState(0, lj.nnx.LoraParam))(model)
+    return logits, nnx.to_pure_dict(grads)
+
+
+def test_chunked_mlp_equals_the_unchunked_model_and_the_linen_chunked_model():
+    want_logits, want_grads = logits_and_grads(chunk_pair(CONFIGS["untied"])[1])
+    tree, model = chunk_pair(CHUNKED)
+    got_logits, got_grads = logits_and_grads(model)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-6, atol=1e-6)
+    for path, got in jax.tree_util.tree_leaves_with_path(got_grads):
+        want = np.asarray(dict(jax.tree_util.tree_leaves_with_path(want_grads))[path])
+        assert np.abs(want).max() > 0, path  # every adapter gets a gradient
+        assert np.abs(got - want).max() <= CHUNK_RTOL * np.abs(want).max(), path
+    assert_close(model(LONG_IDS), lj.apply(models.build(CHUNKED), {"params": tree}, LONG_IDS),
+                 1e-5)
+    # A quantised base (its kernel pytrees broadcast into the loop like any Param).
+    quantised = {chunk: NnxLlama(models.LlamaConfig.tiny(quantize="nf4", mlp_chunk=chunk),
+                                 nnx.Rngs(0))(LONG_IDS) for chunk in (None, 4)}
+    np.testing.assert_allclose(quantised[4], quantised[None], rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_mlp_keeps_no_full_length_intermediates():
+    """The remat inside the chunk loop works: unchunked, the backward pass keeps the MLP's
+    [B, T, intermediate] activations; chunked, nothing that wide is kept."""
+    def wide_residuals(config):
+        graphdef, adapters, rest = nnx.split(chunk_pair(config)[1], lj.nnx.LoraParam, ...)
+
+        def loss(a):  # copy=True: the chunk loop's nnx.scan takes Variables of this trace only
+            return mean_square(nnx.merge(graphdef, a, rest, copy=True))[0]
+        return sum(r[0].ndim >= 3 and r[0].shape[-1] == config.intermediate_size
+                   for r in saved_residuals(loss, adapters))
+    assert wide_residuals(CONFIGS["untied"]) >= 2
+    assert wide_residuals(CHUNKED) == 0
+
+
+def test_chunked_mlp_draws_a_dropout_mask_per_chunk():
+    """The adapters' dropout streams are carried through the chunks (not broadcast, which
+    would drop their updates and repeat one mask): each advances once per chunk."""
+    dropout = lj.LoraConfig(r=4, target_modules=["up_proj"], lora_dropout=0.5)
+
+    def counts(config):
+        model = lj.nnx.inject(base_pair(config)[2], dropout, jax.random.key(1),
+                              rngs=nnx.Rngs(dropout=2))
+        model(LONG_IDS)
+        return {int(c) for c in jax.tree.leaves(nnx.state(model, nnx.RngCount))}
+    assert counts(CONFIGS["untied"]) == {1}
+    assert counts(CHUNKED) == {4}
+
+
+def test_chunk_errors_and_short_calls():
+    model = from_linen(models.LlamaConfig.tiny(mlp_chunk=5), base_pair(CONFIGS["untied"])[1])
+    with pytest.raises(ValueError, match="mlp_chunk=5 does not divide the sequence length 16"):
+        model(LONG_IDS)
+    # A call no longer than one chunk (a short prompt) runs unchunked: the same ops.
+    np.testing.assert_array_equal(model(IDS[:, :5]), base_pair(CONFIGS["untied"])[2](IDS[:, :5]))

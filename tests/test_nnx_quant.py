@@ -10,7 +10,8 @@ in tests/test_nnx_llama.py. Merged against unmerged (NF4, int8): 1e-5, since
 `dequant(W) + s*A@B` then one matmul rounds differently from `x@dequant(W) + s*(x@A)@B` (int8
 also applies its channel scale after the GEMM). FP8 multiplies e4m3-quantised *activations*
 unmerged, and a merged plain kernel does not, so for FP8 the merged model is compared with the
-Linen merge of the same tree (1e-5) instead.
+Linen merge of the same tree (1e-5) instead. FP8 with `fp8_scaling="row"`: the same 1e-5
+against the Linen row-scaled Llama (the same `quantized_matmul`, one amax per token row).
 """
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ import lora_jax as lj
 import models
 from examples.nnx_llama import from_linen, to_linen
 from models.nnx_quant import QuantLinear, quantize
-from models.quant import FORMATS, is_quantized, quantize_params
+from models.quant import FORMATS, QuantDense, is_quantized, quantize_params
 
 CONFIG = models.LlamaConfig.tiny()
 LORA = lj.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
@@ -138,6 +139,67 @@ def test_a_step_trains_the_adapters_only(linen):
     assert sum(a_moved) >= len(a_moved) // 2  # A and B of every layer (scales do not move)
 
 
+def test_fp8_row_scaling_equals_the_linen_row_scaled_llama(linen):
+    """`quantize(..., fp8_scaling="row")` and `LlamaConfig(fp8_scaling="row")` give the Linen
+    row-scaled model's logits (1e-5, module docstring), with and without adapters, and the
+    option is a static field: not in the state or the Linen-form tree, kept through
+    `nnx.split` / `nnx.merge` (what `nnx.jit` does), gone with `lj.nnx.merge`."""
+    _, params = linen
+    rconfig = models.LlamaConfig.tiny(quantize="fp8", fp8_scaling="row")
+    rlinen, qparams = models.build(rconfig), quantize_tree(params, "fp8")
+    want = rlinen.apply({"params": qparams}, IDS)
+    surgery = quantize(from_linen(CONFIG, params), "fp8", fp8_scaling="row")
+    built = from_linen(rconfig, qparams)  # NnxLlama passes config.fp8_scaling to quantize
+    for model in (surgery, built):
+        assert q_proj(model).fp8_scaling == "row" and q_proj(model).quant_impl == "xla"
+        assert_same_tree(to_linen(model), qparams)  # no leaf for the option
+        assert_close(model(IDS), want, 1e-5)
+    tensor = models.build(models.LlamaConfig.tiny(quantize="fp8")).apply({"params": qparams}, IDS)
+    assert not np.allclose(want, tensor, rtol=1e-5, atol=1e-5)  # the scalings round differently
+
+    graphdef, state = nnx.split(surgery)
+    assert "fp8_scaling" not in str(jax.tree_util.tree_structure(nnx.to_pure_dict(state)))
+    assert q_proj(nnx.merge(graphdef, state)).fp8_scaling == "row"
+    lj.nnx.inject(surgery, LORA, jax.random.key(1))
+    tree = lj.inject(qparams, LORA, jax.random.key(1))
+    assert_same_tree(lj.nnx.params(surgery), tree)
+    assert q_proj(surgery).fp8_scaling == "row"  # Lora<QuantLinear> keeps it
+    assert_close(surgery(IDS), lj.apply(rlinen, {"params": tree}, IDS), 1e-5)
+    merged = lj.nnx.merge(surgery)
+    assert type(q_proj(merged)) is nnx.Linear
+    assert_close(merged(IDS), models.build(CONFIG).apply({"params": lj.merge(tree)}, IDS), 1e-5)
+
+
+class Wide(nnx.Module):
+    """One block projection, FP8 after `quantize`."""
+
+    def __init__(self, rngs):
+        self.up_proj = nnx.Linear(64, 32, rngs=rngs)
+
+    def __call__(self, x):
+        return self.up_proj(x)
+
+
+def test_fp8_row_scaling_keeps_a_small_row_that_tensor_scaling_crushes():
+    """Rows 1e6 apart: one per-tensor amax puts the small row below e4m3's smallest subnormal
+    (2^-9 of the 448 the large row maps to), so tensor scaling returns ~0 for it; a per-row
+    amax keeps it to e4m3's ~6% relative rounding. Bounds: row within 10% of the float result
+    on the small row, tensor off by more than 50% of it; both equal `QuantDense`'s output."""
+    x = jax.random.normal(jax.random.key(3), (2, 64)) * jnp.array([[1e3], [1e-3]])
+    outputs = {}
+    for scaling in ("tensor", "row"):
+        model = quantize(Wide(nnx.Rngs(0)), "fp8", fp8_scaling=scaling)
+        outputs[scaling] = model(x)
+        kernel = model.up_proj.kernel.get_value()
+        linen = QuantDense(32, quant="fp8", fp8_scaling=scaling).apply(
+            {"params": {"kernel": kernel, "bias": model.up_proj.bias[...]}}, x)
+        np.testing.assert_array_equal(outputs[scaling], linen)
+    exact = x[1] @ kernel.dequantize() + model.up_proj.bias[...]
+    small = {k: float(jnp.max(jnp.abs(v[1] - exact)) / jnp.max(jnp.abs(exact)))
+             for k, v in outputs.items()}
+    assert small["row"] < 0.1 < 0.5 < small["tensor"], small
+
+
 class Block(nnx.Module):
     """Two block projections (NF4 and FP8 after `quantize` with `select=`) and a float head."""
 
@@ -174,6 +236,9 @@ def test_refusals(linen):
         quantize(model, None)
     with pytest.raises(ValueError, match="quant_impl='cuda'"):
         quantize(model, "int8", impl="cuda")
+    with pytest.raises(ValueError, match=r"fp8_scaling='column': use one of \('tensor', 'row'\)"):
+        quantize(model, "fp8", fp8_scaling="column")
+    assert not is_quantized(q_proj(model).kernel.get_value())  # refused before any change
     with pytest.raises(ValueError, match="matched no layer.*lm_head"):
         quantize(model, "int8", select=lambda path: path.endswith("nothing"))
     quantize(model, "int8")
