@@ -86,7 +86,7 @@ def run(args) -> dict:
     data = demo_task.write_training_data(Path(args.out) / "data.jsonl", words, swaps=3000,
                                          seed=args.seed)
     ids, weights = tokenize(read_documents(data), tok.encode, tok.eos_id)
-    batches = Batches(ids, weights, batch=16, seq_len=128, seed=args.seed)
+    batches = Batches(ids, weights, batch=args.batch_size, seq_len=128, seed=args.seed)
     optimizer = nnx.Optimizer(model, optax.adamw(args.lr, weight_decay=0.0),
                               wrt=lj.nnx.LoraParam)
     step = nnx.jit(train_step)
@@ -131,6 +131,7 @@ def report(what: str, got, want, rtol: float) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m examples.nnx_demo", description=__doc__)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences of 128 tokens a step")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/nnx_demo")
