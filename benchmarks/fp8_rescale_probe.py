@@ -25,6 +25,7 @@ the compiled program has, and how many other kernels (fusions). One JSON line pe
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -53,32 +54,6 @@ def _dequant_dot(a8, sa, b8, sb, dtype, wide=None):
                                preferred_element_type=wide).astype(dtype)
 
 
-def _qdq(wide):
-    """The qdq matmul whose dequantised operands are in `wide` (None: the compute dtype)."""
-    @jax.custom_vjp
-    def qdq_matmul(x, w8t, sw):
-        """x [M, K] @ W with W^T = w8t [N, K] * sw (a scalar): e4m3 forward, e5m2 gradient."""
-        x8, sx = recipe.quantize(x, recipe.FORWARD_DTYPE)
-        return _dequant_dot(x8, sx, w8t, sw, x.dtype, wide)
-
-    def fwd(x, w8t, sw):
-        return qdq_matmul(x, w8t, sw), (w8t, sw)
-
-    def bwd(res, dy):
-        w8t, sw = res
-        dy8, sdy = recipe.quantize(dy, recipe.GRADIENT_DTYPE)
-        w8 = w8t.T  # [K, N]: the gradient GEMM contracts N, last axis of both operands
-        dx = _dequant_dot(dy8, sdy, w8, sw, dy.dtype, wide)
-        return dx, jnp.zeros_like(w8t), jnp.zeros_like(sw)
-
-    qdq_matmul.defvjp(fwd, bwd)
-    return qdq_matmul
-
-
-qdq_matmul = _qdq(None)
-qdq32_matmul = _qdq(jnp.float32)
-
-
 def _direct_dot(a8, sa, b8, sb, dtype, wide):
     """a8 [..., K] . b8 [N, K] in FP8, then times the scalar sa * sb in `wide`."""
     y = jax.lax.dot_general(a8, b8, (((a8.ndim - 1,), (1,)), ((), ())),
@@ -86,29 +61,36 @@ def _direct_dot(a8, sa, b8, sb, dtype, wide):
     return (y.astype(wide) * (sa * sb).astype(wide)).astype(dtype)
 
 
-def _direct(wide):
-    """FP8 codes straight into the dot (as `current`) but with a per-tensor (scalar) weight
-    scale, the product of the two scalars applied to the output in `wide`."""
+def _scaled_matmul(dot):
+    """x [M, K] @ W, W^T = w8t [N, K] * sw (a scalar), as a frozen-kernel custom VJP: x scaled
+    to e4m3 for the forward, dy to e5m2 for the input gradient, each product formed by
+    `dot(a8, sa, b8, sb, dtype)` (`_dequant_dot` or `_direct_dot`)."""
     @jax.custom_vjp
-    def direct_matmul(x, w8t, sw):
+    def matmul(x, w8t, sw):
         x8, sx = recipe.quantize(x, recipe.FORWARD_DTYPE)
-        return _direct_dot(x8, sx, w8t, sw, x.dtype, wide)
+        return dot(x8, sx, w8t, sw, x.dtype)
 
     def fwd(x, w8t, sw):
-        return direct_matmul(x, w8t, sw), (w8t, sw)
+        return matmul(x, w8t, sw), (w8t, sw)
 
     def bwd(res, dy):
         w8t, sw = res
         dy8, sdy = recipe.quantize(dy, recipe.GRADIENT_DTYPE)
-        dx = _direct_dot(dy8, sdy, w8t.T, sw, dy.dtype, wide)
+        # W as [K, N]: the gradient GEMM contracts N, the last axis of both operands.
+        dx = dot(dy8, sdy, w8t.T, sw, dy.dtype)
         return dx, jnp.zeros_like(w8t), jnp.zeros_like(sw)
 
-    direct_matmul.defvjp(fwd, bwd)
-    return direct_matmul
+    matmul.defvjp(fwd, bwd)
+    return matmul
 
 
-MATMULS = {"qdq": qdq_matmul, "qdq32": qdq32_matmul, "direct32": _direct(jnp.float32),
-           "directbf": _direct(jnp.bfloat16)}
+MATMULS = {
+    "qdq": _scaled_matmul(_dequant_dot),
+    "qdq32": _scaled_matmul(functools.partial(_dequant_dot, wide=jnp.float32)),
+    # FP8 codes straight into the dot (as `current`) with a per-tensor weight scale.
+    "direct32": _scaled_matmul(functools.partial(_direct_dot, wide=jnp.float32)),
+    "directbf": _scaled_matmul(functools.partial(_direct_dot, wide=jnp.bfloat16)),
+}
 
 
 def _per_tensor(w):
@@ -150,14 +132,14 @@ def counts(hlo: str) -> dict:
             "fusions": len(re.findall(r"= \S+ fusion\(", entry))}
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default="")
     ap.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS)
     ap.add_argument("--hlo-dir", default="", help="write each form's optimised HLO here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     tokens, shapes = (64, ((128, 128), (128, 32), (128, 32))) if args.smoke else (TOKENS, SHAPES)
     x = jax.random.normal(jax.random.key(0), (tokens, shapes[0][0]), jnp.float32)
     x = x.astype(jnp.bfloat16)

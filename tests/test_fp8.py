@@ -143,3 +143,19 @@ def test_rowwise_quantize_scales_each_row_to_the_format_maximum():
     q, scale = quantize(x, jnp.float8_e4m3fn, rowwise=True)
     assert scale.shape == (2, 1)
     np.testing.assert_allclose(jnp.max(jnp.abs(q.astype(jnp.float32)), axis=-1), [448.0, 448.0])
+
+
+def test_rescale_probe_forms_agree_on_the_cpu(tmp_path, capsys):
+    """`benchmarks.fp8_rescale_probe --smoke`: every FP8 form of the q/k/v block runs and its
+    loss stays within FP8 rounding of bf16's (e4m3 has 3 mantissa bits: 2% of a sum of squares
+    is a loose bound that a wrong scale, off by its own size, fails), and --hlo-dir writes each
+    form's optimised HLO."""
+    import json
+
+    from benchmarks import fp8_rescale_probe
+    fp8_rescale_probe.main(["--smoke", "--hlo-dir", str(tmp_path)])
+    rows = {r["form"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert set(rows) == set(fp8_rescale_probe.FORMS)
+    for form, row in rows.items():
+        assert abs(row["loss"] / rows["bf16"]["loss"] - 1) < 0.02, (form, row)
+        assert (tmp_path / f"probe_{form}_default.hlo.txt").is_file()
