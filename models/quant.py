@@ -330,7 +330,14 @@ def quantize(w: jax.Array, fmt: str, *, dtype: Any = None) -> Any:
       >>> q = quantize(params["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"], "nf4")
     """
     check_format(fmt)
-    return {"nf4": quantize_nf4, "int8": quantize_int8, "fp8": quantize_fp8}[fmt](w, dtype=dtype)
+    return _JITTED_QUANTIZERS[fmt](w, dtype=None if dtype is None else jnp.dtype(dtype))
+
+
+# Jitted once per format: called eagerly (`quantize_params`, NNX module surgery) the quantisers'
+# dozens of small ops would each dispatch on their own, which on a CPU took seconds per model.
+# Inside a trace a jitted call simply inlines.
+_JITTED_QUANTIZERS = {fmt: jax.jit(fn, static_argnames="dtype") for fmt, fn in
+                      (("nf4", quantize_nf4), ("int8", quantize_int8), ("fp8", quantize_fp8))}
 
 
 def random_quantized(key: jax.Array, shape: tuple[int, ...], fmt: str, *, std: float = 0.02,

@@ -6,10 +6,10 @@ Tolerances, and why each can fail:
   are equal bit for bit without double quantisation. With double quantisation the 4-bit codes
   are identical; bnb's CPU kernel picks the 8-bit absmax code by an approximate binary search
   (BinSearch), which in about 0.1-1% of blocks returns the neighbour of the nearest code, and
-  its float32 mean (the offset) may differ from ours in the last bit. We pick the nearest;
-  the test checks that every block where the two differ is one where bnb's choice is *not*
-  nearer than ours, within 1% of the gap between the two codes, and bounds the value error
-  there by one step of the 8-bit map.
+  its float32 mean (the offset) may differ from ours in the last few bits (4e-6 relative). We
+  pick the nearest; the test checks that every block where the two differ is one where bnb's
+  choice is *not* nearer than ours, within 1% of the gap between the two codes, and bounds the
+  value error there by one step of the 8-bit map.
 - Round trip: elementwise bounds derived from each format's grid (NF4: half the widest gap of
   the code book times the block absmax; int8: half a step; e4m3: 2^-4 relative, or half the
   subnormal step 2^-10 of the scale). A wrong layout, scale or packing gives errors of order 1.
@@ -17,6 +17,8 @@ Tolerances, and why each can fail:
   dequantised kernel does: float32 within 1e-5 relative. FP8 also quantises the activations per
   call (e4m3, e5m2 for the gradient): 8e-2 / 1.2e-1 as in tests/test_fp8.py.
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -76,8 +78,11 @@ def test_nf4_double_quant_matches_bitsandbytes(bnb, shape):
     q = quantize(jnp.asarray(w), "nf4")
     np.testing.assert_array_equal(np.asarray(q.codes).T.reshape(-1), packed.numpy().reshape(-1))
     np.testing.assert_array_equal(DYNAMIC_MAP, bnb.create_dynamic_map().numpy())
-    np.testing.assert_allclose(np.asarray(q.absmax2), state.state2.absmax.numpy(), rtol=1e-6)
-    np.testing.assert_allclose(float(q.offset), float(state.offset), rtol=1e-6)
+    # The offset is a float32 mean over all block scales and absmax2 is taken after subtracting
+    # it: summed in another order than torch's (XLA fuses the jitted quantiser), they differ by
+    # a few float32 ulps (measured 1.0e-6 relative); 4e-6 is still far below a wrong formula.
+    np.testing.assert_allclose(np.asarray(q.absmax2), state.state2.absmax.numpy(), rtol=4e-6)
+    np.testing.assert_allclose(float(q.offset), float(state.offset), rtol=4e-6)
     ours = np.asarray(q.absmax).T.reshape(-1).astype(int)
     theirs = state.absmax.numpy().astype(int)
     differ = np.nonzero(ours != theirs)[0]
@@ -233,8 +238,8 @@ def test_lora_over_a_quantised_llama(fmt, ids):
         return lambda a: cross_entropy(lj.apply(model, {"params": lj.combine(base, a)}, ids),
                                        ids, shift=True)
 
-    (l, g), (lr, gr) = (jax.value_and_grad(loss(model, base))(adapters),
-                        jax.value_and_grad(loss(dense, lj.split(ref)[0]))(ref_adapters))
+    (l, g), (lr, gr) = (jax.jit(jax.value_and_grad(loss(model, base)))(adapters),
+                        jax.jit(jax.value_and_grad(loss(dense, lj.split(ref)[0])))(ref_adapters))
     tol = (8e-2, 1.2e-1) if fmt == "fp8" else (1e-5, 1e-5)
     assert abs(float(l) - float(lr)) <= tol[0] * abs(float(lr))
     for path in ("q_proj", "down_proj"):
@@ -252,8 +257,8 @@ def test_lora_over_a_quantised_llama(fmt, ids):
     # to the kernel's magnitude since the sum can cancel.
     np.testing.assert_allclose(np.asarray(mk), want, rtol=0, atol=1e-6 * np.abs(want).max())
     if fmt != "fp8":
-        y = lj.apply(model, {"params": p}, ids)
-        np.testing.assert_allclose(np.asarray(dense.apply({"params": merged}, ids)),
+        y = jax.jit(functools.partial(lj.apply, model))({"params": p}, ids)
+        np.testing.assert_allclose(np.asarray(jax.jit(dense.apply)({"params": merged}, ids)),
                                    np.asarray(y), rtol=1e-5, atol=1e-5)
 
 
@@ -376,7 +381,8 @@ def test_load_hf_quantises_tensor_by_tensor(tmp_path, monkeypatch, ids):
     codes = q["model"]["layers"]["self_attn"]["q_proj"]["kernel"].codes
     assert codes.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tp")
     # The sharded run sums in another order: float32, 1e-5 of the logits' scale.
-    got, ref = (np.asarray(model.apply({"params": t}, ids)) for t in (q, want))
+    apply = jax.jit(model.apply)
+    got, ref = (np.asarray(apply({"params": t}, ids)) for t in (q, want))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
