@@ -13,6 +13,7 @@ acts. Tolerances (max |diff| / max |ref|, float32 on both sides):
 """
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -179,7 +180,8 @@ def test_logits_and_gradients_equal_peft(checkpoints, tmp_path, family, scan):  
                  lj.lora_params(params))
     ids = jnp.asarray(IDS)
     frozen, adapters = lj.split(params)
-    (loss, logits), grads = jax.value_and_grad(loss_of(model, frozen, ids), has_aux=True)(adapters)
+    (loss, logits), grads = jax.jit(jax.value_and_grad(loss_of(model, frozen, ids),
+                                                    has_aux=True))(adapters)
     t_ids = torch.tensor(np.asarray(IDS), dtype=torch.long)
     t_logits = pm(t_ids).logits
     t_loss = torch.nn.functional.cross_entropy(t_logits[:, :-1].reshape(-1, t_logits.shape[-1]),
@@ -187,7 +189,8 @@ def test_logits_and_gradients_equal_peft(checkpoints, tmp_path, family, scan):  
     t_loss.backward()
     print(f"{family} scan={scan}: logits rel err {rel_err(logits, t_logits.detach()):.2e}")
     assert rel_err(logits, t_logits.detach()) < RTOL
-    assert rel_err(lj.apply(model, {"params": base}, ids), t_logits.detach()) > 1e-2
+    assert rel_err(jax.jit(functools.partial(lj.apply, model))({"params": base}, ids),
+                   t_logits.detach()) > 1e-2
     # our gradients in PEFT's layout, by the exporter's own unstacking and naming
     ours = {ad.name: ad for ad in peft_io.torch_adapters(
         _with_scales(grads, adapters),
@@ -246,8 +249,9 @@ def test_peft_saved_dora_imports(checkpoints, tmp_path):  # noqa: F811
     params = lj.import_peft(tmp_path / "theirs", base)
     assert params["transformer"]["h"]["1"]["mlp"]["c_fc"]["lora_magnitude"].shape == (128,)
     assert lj.peft_lora_config(tmp_path / "theirs").use_dora
-    ours, theirs = np.asarray(lj.apply(model, {"params": params}, jnp.asarray(IDS))), \
-        torch_logits(pm.eval())
+    ours = np.asarray(jax.jit(functools.partial(lj.apply, model))({"params": params},
+                                                                 jnp.asarray(IDS)))
+    theirs = torch_logits(pm.eval())
     print(f"PEFT-saved DoRA -> lora_jax: logits rel err {rel_err(ours, theirs):.2e}")
     assert rel_err(ours, theirs) < RTOL
     # and back: our export of the imported adapter is PEFT's file, tensor for tensor
@@ -266,9 +270,10 @@ def test_peft_saved_dora_imports(checkpoints, tmp_path):  # noqa: F811
 def test_merge_equals_unmerged(checkpoints):  # noqa: F811
     model, base, params, _ = adapted(checkpoints, "llama", True)
     ids = jnp.asarray(IDS)
-    merged = lj.merge(params)
+    merged = jax.jit(lj.merge)(params)
     assert "lora_magnitude" not in str(jax.tree_util.tree_structure(merged))
-    err = rel_err(model.apply({"params": merged}, ids), lj.apply(model, {"params": params}, ids))
+    err = rel_err(jax.jit(model.apply)({"params": merged}, ids),
+                  jax.jit(functools.partial(lj.apply, model))({"params": params}, ids))
     print(f"merged vs unmerged: rel err {err:.2e}")
     assert err < RTOL
 
