@@ -1,8 +1,8 @@
 """`make demo` (examples/demo.py) end to end, shortened: it trains, measures the base and the
 adapted model on held-out data, checks that merged equals unmerged and that every export
 reloads, and prints samples. The held-out numbers keep the demo honest: even 40 steps of 8
-sequences (the demo's batch is 16) must beat the base on the held-out sonnets (the full 200-step demo: 310 -> 240 perplexity, and 0% -> 92%
-on the swap task)."""
+sequences (the demo's batch is 16) must beat the base on the held-out sonnets (the full 200-step
+demo: 310 -> 240 perplexity, and 0% -> 92% on the swap task)."""
 from examples import demo
 from examples.cli import parse_args
 
@@ -14,9 +14,9 @@ PERPLEXITY_RATIO = 0.9
 
 def test_shortened_demo_beats_the_base_and_checks_itself(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["--steps", "40", "--batch-size", "8", "--no-progress", "--data", str(out / "data.jsonl"),
-            "--metrics-file", str(out / "metrics.jsonl"), "--adapter-out", str(out / "adapter"),
-            "--export-peft", str(out / "peft"), "--export-merged", str(out / "merged")]
+    argv = ["--steps", "40", "--batch-size", "8", "--no-progress",
+            "--data", str(out / "data.jsonl"), "--metrics-file", str(out / "metrics.jsonl"),
+            "--adapter-out", str(out / "adapter"), "--export-peft", str(out / "peft"), "--export-merged", str(out / "merged")]
     metrics = demo.demo(parse_args(demo.DEMO_FLAGS + argv))
     base, tuned = metrics["base"], metrics["base + LoRA"]
     assert tuned["perplexity"] < PERPLEXITY_RATIO * base["perplexity"], metrics

@@ -7,8 +7,8 @@ from examples import nnx_demo
 
 
 def test_shortened_nnx_demo_learns_and_matches_linen(tmp_path, capsys):
-    metrics = nnx_demo.run(nnx_demo.parse_args(["--steps", "40", "--batch-size", "8",
-                                                   "--out", str(tmp_path)]))
+    argv = ["--steps", "40", "--batch-size", "8", "--out", str(tmp_path)]
+    metrics = nnx_demo.run(nnx_demo.parse_args(argv))
     assert metrics["base + LoRA"]["perplexity"] < 0.95 * metrics["base"]["perplexity"], metrics
     text = capsys.readouterr().out
     assert "Linen Llama + the NNX model's PEFT export vs NNX" in text and "nnx demo done" in text
