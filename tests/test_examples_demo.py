@@ -16,7 +16,8 @@ def test_shortened_demo_beats_the_base_and_checks_itself(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["--steps", "40", "--batch-size", "8", "--no-progress",
             "--data", str(out / "data.jsonl"), "--metrics-file", str(out / "metrics.jsonl"),
-            "--adapter-out", str(out / "adapter"), "--export-peft", str(out / "peft"), "--export-merged", str(out / "merged")]
+            "--adapter-out", str(out / "adapter"), "--export-peft", str(out / "peft"),
+            "--export-merged", str(out / "merged")]
     metrics = demo.demo(parse_args(demo.DEMO_FLAGS + argv))
     base, tuned = metrics["base"], metrics["base + LoRA"]
     assert tuned["perplexity"] < PERPLEXITY_RATIO * base["perplexity"], metrics
