@@ -70,22 +70,29 @@ def sequence_chunked(module: nn.Module, x: jax.Array, chunk: int | None) -> jax.
       >>> mlp = LlamaMLP(c, parallel, name="mlp")
       >>> y = sequence_chunked(mlp, h, c.mlp_chunk)
     """
+    def body(mdl, carry, x_chunk):
+        return carry, mdl(x_chunk)
+
+    def over_chunks(xs, n):
+        # prevent_cse=False: inside a scan, CSE cannot merge the recomputation into the
+        # forward. Parameters are broadcast (one set for every chunk); "dropout" is split so
+        # each chunk draws its own LoRA dropout mask.
+        scan = nn.scan(nn.remat(body, prevent_cse=False), variable_broadcast="params",
+                       split_rngs={"params": False, "dropout": True}, in_axes=1, out_axes=1,
+                       length=n)
+        return scan(module, None, xs)[1]
+
+    return _by_chunks(module, x, chunk, over_chunks)
+
+
+def _by_chunks(module, x: jax.Array, chunk: int | None, over_chunks) -> jax.Array:
+    """The frame both chunked loops share: `module(x)` when the call is one chunk at most,
+    else `over_chunks(xs [B, n, chunk, ...], n) -> ys [B, n, chunk, ...]` reshaped back."""
     length = x.shape[1]
     if not chunk or length <= chunk:
         return module(x)
     n = check_chunk(length, chunk)
-    xs = x.reshape(x.shape[0], n, chunk, *x.shape[2:])
-
-    def body(mdl, carry, x_chunk):
-        return carry, mdl(x_chunk)
-
-    # prevent_cse=False: inside a scan, CSE cannot merge the recomputation into the forward.
-    # Parameters are broadcast (one set for every chunk); "dropout" is split so each chunk
-    # draws its own LoRA dropout mask.
-    scan = nn.scan(nn.remat(body, prevent_cse=False), variable_broadcast="params",
-                   split_rngs={"params": False, "dropout": True}, in_axes=1, out_axes=1,
-                   length=n)
-    _, ys = scan(module, None, xs)
+    ys = over_chunks(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), n)
     return ys.reshape(x.shape[0], length, *ys.shape[3:])
 
 
@@ -108,21 +115,17 @@ def nnx_sequence_chunked(module: nnx.Module, x: jax.Array, chunk: int | None) ->
     Example:
       >>> y = nnx_sequence_chunked(layer.mlp, h, config.mlp_chunk)
     """
-    length = x.shape[1]
-    if not chunk or length <= chunk:
-        return module(x)
-    n = check_chunk(length, chunk)
-    xs = x.reshape(x.shape[0], n, chunk, *x.shape[2:])
-
     def body(mdl, x_chunk):
         return mdl(x_chunk)
 
-    # As in `sequence_chunked`: remat inside the scan (prevent_cse=False is safe there), so the
-    # backward pass rebuilds one chunk's intermediates at a time.
-    state_axes = nnx.StateAxes({nnx.RngState: nnx.Carry, ...: None})
-    ys = nnx.scan(nnx.remat(body, prevent_cse=False), in_axes=(state_axes, 1), out_axes=1,
-                  length=n)(module, xs)
-    return ys.reshape(x.shape[0], length, *ys.shape[3:])
+    def over_chunks(xs, n):
+        # As in `sequence_chunked`: remat inside the scan (prevent_cse=False is safe there),
+        # so the backward pass rebuilds one chunk's intermediates at a time.
+        state_axes = nnx.StateAxes({nnx.RngState: nnx.Carry, ...: None})
+        return nnx.scan(nnx.remat(body, prevent_cse=False), in_axes=(state_axes, 1),
+                        out_axes=1, length=n)(module, xs)
+
+    return _by_chunks(module, x, chunk, over_chunks)
 
 
 def chunked_mlp(mlp: nn.Module, x: jax.Array, config, parallel) -> jax.Array:
