@@ -78,6 +78,33 @@ def use_recipe(name: str) -> None:
                                          else recipe_dot_general(*spec))
 
 
+_CURRENT_SCALING = fp8.quantize  # models.fp8's own scaled cast (amax of the tensor, each call)
+
+
+def _unit_scale_cast(x, dtype, rowwise: bool = False, axes: tuple[str, ...] = ()):
+    """A saturating cast with scale 1 and no amax: `models.fp8.quantize`'s signature, without
+    its reduction. Numerically meaningless for small tensors (gradients underflow); it exists
+    to time the FP8 step with the activation-scaling reductions removed."""
+    del axes
+    top = float(jnp.finfo(dtype).max)
+    ones = jnp.ones(x.shape[:-1] + (1,) if rowwise else (), jnp.float32)
+    return jnp.clip(x.astype(jnp.float32), -top, top).astype(dtype), ones
+
+
+def use_activation_amax(mode: str) -> None:
+    """Benchmarks only (`jax_worker --variant fp8_amax=...`): "current" leaves `models.fp8.quantize`
+    as it is (scale = amax / fp8 max of the tensor itself, each call); "none" swaps in a
+    scale-1 saturating cast with no amax, for every FP8 model traced after this call.
+
+    Why "none": a delayed recipe (the scale from earlier steps' amax) still casts every
+    activation but no longer waits for a reduction over it first; timing the step with no
+    reduction at all bounds what any such recipe can gain. Its loss is not meaningful."""
+    casts = {"current": _CURRENT_SCALING, "none": _unit_scale_cast}
+    if mode not in casts:
+        raise SystemExit(f"fp8_amax={mode!r}: use one of {sorted(casts)}")
+    fp8.quantize = casts[mode]
+
+
 def _factor_pairs(g, ref):
     """(path, gradient, reference) of the trained factors lora_a / lora_b (not lora_scale)."""
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(ref)):

@@ -15,7 +15,9 @@ quant=nf4|int8|fp8 (a frozen base
 STORED quantised, `models.quant`: random normal(0.02) kernels quantised at init, per layer inside
 the scanned init), quant_impl=xla|pallas (with quant=nf4|int8: `RuntimeOptions.quant_impl`,
 "pallas" dequantises inside the GEMM, `models.quant_pallas`), fp8_scaling=tensor|row (with
-quant=fp8: `RuntimeOptions.fp8_scaling`, "row" scales x and dy per token row), init=hf|scaled (hf: every kernel normal(0.02), as transformers initialises Llama; scaled: the
+quant=fp8: `RuntimeOptions.fp8_scaling`, "row" scales x and dy per token row), fp8_amax=none
+(with quant=fp8, a speed bound only: every FP8 cast with scale 1 and no amax reduction,
+`benchmarks.fp8_recipes.use_activation_amax`; its loss means nothing), init=hf|scaled (hf: every kernel normal(0.02), as transformers initialises Llama; scaled: the
 residual-branch outputs o_proj and down_proj divided by sqrt(2 L), Megatron's "scaled init";
 on the 8B shape it did not reduce the FP8 forward's drift, see `benchmarks.fp8_drift`),
 dora=1|0 (DoRA, `LoraConfig(use_dora=True)`: a trained magnitude per output feature,
@@ -70,6 +72,7 @@ DEFAULTS = {"remat": "dots_saveable", "attn": "cudnn", "adapter_dtype": "bfloat1
 DEFAULTS["dora"] = "0"  # dora=1: LoraConfig(use_dora=True)
 DEFAULTS["quant_impl"] = "xla"  # quant_impl=pallas: fused NF4/int8 GEMM (models.quant_pallas)
 DEFAULTS["fp8_scaling"] = "tensor"  # fp8_scaling=row (with quant=fp8): per-token FP8 scales
+DEFAULTS["fp8_amax"] = "current"  # none (with quant=fp8): scale-1 casts, no amax; a speed bound
 DEFAULTS["mlp_chunk"] = ""  # mlp_chunk=8192: the MLP over 8192-token slices of the sequence
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 
@@ -133,6 +136,12 @@ def build(shape: str, opts: dict, batch: int, seq: int, rank: int = 16, *,
     if opts["fp8"] == "1":
         from benchmarks.fp8_recipes import use_recipe
         use_recipe(opts["fp8_recipe"])
+    if opts["fp8_amax"] != "current":
+        if opts["quant"] != "fp8":
+            raise SystemExit("fp8_amax= changes how an FP8-stored base scales its activations: "
+                             "add quant=fp8")
+        from benchmarks.fp8_recipes import use_activation_amax
+        use_activation_amax(opts["fp8_amax"])
     if opts["init"] not in ("hf", "scaled"):
         raise SystemExit(f"init={opts['init']!r}: use hf or scaled")
     unrolled = opts["scan"] == "0"

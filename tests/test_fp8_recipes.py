@@ -83,3 +83,31 @@ def test_fp8_drift_reads_a_hugging_face_checkpoint(tmp_path):
     assert model_for().config.scan_layers and model_for(base_fp8=True).config.base_fp8
     row = drift(model_for, loaded, jnp.arange(32, dtype=jnp.int32).reshape(2, 16), [""])
     assert row["float32"] < 3e-2 < row["fp8"] < 0.5
+
+
+def test_activation_amax_none_removes_the_reduction_and_restores():
+    """`fp8_amax=none` (a speed bound) must take every amax out of the FP8-stored matmul, forward
+    and backward, and "current" must put models.fp8's own scaled cast back."""
+    from benchmarks.fp8_recipes import use_activation_amax
+    from models.quant import quantize, quantized_matmul
+    x = jax.random.normal(jax.random.key(0), (4, 32), jnp.bfloat16)
+    q = quantize(jax.random.normal(jax.random.key(1), (32, 16), jnp.bfloat16) * 0.05, "fp8")
+
+    def reductions() -> int:
+        def f(x):
+            return jnp.sum(quantized_matmul(x, q, jnp.bfloat16).astype(jnp.float32))
+        return str(jax.make_jaxpr(jax.grad(f))(x)).count("reduce_max")
+
+    current = fp8.quantize
+    try:
+        use_activation_amax("none")
+        assert fp8.quantize is not current
+        assert reductions() == 0
+        y = quantized_matmul(x, q, jnp.bfloat16)  # saturating scale-1 cast: finite output
+        assert bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
+    finally:
+        use_activation_amax("current")
+    assert fp8.quantize is current
+    assert reductions() == 2  # x in the forward, dy in the backward
+    with pytest.raises(SystemExit, match="fp8_amax='delayed'"):
+        use_activation_amax("delayed")
