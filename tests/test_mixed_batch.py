@@ -25,6 +25,7 @@ import models
 from lora_jax.adapter_op import Adapter, MixedBatch, mixed_context, mixed_delta
 from tests.sharding_common import compile_fast, jit_fast, run_fast
 from tests.test_models_fixtures import random_ids, rel_err
+from tests.test_peft import checkpoints, random_adapters_of  # noqa: F401  (tiny HF checkpoints)
 
 METHODS = ("gather", "ragged", "dense")  # "auto" picks one of these (tested below)
 ROW_RTOL = 1e-6
@@ -32,26 +33,12 @@ INDEX = [2, -1, 0, 1, 2]  # every adapter, a base row, one adapter on two rows
 
 
 def random_adapter_trees(base, configs, seed=0):
-    """One injected tree per config, with random non-zero A and B drawn on the host.
-
-    Jitted (level 0) with the draws as arguments: inject's own random A is then dead code, never
-    compiled (eager, it compiled op by op at every adapter shape: seconds per call)."""
+    """One injected tree per config, with random non-zero A and B (host draws from one
+    generator, so the trees differ; `random_adapters_of`: no eager compiles)."""
     rng = np.random.default_rng(seed)
-    std = {"lora_a": 0.2, "lora_b": 0.05}
-    trees = []
-    for k, config in enumerate(configs):
-        inject = functools.partial(lj.inject, config=config, rng=jax.random.key(k))
-        draws = [jnp.asarray(std[path[-1].key] * rng.standard_normal(x.shape), x.dtype)
-                 for path, x in jax.tree_util.tree_leaves_with_path(jax.eval_shape(inject, base))
-                 if path[-1].key in std]
-
-        def with_draws(base, draws):
-            draws = iter(draws)
-            return jax.tree_util.tree_map_with_path(
-                lambda path, x: next(draws) if path[-1].key in std else x, inject(base))
-
-        trees.append(jit_fast(with_draws)(base, draws))
-    return trees
+    return [random_adapters_of(functools.partial(lj.inject, config=config, rng=jax.random.key(k)),
+                               base, rng)
+            for k, config in enumerate(configs)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,9 +129,6 @@ def test_bad_input_is_named():
 
 # ---------------------------------------------------------------------------------------------
 # Against the real PEFT library's mixed batch
-
-
-from tests.test_peft import checkpoints  # noqa: E402,F401  (the tiny HF checkpoints)
 
 
 PEFT_TARGETS = {"gpt2": ["c_attn", "attn.c_proj", "c_fc"],
