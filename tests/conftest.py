@@ -25,3 +25,24 @@ import jax  # noqa: E402
 
 # Parity tests compare against float32 references; default TPU/GPU-style bf16 passes would not.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+    """Every XLA compile of the module's tests at low optimisation: eager ops included, which a
+    test cannot jit itself (NNX module construction, eager forward passes, library code). A
+    module opts in with `pytestmark = pytest.mark.usefixtures("fast_compiles")`.
+
+    `jax_disable_most_optimizations` sets LLVM's level 0 (as tests/sharding_common.FAST does
+    per compile) and skips LLVM's expensive passes: ~2.5x faster compiles of these tiny
+    programs. XLA CPU uses no fast-math at any level, so the float32 math is the same; only
+    fused multiply-adds may differ, in the last bit. The flag is process-wide and not part of
+    jit's cache key: it is restored after the module, and programs compiled meanwhile stay
+    cached as they were compiled."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)

@@ -27,6 +27,12 @@ def compile_fast(fn, *args, **jit_kwargs):
     return jax.jit(fn, **jit_kwargs).lower(*args).compile(compiler_options=FAST)
 
 
+def jit_fast(fn, **jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)` compiling at optimisation level 0: like any jit, it compiles
+    once per argument shapes and reuses that for every later call."""
+    return jax.jit(fn, compiler_options=FAST, **jit_kwargs)
+
+
 def mesh_of(dp=1, fsdp=1, tp=1):
     """A mesh over the first dp*fsdp*tp of the 8 simulated devices."""
     return make_mesh(dp=dp, fsdp=fsdp, tp=tp, devices=jax.devices()[:dp * fsdp * tp])

@@ -13,6 +13,7 @@ Tolerances (all relative: max |diff| / max |ref|, `rel_err`):
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -28,9 +29,13 @@ import lora_jax as lj
 import models
 from lora_jax.adapter_op import Adapter, adapt_attend, adapt_embedding
 import tests.test_peft_training
+from tests.sharding_common import jit_fast
 from tests.test_models_fixtures import VOCAB, hf_gpt2, hf_llama, random_ids, rel_err
 from tests.test_peft import torch_model
 from tests.test_peft_training import jax_losses, torch_losses
+
+# What these tests leave eager or library code compiles, at low optimisation (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 RTOL = 1e-5
 IDS = random_ids(2, 12)
@@ -56,31 +61,44 @@ def config_for(case: str, **kw) -> lj.LoraConfig:
                             "modules_to_save": saved, **kw})
 
 
-def trained_like(params, seed: int):
-    """Adapters and copies as after training: random A and B, copies moved off the base."""
+def trained_like(config, base, seed: int):
+    """`base` injected by `config`, adapters and copies as after training: random A and B, copies
+    moved off the base (host draws). Jitted at optimisation level 0 with the draws passed in:
+    inject's own random draws are then dead code, never compiled (eager: one compile each)."""
     rng = np.random.default_rng(seed)
+    inject = functools.partial(lj.inject, config=config, rng=jax.random.key(0))
+    draws = [jnp.asarray((0.1 if path[-1].key in ADAPTER else 0.02) * rng.standard_normal(x.shape),
+                         x.dtype)
+             for path, x in jax.tree_util.tree_leaves_with_path(jax.eval_shape(inject, base))
+             if path[-1].key in ADAPTER or path[-1].key.startswith("saved_")]
 
-    def draw(path, x):
-        key = path[-1].key
-        if key in ("lora_a", "lora_b"):
-            return jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype)
-        if key.startswith("saved_"):
-            return x + jnp.asarray(0.02 * rng.standard_normal(x.shape), x.dtype)
-        return x
+    def with_draws(base, draws):
+        draws = iter(draws)
 
-    return jax.tree_util.tree_map_with_path(draw, params)
+        def draw(path, x):
+            key = path[-1].key
+            if key in ADAPTER:
+                return next(draws)
+            return x + next(draws) if key.startswith("saved_") else x
+
+        return jax.tree_util.tree_map_with_path(draw, inject(base))
+
+    return jit_fast(with_draws)(base, draws)
+
+
+ADAPTER = ("lora_a", "lora_b")
 
 
 def setup(checkpoints, case, seed=1, **kw):
     model, base = models.load_hf(checkpoints / case)
     config = config_for(case, **kw)
-    params = trained_like(lj.inject(base, config, jax.random.key(0)), seed)
-    return model, base, config, params
+    return model, base, config, trained_like(config, base, seed)
 
 
-# One compile per model and tree shape (eager Linen runs op by op).
-_apply = jax.jit(lj.apply, static_argnums=0, static_argnames=("ensure_weight_tying",))
-_base_apply = jax.jit(lambda model, p, x: model.apply({"params": p}, x), static_argnums=0)
+# One compile per model and tree shape (eager Linen runs op by op), at optimisation level 0.
+_apply = jit_fast(lj.apply, static_argnums=0, static_argnames=("ensure_weight_tying",))
+_base_apply = jit_fast(lambda model, p, x: model.apply({"params": p}, x), static_argnums=0)
+_merge = jit_fast(lj.merge)
 
 
 def ce(logits, ids):
@@ -94,7 +112,7 @@ def our_loss_grads(model, params, ids, **kw):
         return ce(lj.apply(model, {"params": lj.combine(base, a)}, ids, **kw), ids)
 
     logits = _apply(model, {"params": params}, ids, **kw)
-    return np.asarray(logits), jax.jit(jax.grad(loss))(adapters)
+    return np.asarray(logits), jit_fast(jax.grad(loss))(adapters)
 
 
 def torch_loss_grads(pm, ids):
@@ -174,8 +192,8 @@ def test_inject_embedding_and_saved_copies(checkpoints):
     np.testing.assert_array_equal(_apply(model, {"params": params}, ids),
                                   _base_apply(model, base, ids))
     # "all-linear" keeps skipping embeddings, as PEFT's does.
-    everything = lj.inject(base, lj.LoraConfig(r=4, target_modules="all-linear"),
-                           jax.random.key(0))
+    everything = jax.eval_shape(  # the tree's structure is the point: no values computed
+        lambda: lj.inject(base, lj.LoraConfig(r=4, target_modules="all-linear"), jax.random.key(0)))
     assert "lora_a" not in everything["model"]["embed_tokens"]
 
 
@@ -240,7 +258,7 @@ def test_tied_head_with_ensure_weight_tying_equals_peft(checkpoints, tmp_path):
                    + tg[f"{head}.lora_B.default.weight"]) < RTOL
     assert rel_err(g["lora_b"], tg[f"{emb}.lora_embedding_B.default"].T
                    + tg[f"{head}.lora_A.default.weight"]) < RTOL
-    merged = _base_apply(model, lj.merge(params), ids)
+    merged = _base_apply(model, _merge(params), ids)
     assert rel_err(merged, ours) < RTOL
     # PEFT's own save (the tied head's copies and base weight included) imports to the same.
     pm.save_pretrained(tmp_path / "theirs")
@@ -260,7 +278,7 @@ def test_merge(checkpoints):
     (merged equals PEFT's merge_and_unload, not the unmerged model)."""
     ids = jnp.asarray(IDS)
     model, base, config, params = setup(checkpoints, "llama")
-    merged = lj.merge(params)
+    merged = _merge(params)
     assert set(merged["lm_head"]) == {"kernel"} and set(merged["model"]["embed_tokens"]) == {
         "embedding"}
     np.testing.assert_array_equal(merged["lm_head"]["kernel"], params["lm_head"]["saved_kernel"])
@@ -272,7 +290,7 @@ def test_merge(checkpoints):
     pm = peft.PeftModel.from_pretrained(torch_model(checkpoints / "gpt2_tied"), out).eval()
     with torch.no_grad():
         theirs = pm.merge_and_unload()(torch.tensor(IDS, dtype=torch.long)).logits.numpy()
-    ours = np.asarray(_base_apply(model, lj.merge(params), ids))
+    ours = np.asarray(_base_apply(model, _merge(params), ids))
     assert rel_err(ours, theirs) < RTOL
     assert rel_err(ours, _apply(model, {"params": params}, ids)) > 1e-3
 
@@ -375,8 +393,8 @@ def test_sharded_equals_one_device(checkpoints):
         return jax.value_and_grad(
             lambda a: ce(lj.apply(model, {"params": lj.combine(base_, a)}, x), x))(adapters)
 
-    one = jax.jit(loss_grads)(params, ids)
-    sharded = jax.jit(loss_grads)(jax.device_put(params, shardings),
+    one = jit_fast(loss_grads)(params, ids)
+    sharded = jit_fast(loss_grads)(jax.device_put(params, shardings),
                                   jax.device_put(ids, NamedSharding(mesh, P(("dp", "fsdp")))))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(one), jax.tree.leaves(sharded)):
         if getattr(path[-1], "key", None) == "lora_scale":  # frozen: zero gradient on both
@@ -437,7 +455,7 @@ def test_saved_embedding_of_a_tied_model_equals_peft(checkpoints, tmp_path, case
     model, base = models.load_hf(checkpoints / case)
     config = lj.LoraConfig(r=4, lora_alpha=8, target_modules=CASES[case][1][:1],
                            modules_to_save=[saved], ensure_weight_tying=tied)
-    params = trained_like(lj.inject(base, config, jax.random.key(0)), 1)
+    params = trained_like(config, base, 1)
     out = lj.export_peft(tmp_path / "p", params, config, **models.peft_naming(model))
     pm = peft.PeftModel.from_pretrained(torch_model(checkpoints / case), out).eval()
     with torch.no_grad():

@@ -23,8 +23,12 @@ import pytest
 import lora_jax as lj
 import models
 from lora_jax.adapter_op import Adapter, MixedBatch, mixed_context, mixed_delta
-from tests.sharding_common import compile_fast, run_fast
+from tests.sharding_common import compile_fast, jit_fast, run_fast
 from tests.test_models_fixtures import random_ids, rel_err
+from tests.test_peft import checkpoints, random_adapters_of  # noqa: F401  (tiny HF checkpoints)
+
+# What these tests leave eager or library code compiles, at low optimisation (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 METHODS = ("gather", "ragged", "dense")  # "auto" picks one of these (tested below)
 ROW_RTOL = 1e-6
@@ -32,19 +36,12 @@ INDEX = [2, -1, 0, 1, 2]  # every adapter, a base row, one adapter on two rows
 
 
 def random_adapter_trees(base, configs, seed=0):
-    """One injected tree per config, with random non-zero A and B (host draws: one compile)."""
+    """One injected tree per config, with random non-zero A and B (host draws from one
+    generator, so the trees differ; `random_adapters_of`: no eager compiles)."""
     rng = np.random.default_rng(seed)
-    trees = []
-    for k, config in enumerate(configs):
-        tree = lj.inject(base, config, jax.random.key(k))
-
-        def draw(path, x):
-            std = {"lora_a": 0.2, "lora_b": 0.05}.get(path[-1].key)
-            return x if std is None else jnp.asarray(std * rng.standard_normal(x.shape),
-                                                     x.dtype)
-
-        trees.append(jax.tree_util.tree_map_with_path(draw, tree))
-    return trees
+    return [random_adapters_of(functools.partial(lj.inject, config=config, rng=jax.random.key(k)),
+                               base, rng)
+            for k, config in enumerate(configs)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,9 +57,10 @@ def test_op_matches_a_per_row_hand_computation(method):
     b = r.standard_normal((3, 6, 5, 2)).astype(np.float32)  # [N, r, *out]
     scale = np.array([0.5, 2.0, -1.5], np.float32)
     index = np.array([2, -1, 0, 0, 7])  # 7: outside [0, N): the base only, like -1
-    got = mixed_delta(jnp.asarray(x), Adapter(jnp.asarray(a), jnp.asarray(b), jnp.asarray(scale)),
-                      MixedBatch(jnp.asarray(index, jnp.int32), method), in_axes=(2, 3),
-                      dtype=jnp.float32)
+    delta = lambda x, a, b, scale, index: mixed_delta(
+        x, Adapter(a, b, scale), MixedBatch(index, method), in_axes=(2, 3), dtype=jnp.float32)
+    # jitted (level 0): eager, each of its ops would compile on its own
+    got = jit_fast(delta)(x, a, b, scale, jnp.asarray(index, jnp.int32))
     want = np.zeros((5, 3, 5, 2), np.float32)
     for row, k in enumerate(index):
         if 0 <= k < 3:
@@ -89,7 +87,7 @@ def test_op_gradients_reach_each_adapter_from_its_rows_only(method):
         return sum(jnp.sum(lj.lora_delta(x[i], a[k], b[k], scale[k], (1,), jnp.float32) * w[i])
                    for i, k in enumerate(INDEX_OP) if k >= 0)
 
-    got, want = jax.grad(mixed, (0, 1))(a, b), jax.grad(per_row, (0, 1))(a, b)
+    got, want = (jit_fast(jax.grad(f, (0, 1)))(a, b) for f in (mixed, per_row))
     for g, e in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-5)
     assert not np.any(np.asarray(got[0][2]))  # adapter 2 has no row: exactly zero gradient
@@ -136,9 +134,6 @@ def test_bad_input_is_named():
 # Against the real PEFT library's mixed batch
 
 
-from tests.test_peft import checkpoints  # noqa: E402,F401  (the tiny HF checkpoints)
-
-
 PEFT_TARGETS = {"gpt2": ["c_attn", "attn.c_proj", "c_fc"],
                 "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                           "down_proj"]}
@@ -178,7 +173,8 @@ def test_mixed_batch_equals_peft_adapter_names(checkpoints, tmp_path, family, sc
 
     # Also stacked from the exported files, as a user holding PEFT directories would.
     imported = [lj.import_peft(tmp_path / name, base) for name in names]
-    stacked = lj.stack_adapters(base, {name: lj.lora_params(t) for name, t in zip(names, imported)})
+    # (under jit the mapping is rebuilt with sorted keys: the names' own order here)
+    stacked = stack(base, {name: lj.lora_params(t) for name, t in zip(names, imported)})
     index = lj.adapter_index(names, rows)
     # Each row alone with its adapter (unstacked at the stacked rank: one compile for all three;
     # that the zero padding is exact is what the PEFT comparison above shows).
@@ -211,6 +207,10 @@ def fast(name, fn, *args):
     return _COMPILED[key](*args)
 
 
+# Stacking jitted (level 0): eager, its pads and stacks compile one by one at every leaf shape.
+stack = jit_fast(lj.stack_adapters)
+
+
 def _apply(model, params, ids, index=None, method="gather"):
     fn = lambda p, x, i: lj.apply(model, {"params": p}, x, adapter_index=i, mixed_method=method)
     return fast((model, method), fn, params, ids, index)
@@ -229,7 +229,7 @@ def tiny_llama(scan=True, **kw):
 @functools.cache
 def _tiny_trees(scan):
     model = models.Llama(models.LlamaConfig.tiny(scan_layers=scan))
-    base = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
+    base = run_fast(model.init, jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
     configs = [lj.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
                lj.LoraConfig(r=2, lora_alpha=2, target_modules="all-linear"),
                lj.LoraConfig(r=3, lora_alpha=6, target_modules="all-linear", use_rslora=True)]
@@ -253,7 +253,7 @@ def test_gradients_are_the_sum_of_each_rows_own(method):
     """Inside nn.scan with remat: d(sum of row losses)/d(stacked adapters) equals, adapter by
     adapter, the sum of the gradients of its rows run alone with it (padding slots: zero)."""
     model, base, trees = tiny_llama(remat_policy="full")
-    stacked = lj.stack_adapters(base, trees)
+    stacked = stack(base, trees)
     frozen, adapters = lj.split(stacked)
     ids = jnp.asarray(random_ids(len(INDEX), 9, seed=4))
     index = jnp.asarray(INDEX, jnp.int32)
@@ -263,9 +263,9 @@ def test_gradients_are_the_sum_of_each_rows_own(method):
     for k in range(len(trees)):
         # adapter k alone, at the stacked rank (the same function, so one compile for all k)
         fz, ad = lj.split(lj.unstack_adapter(stacked, k))
-        want = jax.tree.map(jnp.zeros_like, ad)
+        want = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), ad)  # summed on the host
         for i in (i for i, j in enumerate(INDEX) if j == k):
-            want = jax.tree.map(jnp.add, want, _single_grad(model, ad, fz, ids[i:i + 1]))
+            want = jax.tree.map(np.add, want, _single_grad(model, ad, fz, ids[i:i + 1]))
         mine = lj.lora_params(lj.unstack_adapter(lj.combine(frozen, got), k))
         for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(mine),
                                 jax.tree.leaves(want)):
@@ -287,7 +287,7 @@ def test_mixed_generation_equals_each_row_alone():
     row's tokens when the whole batch runs that row's adapter alone (at the stacked rank: one
     compile for the three), cached and uncached."""
     model, base, trees = tiny_llama()
-    stacked = lj.stack_adapters(base, [lj.lora_params(t) for t in trees])
+    stacked = stack(base, [lj.lora_params(t) for t in trees])
     prompt = jnp.asarray(random_ids(len(INDEX), 6, seed=5))
     mask = jnp.ones_like(prompt).at[1, :2].set(0).at[3, :1].set(0)  # left padding on two rows
     gen = functools.partial(models.generate, model, max_new_tokens=6,
@@ -319,7 +319,7 @@ def test_sharded_mixed_batch_equals_one_device():
 
     from sharding import make_mesh, param_shardings
     model, base, trees = tiny_llama()
-    stacked = lj.stack_adapters(base, trees)
+    stacked = stack(base, trees)
     frozen, adapters = lj.split(stacked)
     ids = jnp.asarray(random_ids(8, 9, seed=6))
     index = jnp.asarray([2, -1, 0, 1, 1, 0, -1, 2], jnp.int32)
@@ -353,20 +353,13 @@ def test_tensor_parallel_mixed_batch_equals_one_device(layout):
     from sharding import TensorParallelism, make_mesh, param_shardings
     dp, fsdp, tp, sp = layout
     model, base, trees = tiny_llama()
-    frozen, adapters = lj.split(lj.stack_adapters(base, trees))
+    frozen, adapters = lj.split(stack(base, trees))
     ids = jnp.asarray(random_ids(8, 9, seed=6))
     index = jnp.asarray([2, -1, 0, 1, 1, 0, -1, 2], jnp.int32)
-
-    def step(model, ad, fz, ids, index):
-        def fn(ad):
-            logits = lj.apply(model, {"params": lj.combine(fz, ad)}, ids[:, :-1],
-                              adapter_index=index, lora_dropout=0.2, deterministic=False,
-                              rngs={"dropout": jax.random.key(3)})
-            logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-            return -jnp.take_along_axis(logp, ids[:, 1:, None], -1).mean()
-        return jax.value_and_grad(fn)(ad)
-
-    want = run_fast(functools.partial(step, model), adapters, frozen, ids, index)
+    step = _loss_and_grads_with_dropout
+    # the one-device reference is the same program for every layout: compiled once
+    want = fast(("dropout step", model), functools.partial(step, model), adapters, frozen, ids,
+                index)
     mesh = make_mesh(dp=dp, fsdp=fsdp, tp=tp)
     tp_model = models.Llama(model.config, TensorParallelism(mesh=mesh, sequence_parallel=sp))
     rows = NamedSharding(mesh, P(("dp", "fsdp")))
@@ -380,6 +373,16 @@ def test_tensor_parallel_mixed_batch_equals_one_device(layout):
                                    atol=1e-5 * float(np.max(np.abs(w))))
 
 
+def _loss_and_grads_with_dropout(model, ad, fz, ids, index):
+    def fn(ad):
+        logits = lj.apply(model, {"params": lj.combine(fz, ad)}, ids[:, :-1],
+                          adapter_index=index, lora_dropout=0.2, deterministic=False,
+                          rngs={"dropout": jax.random.key(3)})
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        return -jnp.take_along_axis(logp, ids[:, 1:, None], -1).mean()
+    return jax.value_and_grad(fn)(ad)
+
+
 def test_nnx_refuses_clearly():
     from flax import nnx
     layer = lj.nnx.inject(nnx.Linear(4, 3, rngs=nnx.Rngs(0)),
@@ -390,7 +393,7 @@ def test_nnx_refuses_clearly():
 
 def test_unstack_gives_back_each_adapter_bit_for_bit():
     model, base, trees = tiny_llama()
-    stacked = lj.stack_adapters(base, trees)
+    stacked = stack(base, trees)
     for k, tree in enumerate(trees):
         back = lj.unstack_adapter(stacked, k, template=tree)
         assert jax.tree.structure(back) == jax.tree.structure(tree)
@@ -417,8 +420,9 @@ def test_a_per_rank_scale_vector_is_one_adapter_not_a_stack():
     x = jnp.asarray(r.standard_normal((2, 3, 5)), jnp.float32)
     a, b = (jnp.asarray(r.standard_normal(s), jnp.float32) for s in ((5, 4), (4, 6)))
     scale = jnp.asarray([0.5, 0.5, 3.0, 3.0])  # two rank-2 adapters, scales 0.5 and 3
-    got = mixed_delta(x, Adapter(a, b, scale), MixedBatch(jnp.asarray([-1, 0], jnp.int32)),
-                      in_axes=(2,), dtype=jnp.float32)
+    delta = lambda x, a, b, scale, index: mixed_delta(x, Adapter(a, b, scale), MixedBatch(index),
+                                                      in_axes=(2,), dtype=jnp.float32)
+    got = jit_fast(delta)(x, a, b, scale, jnp.asarray([-1, 0], jnp.int32))
     want = ((x[1] @ a) * scale) @ b
     np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want), rtol=1e-5, atol=1e-5)
     assert not np.any(np.asarray(got[0]))

@@ -25,7 +25,8 @@ import lora_jax as lj
 import models
 from lora_jax import named
 from tests.test_models_fixtures import rel_err
-from tests.test_peft import (IDS, checkpoints, our_logits, random_adapters,  # noqa: F401
+from tests.sharding_common import jit_fast
+from tests.test_peft import (IDS, checkpoints, our_logits, random_adapters_of,  # noqa: F401
                              torch_logits, torch_model)
 
 RTOL = 1e-5
@@ -41,9 +42,10 @@ def two_adapters(checkpoints, family, scan, rank_b=2):
     ta, tb = TARGETS[family]
     ca = lj.LoraConfig(r=4, lora_alpha=8, target_modules=ta)
     cb = lj.LoraConfig(r=rank_b, lora_alpha=3, target_modules=tb)
-    params = random_adapters(lj.inject(base, ca, jax.random.key(1)), seed=2)
-    params = lj.inject(params, cb, jax.random.key(1), adapter_name="b")
-    b = random_adapters(lj.lora_params(params, adapter_name="b"), seed=3)
+    # (random_adapters_of: the same trees as random_adapters of an eager inject, no eager compiles)
+    params = random_adapters_of(lambda t: lj.inject(t, ca, jax.random.key(1)), base, seed=2)
+    b = random_adapters_of(lambda t: lj.lora_params(
+        lj.inject(t, cb, jax.random.key(1), adapter_name="b"), adapter_name="b"), params, seed=3)
     params = named.put_adapter(params, "b", named.isolate(b, "b"))
     return model, base, params, {"default": ca, "b": cb}
 
@@ -56,7 +58,7 @@ def peft_with_both(checkpoints, family, directory):
 
 @functools.lru_cache(maxsize=None)
 def _selected_apply(model, adapters):
-    return jax.jit(functools.partial(lj.apply, model, adapters=adapters))
+    return jit_fast(functools.partial(lj.apply, model, adapters=adapters))
 
 
 def selected_logits(model, params, adapters):
@@ -115,7 +117,7 @@ def test_training_one_adapter_freezes_the_other_and_gradients_equal_peft(checkpo
         return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
 
     rest, b = lj.split(params, adapter_name="b")
-    grads = jax.jit(jax.grad(lambda a: loss(lj.combine(rest, a))))(b)
+    grads = jit_fast(jax.grad(lambda a: loss(lj.combine(rest, a))))(b)
     pm = torch_peft(checkpoints, params, configs)
     pm.base_model.set_adapter(["default", "b"])
     for name, p in pm.named_parameters():
@@ -136,15 +138,18 @@ def test_training_one_adapter_freezes_the_other_and_gradients_equal_peft(checkpo
     # The optimizer over the whole tree, adapter_name="b": default bit-identical, b moved.
     tx = lj.optimizer(optax.adam(1e-2), params, adapter_name="b")
     state = tx.init(params)
-    step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))
-    new = params
+
+    def step(p, s):
+        updates, s = tx.update(jax.grad(loss)(p), s, p)
+        return optax.apply_updates(p, updates), s
+
+    step, new = jit_fast(step), params
     for _ in range(2):
-        updates, state = step(new, state)
-        new = optax.apply_updates(new, updates)
+        new, state = step(new, state)
     for got, want in zip(jax.tree.leaves(lj.lora_params(new, adapter_name="default")),
                          jax.tree.leaves(lj.lora_params(params, adapter_name="default"))):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    moved = [float(jnp.abs(g - w).max()) for g, w in zip(
+    moved = [float(np.abs(np.asarray(g) - np.asarray(w)).max()) for g, w in zip(
         jax.tree.leaves(lj.lora_params(new, adapter_name="b")),
         jax.tree.leaves(lj.lora_params(params, adapter_name="b")))]
     assert max(moved) > 1e-3
@@ -242,8 +247,8 @@ def test_sharded_two_adapters_equal_one_device():
     cfg = lj.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     cfg_b = lj.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "o_proj", "down_proj"],
                           init_lora_weights=False)
-    params = lj.inject(lj.inject(params, cfg, jax.random.key(1)), cfg_b, jax.random.key(2),
-                       adapter_name="b")
+    params = jit_fast(lambda p: lj.inject(lj.inject(p, cfg, jax.random.key(1)), cfg_b,
+                                          jax.random.key(2), adapter_name="b"))(params)
     base, adapters = lj.split(params)
     specs = param_specs(adapters)
     layer = specs["model"]["layers"]["self_attn"]

@@ -21,6 +21,7 @@ from safetensors.numpy import load_file
 
 import lora_jax as lj
 import models
+from tests.sharding_common import jit_fast
 from tests.test_models_fixtures import hf_gpt2, hf_llama, random_ids, rel_err
 
 RTOL = 1e-5
@@ -54,7 +55,8 @@ def torch_logits(model, ids=IDS) -> np.ndarray:
         return model(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.numpy()
 
 
-_apply = jax.jit(lj.apply, static_argnums=0)  # one compile per model config and tree shape
+# one compile per model config and tree shape, at optimisation level 0 (tests/sharding_common.py)
+_apply = jit_fast(lj.apply, static_argnums=0)
 
 
 def our_logits(model, params, ids=IDS) -> np.ndarray:
@@ -80,10 +82,29 @@ def random_adapters(params, seed: int, a_std=0.2, b_std=0.05):
     return jax.tree_util.tree_map_with_path(draw, params)
 
 
+def random_adapters_of(build, params, seed, a_std=0.2, b_std=0.05):
+    """`random_adapters(build(params), seed)`, value for value, with `build` (e.g. an
+    `lj.inject`) jitted at optimisation level 0 and the host draws passed in: the random A
+    (and B) that `build` draws are then dead code, never compiled. Eager, they compile op by op
+    at every leaf shape: about a second per inject. `seed`: an int or a numpy Generator."""
+    rng = np.random.default_rng(seed)  # a Generator passes through, its state shared
+    std = {"lora_a": a_std, "lora_b": b_std}
+    draws = [jnp.asarray(std[path[-1].key] * rng.standard_normal(x.shape), x.dtype)
+             for path, x in jax.tree_util.tree_leaves_with_path(jax.eval_shape(build, params))
+             if path[-1].key in std]
+
+    def with_draws(params, draws):
+        draws = iter(draws)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: next(draws) if path[-1].key in std else x, build(params))
+
+    return jit_fast(with_draws)(params, draws)
+
+
 def adapted(checkpoints, family, scan, rslora):
     model, base = models.load_hf(checkpoints / family, scan_layers=scan)
     config = lora_config(family, rslora)
-    params = random_adapters(lj.inject(base, config, jax.random.key(1)), seed=2)
+    params = random_adapters_of(lambda b: lj.inject(b, config, jax.random.key(1)), base, seed=2)
     return model, base, params, config
 
 
@@ -119,7 +140,7 @@ def test_export_loads_in_peft_with_equal_logits(checkpoints, tmp_path, family, s
     assert tensors[f"base_model.model.{layer0}.lora_B.weight"].shape == (
         (96, 4) if family == "gpt2" else (32, 4))
     # ... and back, into the base or over other adapters: the same adapters, bit for bit.
-    other = lj.inject(base, config, jax.random.key(5))
+    other = random_adapters_of(lambda b: lj.inject(b, config, jax.random.key(5)), base, seed=5)
     for again in (lj.import_peft(out, base), lj.import_peft(out, other)):
         for got, want in zip(jax.tree.leaves(lj.lora_params(again)),
                              jax.tree.leaves(lj.lora_params(params))):

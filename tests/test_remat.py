@@ -1,5 +1,7 @@
 """`lora_jax.remat_policy`: a "dots" policy keeps one full-width value per adapted projection
 (the sum base + delta) instead of its two halves, with gradients unchanged."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,18 +13,30 @@ from jax.extend.core import Primitive
 from models.attention import saves_flash_attention
 from models.llama import Llama, LlamaConfig
 from models.options import remat_policy_for
+from tests.sharding_common import run_fast
 
 SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 IDS = jnp.arange(32, dtype=jnp.int32).reshape(2, 16) % 128
 
 
+def _model(remat_policy):
+    return Llama(LlamaConfig.from_hf_dict(SHAPE, scan_layers=True, remat_policy=remat_policy))
+
+
+@functools.cache
+def _params():
+    """The injected params, drawn once: the remat policy changes no parameter. One compile at
+    optimisation level 0 (tests/sharding_common.py) instead of each test's eager op-by-op ones."""
+    config = lj.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    init = lambda key, adapter_key: lj.inject(_model("none").init(key, IDS)["params"], config,
+                                              adapter_key)
+    return run_fast(init, jax.random.key(0), jax.random.key(1))
+
+
 def _loss_and_adapters(remat_policy):
-    model = Llama(LlamaConfig.from_hf_dict(SHAPE, scan_layers=True, remat_policy=remat_policy))
-    params = lj.inject(model.init(jax.random.key(0), IDS)["params"],
-                       lj.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
-                       jax.random.key(1))
-    base, adapters = lj.split(params)
+    model = _model(remat_policy)
+    base, adapters = lj.split(_params())
 
     def loss(a):
         return jnp.mean(lj.apply(model, {"params": lj.combine(base, a)}, IDS) ** 2)
@@ -51,11 +65,17 @@ def test_plain_dots_policy_saves_both_halves():
     assert _mlp_width_residuals(named, adapters) == 2
 
 
+@functools.cache
+def _unrematerialised_gradients():
+    loss, adapters = _loss_and_adapters("none")
+    return run_fast(jax.grad(loss), adapters)
+
+
 @pytest.mark.parametrize("policy", ["dots_saveable", "dots_with_no_batch_dims_saveable"])
 def test_gradients_equal_the_unrematerialised_ones(policy):
     loss, adapters = _loss_and_adapters(policy)
-    reference, _ = _loss_and_adapters("none")
-    got, want = jax.grad(loss)(adapters), jax.grad(reference)(adapters)
+    # jitted (level 0, as the reference): eager would compile the scan's passes one by one
+    got, want = run_fast(jax.grad(loss), adapters), _unrematerialised_gradients()
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         # float32; recomputation may fuse differently, nothing else differs
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
