@@ -161,3 +161,17 @@ def test_rescale_probe_forms_agree_on_the_cpu(tmp_path, capsys):
     for form, row in rows.items():
         assert abs(row["loss"] / rows["bf16"]["loss"] - 1) < 0.02, (form, row)
         assert (tmp_path / f"probe_{form}_default.hlo.txt").is_file()
+
+
+def test_levers_probe_head_runs_in_fp8_within_its_error_on_the_cpu(capsys):
+    """`benchmarks.fp8_levers_probe --smoke`: the head's bf16 and FP8 rows run, and their
+    forwards stay within their formats' rounding of float32 (bf16 ~0.4% per element, e4m3 with
+    3 mantissa bits ~6% per element, averaged down over a 128-long dot; a wrong scale is off by
+    100% or more)."""
+    import json
+
+    from benchmarks import fp8_levers_probe
+    fp8_levers_probe.main(["--smoke"])
+    rows = {r["form"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert set(rows) == {"bf16", "fp8"}
+    assert rows["bf16"]["rel_err"] < 0.01 and rows["fp8"]["rel_err"] < 0.1, rows
