@@ -22,28 +22,16 @@ one JSON line per row.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.probes import emit, median_ms
 from models.quant import quantize, quantized_matmul
 
 HEAD = dict(tokens=8192, hidden=4096, vocab=128256)
 ATTENTION = dict(batch=4, seq=2048, q_heads=32, kv_heads=8, head_dim=128)
 SMOKE_HEAD = dict(tokens=64, hidden=128, vocab=512)
-
-
-def median_ms(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def forward_and_input_gradient(f):
@@ -65,7 +53,7 @@ def head_rows(shape: dict, iters: int):
     for form, f in forms.items():
         got = jax.jit(f)(x).astype(jnp.float32)
         yield {"part": "head", "form": form, **shape,
-               "ms": median_ms(forward_and_input_gradient(f), (x, dy), iters),
+               "ms": median_ms(forward_and_input_gradient(f), x, dy, iters=iters),
                "rel_err": float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))}
 
 
@@ -94,7 +82,7 @@ def attention_rows(shape: dict, iters: int):
         run = forward_and_input_gradient(f)
         return {"part": "attention", "form": form, **shape,
                 "kv_heads_repeated": kv_heads_repeated,
-                "ms": median_ms(run, ((q, *kv), do), iters)}
+                "ms": median_ms(run, (q, *kv), do, iters=iters)}
 
     bf16 = lambda q_, k_, v_: jax.nn.dot_product_attention(
         q_, k_, v_, is_causal=True, implementation="cudnn")
@@ -124,12 +112,7 @@ def main(argv=None):
     rows = (head_rows(SMOKE_HEAD, 2) if args.smoke
             else [*head_rows(HEAD, args.iters), *attention_rows(ATTENTION, args.iters)])
     for row in rows:
-        row.update(backend=jax.default_backend(), jax=jax.__version__)
-        line = json.dumps(row)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        emit({**row, "backend": jax.default_backend(), "jax": jax.__version__}, args.out)
 
 
 if __name__ == "__main__":

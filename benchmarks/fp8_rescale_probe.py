@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import re
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.probes import emit, median_ms
 from models import fp8 as recipe
 from models.quant import quantize, quantized_matmul
 
@@ -156,17 +154,8 @@ def main(argv=None):
                 f.write(hlo)
         row["loss"] = float(step(x, kernels)[0])  # the three forms agree to FP8 rounding
         if not args.smoke:
-            times = []
-            for _ in range(args.iters):
-                t0 = time.perf_counter()
-                jax.block_until_ready(step(x, kernels))
-                times.append(time.perf_counter() - t0)
-            row["ms"] = 1e3 * statistics.median(times)
-        line = json.dumps(row)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+            row["ms"] = median_ms(step, x, kernels, iters=args.iters)
+        emit(row, args.out)
 
 
 if __name__ == "__main__":

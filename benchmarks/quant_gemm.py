@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.probes import emit, median_ms
 from models import quant_pallas as qp
 from models.quant import quantized_matmul, random_quantized
 
@@ -54,17 +52,6 @@ SWEEP = [
      dict(bm=128, bk=128, bn=64, num_warps=4, group=8)),
 ]
 NF4_ONLY = ("decode", "scale_acc", "split_x")
-
-
-def median_ms(fn, *args, iters: int) -> float:
-    """Median wall time of `fn(*args)` in ms (compiled and warmed first)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def max_rel(a, b) -> float:
@@ -190,14 +177,11 @@ def main(argv=None) -> list[dict]:
             print("warning: no GPU: the pallas kernels run in interpret mode (slow, and not "
                   "what this benchmark measures); use --smoke on CPU", file=sys.stderr)
 
-    def emit(r: dict) -> dict:
-        print(json.dumps(r), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(r) + "\n")
+    def emit_row(r: dict) -> dict:
+        emit(r, args.out)
         return r
 
-    return run(chosen or shapes, m, iters, dtype, sweep, emit)
+    return run(chosen or shapes, m, iters, dtype, sweep, emit_row)
 
 
 if __name__ == "__main__":
