@@ -34,9 +34,6 @@ from tests.test_models_fixtures import VOCAB, hf_gpt2, hf_llama, random_ids, rel
 from tests.test_peft import torch_model
 from tests.test_peft_training import jax_losses, torch_losses
 
-# What these tests leave eager or library code compiles, at low optimisation (tests/conftest.py)
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
 RTOL = 1e-5
 IDS = random_ids(2, 12)
 # name: (checkpoint maker, PEFT-style targets, modules_to_save)

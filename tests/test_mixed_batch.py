@@ -27,9 +27,6 @@ from tests.sharding_common import compile_fast, jit_fast, run_fast
 from tests.test_models_fixtures import random_ids, rel_err
 from tests.test_peft import checkpoints, random_adapters_of  # noqa: F401  (tiny HF checkpoints)
 
-# What these tests leave eager or library code compiles, at low optimisation (tests/conftest.py)
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
 METHODS = ("gather", "ragged", "dense")  # "auto" picks one of these (tested below)
 ROW_RTOL = 1e-6
 INDEX = [2, -1, 0, 1, 2]  # every adapter, a base row, one adapter on two rows

@@ -14,9 +14,6 @@ from flax import nnx
 
 import lora_jax as lj
 
-# Eager NNX construction and forward passes: each op compiles on its own (tests/conftest.py)
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
 RTOL = 1e-6
 CONFIG = lj.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
                        rank_pattern={"o_proj": 2}, alpha_pattern={"v_proj": 3})

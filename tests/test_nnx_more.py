@@ -13,9 +13,6 @@ from flax import nnx
 
 import lora_jax as lj
 
-# Eager NNX construction and forward passes: each op compiles on its own (tests/conftest.py)
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
 RTOL = 1e-5
 
 
