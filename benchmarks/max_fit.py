@@ -2,7 +2,8 @@
 
 Each configuration runs in its own process, so peak memory and out-of-memory state are its own.
 The process builds the model once, then tries sizes in increasing tokens per step: two training
-steps each (the first compiles; the second is timed), stopping at the first out-of-memory error.
+steps each (the first compiles; the second is timed; lora-jax compiles ahead of time, and with
+`--one-step` runs and times a single step), stopping at the first out-of-memory error.
 One JSON line per configuration (`attempts`, `max_batch`, `max_seq`, `max_tokens`, `peak_gib` at
 the largest fit, `oom_at`), then a table.
 
@@ -27,6 +28,9 @@ the largest fit, `oom_at`), then a table.
         --seqs 131072 262144 524288 --jax-variant remat=offload_layer_input,mlp_chunk=8192
     python -m benchmarks.max_fit --shape 8b --frameworks jax --batches 1 --compile-only \
         --seqs 131072 262144 524288 --jax-variant remat=offload_layer_input:0.75,mlp_chunk=8192
+    # the whole 32-layer step at a length whose step takes minutes: one step, compiled ahead
+    python -m benchmarks.max_fit --shape 8b --frameworks jax --batches 1 --one-step \
+        --seqs 393216 --jax-variant remat=offload_layer_input:0.75,mlp_chunk=8192 --timeout 570
 
 Peak memory: PyTorch's is reset before each size. JAX has no reset, so its figure is the process
 high-water mark, which (sizes only grow) is the current size's unless a smaller one used more.
@@ -121,8 +125,11 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def jax_attempt(shape: str, variant: str, first: tuple[int, int], layers: int | None = None,
-                compile_only: bool = False):
-    """Build the lora-jax model once; returns (attempt, on_oom, variant label)."""
+                compile_only: bool = False, steps: int = 2):
+    """Build the lora-jax model once; returns (attempt, on_oom, variant label). Each attempt
+    compiles the step ahead of time (its seconds in the row's `compile_s`), then runs `steps`
+    steps and times the last: 2 by default; 1 (`--one-step`) where two steps of a long sequence
+    would not fit the time a run has."""
     from benchmarks import jax_worker as jw  # before jax: it sets the allocator's memory fraction
     import jax
     import optax
@@ -145,13 +152,17 @@ def jax_attempt(shape: str, variant: str, first: tuple[int, int], layers: int | 
         adapters = jax.device_put(host)
         opt_state = tx.init(adapters)
         ids = jax.random.randint(jax.random.key(1), (batch, seq), 0, cfg.vocab_size)
-        for _ in range(2):
+        t0 = time.perf_counter()
+        compiled = step.lower(adapters, opt_state, base, ids).compile()
+        compile_s = time.perf_counter() - t0
+        for _ in range(steps):
             t0 = time.perf_counter()
-            adapters, opt_state, loss = step(adapters, opt_state, base, ids)
+            adapters, opt_state, loss = compiled(adapters, opt_state, base, ids)
             loss.block_until_ready()
-        step_s = time.perf_counter() - t0  # the second call's: the first one compiled
+        step_s = time.perf_counter() - t0  # the last call's
         stats = jax.devices()[0].memory_stats() or {}  # None on CPU
-        return stats.get("peak_bytes_in_use", 0) / 2**30, step_s
+        return (stats.get("peak_bytes_in_use", 0) / 2**30, step_s,
+                {"compile_s": compile_s, "steps": steps, "loss": float(loss)})
 
     return attempt, lambda: None, label
 
@@ -219,7 +230,7 @@ def worker(args) -> None:
     t0 = time.perf_counter()
     if args.worker == "jax":
         attempt, on_oom, label = jax_attempt(args.shape, args.variant, pairs[0], args.layers,
-                                             args.compile_only)
+                                             args.compile_only, 1 if args.one_step else 2)
     else:
         dynamic = tuple(d for d, values in enumerate((args.batches, args.seqs)) if len(values) > 1)
         attempt, on_oom, label = peft_attempt(args.shape, args.worker == "peft+compile",
@@ -285,7 +296,8 @@ def run_config(conf: dict, args) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.max_fit", "--worker", conf["framework"],
            "--shape", args.shape, "--batches", *map(str, batches), "--seqs", *map(str, args.seqs),
            *conf["flags"], *(["--layers", str(args.layers)] if args.layers else []),
-           *(["--compile-only"] if args.compile_only else [])]
+           *(["--compile-only"] if args.compile_only else []),
+           *(["--one-step"] if args.one_step else [])]
     t0 = time.perf_counter()
     rows, meta, error = run_worker(cmd, args.timeout)
     record = {"framework": "lora-jax" if conf["framework"] == "jax" else conf["framework"],
@@ -335,6 +347,9 @@ def parse_args(argv=None):
     ap.add_argument("--compile-only", action="store_true",
                     help="jax only: compile each size, run nothing; peak GiB (marked *) is XLA's "
                          "memory_analysis() of the step")
+    ap.add_argument("--one-step", action="store_true",
+                    help="jax only: compile ahead of time, then run and time a single step (not "
+                         "two), for lengths whose step takes minutes")
     ap.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="default", help=argparse.SUPPRESS)
     ap.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
@@ -343,9 +358,9 @@ def parse_args(argv=None):
     if args.layers is not None and args.layers < 1:
         ap.error(f"--layers {args.layers}: give a positive number of layers")
     others = [f for f in args.frameworks if not f.startswith("jax")]
-    if (args.layers or args.compile_only) and others and not args.worker:
-        ap.error(f"--layers and --compile-only are for the jax framework only; drop {others} "
-                 "(run them separately)")
+    if (args.layers or args.compile_only or args.one_step) and others and not args.worker:
+        ap.error(f"--layers, --compile-only and --one-step are for the jax framework only; drop "
+                 f"{others} (run them separately)")
     return args
 
 

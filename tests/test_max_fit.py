@@ -6,6 +6,7 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import max_fit
@@ -113,7 +114,26 @@ def test_tiny_end_to_end_on_cpu(tmp_path):
         assert [a["batch"] for a in r["attempts"]] == [1, 2]
         assert r["max_batch"] == 2 and r["max_tokens"] == 128 and r["oom_at"] is None
         assert r["attempts"][-1]["step_s"] > 0
+    assert [a["steps"] for a in records[0]["attempts"]] == [2, 2]  # lora-jax: the second timed
     assert "largest fit" in proc.stdout and "lora-jax [attn=xla]" in proc.stdout
+
+
+def test_one_step_compiles_ahead_and_times_one_step_on_cpu(tmp_path):
+    """--one-step: the row says one step ran, how long compiling took, and the step's loss."""
+    out = tmp_path / "fit.jsonl"
+    cmd = [sys.executable, "-m", "benchmarks.max_fit", "--shape", "tiny", "--seq", "64",
+           "--batches", "1", "--frameworks", "jax", "--one-step", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    (attempt,) = record["attempts"]
+    assert attempt["steps"] == 1 and attempt["fits"], attempt
+    assert attempt["compile_s"] > 0 and attempt["step_s"] > 0 and np.isfinite(attempt["loss"])
+
+
+def test_one_step_is_refused_for_pytorch():
+    with pytest.raises(SystemExit):
+        max_fit.parse_args(["--frameworks", "jax", "peft-eager", "--one-step"])
 
 
 def documented_commands() -> list[list[str]]:
@@ -124,7 +144,7 @@ def documented_commands() -> list[list[str]]:
 
 def test_documented_commands_parse():
     commands = documented_commands()
-    assert len(commands) == 6
+    assert len(commands) == 7
     for argv in commands:
         max_fit.configs(max_fit.parse_args(argv))
     args = max_fit.parse_args(commands[1])  # the 8B comparison: each configuration's batches
