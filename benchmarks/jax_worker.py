@@ -62,6 +62,7 @@ from models.llama import Llama, LlamaConfig, head_kernel  # noqa: E402
 from models.fused_ce import frozen_head_cross_entropy  # noqa: E402
 from models.layout import unstack_layers  # noqa: E402
 from models.loss import chunked_cross_entropy, cross_entropy  # noqa: E402
+from remat_policies import allow_pinned_host_memory  # noqa: E402
 from benchmarks.trace_summary import render, summarize_dir  # noqa: E402
 
 PEAK_BF16 = 790e12
@@ -109,12 +110,17 @@ def fp8_scaling_option(opts: dict) -> dict:
 
 
 def parse_variant(items: list[str]) -> dict:
+    """The options of `--variant key=value` items over DEFAULTS. With an offloading remat policy
+    it also lets XLA's pinned host pool grow past its 64 GB default (`remat_policies.
+    allow_pinned_host_memory`): here, because every entry point parses its variant before it
+    touches the GPU, and XLA reads that limit when its GPU backend starts."""
     opts = dict(DEFAULTS)
     for item in items:
         key, _, value = item.partition("=")
         if key not in DEFAULTS:
             raise SystemExit(f"unknown variant key {key!r}; known: {sorted(DEFAULTS)}")
         opts[key] = value
+    allow_pinned_host_memory(opts["remat"])
     return opts
 
 

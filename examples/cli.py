@@ -440,7 +440,10 @@ def run_cli(main: Callable[[TrainConfig], object], argv: Sequence[str] | None = 
     (LoraError, MeshError, DataError, CheckpointError) are all ValueErrors; OSError covers
     files that cannot be read or written (the message names the file)."""
     try:
-        main(parse_args(argv))
+        cfg = parse_args(argv)
+        from remat_policies import allow_pinned_host_memory  # here: --help stays free of jax
+        allow_pinned_host_memory(cfg.remat)  # an offloading policy: before JAX starts its GPU
+        main(cfg)
     except Diverged as err:
         print(f"error: {one_line(str(err))}", file=sys.stderr, flush=True)
         return EXIT_DIVERGED

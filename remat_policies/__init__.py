@@ -22,6 +22,7 @@ the callable, which `resolve` returns unchanged.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import jax
@@ -141,3 +142,26 @@ def offload_layer_input(dst: str = "pinned_host") -> Policy:
         names_which_can_be_saved=[LAYER_INPUT_DEVICE],
         names_which_can_be_offloaded=[LAYER_INPUT_HOST],
         offload_src="device", offload_dst=dst)
+
+
+HOST_MEMORY_LIMIT_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+
+
+def allow_pinned_host_memory(policy, fraction: float = 0.9) -> str | None:
+    """For an `offload_layer_input` policy: let XLA's pinned host memory pool on GPU grow to
+    `fraction` of this machine's RAM, unless `XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB` is set already.
+    Returns the limit in effect (GB, as a string), or None for a policy that offloads nothing.
+
+    Why: XLA caps that pool (`xla_gpu_host_bfc`) at 64 GB unless told otherwise, below what long
+    contexts offload (the 8B shape at 393,216 tokens with `offload_layer_input:0.75` asks for
+    72 GiB and fails with "RESOURCE_EXHAUSTED: Out of host memory" without this; measured on
+    one H200, docs/PERFORMANCE.md). XLA reads the variable when its GPU backend starts: call
+    this before the first computation or `jax.devices()`.
+
+    Example:
+      >>> allow_pinned_host_memory("offload_layer_input:0.75")   # before JAX touches the GPU
+    """
+    if offload_fraction(policy) is None:
+        return None
+    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    return os.environ.setdefault(HOST_MEMORY_LIMIT_ENV, str(max(1, int(fraction * ram_gb))))

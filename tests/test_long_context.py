@@ -2,6 +2,8 @@
 boundaries (`remat_policy="offload_layer_input[:f]"`) and the benchmarks' `--layers` /
 `--compile-only`. Tiny float32 Llamas; the CPU backend has a pinned-host memory space, so the
 offload policy really moves the saved layer inputs there and its gradients are compared."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,6 +131,34 @@ def test_offload_policy_names():
         with pytest.raises(ValueError, match="fraction of each layer input"):
             LlamaConfig.from_hf_dict(SHAPE, remat_policy=bad)
 
+
+
+def test_an_offloading_policy_lets_the_pinned_host_pool_grow(monkeypatch):
+    """XLA caps its GPU pinned host pool at 64 GB unless XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB says
+    otherwise; an offloading policy raises it to 90% of RAM (a user's value stays), before the
+    backend starts: from the CLI's flag parsing and the benchmarks' variant parsing."""
+    env = remat_policies.HOST_MEMORY_LIMIT_ENV
+    monkeypatch.delenv(env, raising=False)
+    assert remat_policies.allow_pinned_host_memory("dots_saveable") is None
+    assert env not in os.environ
+    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    assert remat_policies.allow_pinned_host_memory("offload_layer_input:0.5") == str(
+        int(0.9 * ram_gb)) == os.environ[env]
+    monkeypatch.setenv(env, "7")
+    assert remat_policies.allow_pinned_host_memory("offload_layer_input") == "7"
+    with pytest.raises(ValueError, match="fraction of each layer input"):
+        remat_policies.allow_pinned_host_memory("offload_layer_input:2")
+
+    from examples.cli import run_cli
+    seen = []
+    for argv, want in ((["--remat", "offload_layer_input:0.75"], str(int(0.9 * ram_gb))),
+                       (["--remat", "full"], None)):
+        monkeypatch.delenv(env, raising=False)
+        assert run_cli(lambda cfg: seen.append(os.environ.get(env)), argv) == 0
+        assert seen[-1] == want
+    monkeypatch.delenv(env, raising=False)
+    jax_worker.parse_variant(["remat=offload_layer_input:0.75"])
+    assert os.environ[env] == str(int(0.9 * ram_gb))
 
 @pytest.mark.parametrize("scan,policy,part", [(True, "offload_layer_input:0.25", 4),
                                                (False, "offload_layer_input", 1)])
