@@ -132,7 +132,6 @@ def test_offload_policy_names():
             LlamaConfig.from_hf_dict(SHAPE, remat_policy=bad)
 
 
-
 def test_an_offloading_policy_lets_the_pinned_host_pool_grow(monkeypatch):
     """XLA caps its GPU pinned host pool at 64 GB unless XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB says
     otherwise; an offloading policy raises it to 90% of RAM (a user's value stays), before the
@@ -159,6 +158,7 @@ def test_an_offloading_policy_lets_the_pinned_host_pool_grow(monkeypatch):
     monkeypatch.delenv(env, raising=False)
     jax_worker.parse_variant(["remat=offload_layer_input:0.75"])
     assert os.environ[env] == str(int(0.9 * ram_gb))
+
 
 @pytest.mark.parametrize("scan,policy,part", [(True, "offload_layer_input:0.25", 4),
                                                (False, "offload_layer_input", 1)])
