@@ -36,3 +36,15 @@ import jax  # noqa: E402
 # Parity tests compare against float32 references; default TPU/GPU-style bf16 passes would not.
 jax.config.update("jax_default_matmul_precision", "highest")
 
+
+
+def pytest_report_header(config):
+    """Say which backend runs the suite. It is written for 8 devices (the simulated CPUs above);
+    run with JAX_PLATFORMS=cuda on fewer GPUs, the sharded tests fail with the mesh's own error
+    ("mesh dp=2 x fsdp=2 x tp=2 has 8 devices but there are 1")."""
+    devices = jax.devices()
+    line = f"lora-jax tests: jax {jax.__version__}, {len(devices)} {devices[0].platform} devices"
+    if len(devices) < 8:
+        line += (" (the sharded tests need 8: leave XLA_FLAGS and JAX_PLATFORMS unset for 8"
+                 " simulated CPUs, or use 8 GPUs)")
+    return line

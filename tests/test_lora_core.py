@@ -42,7 +42,15 @@ def test_init_apply_equals_base_exactly(model, shape, targets):
     variables = _init(model, x)
     injected = lj.inject(variables, lj.LoraConfig(r=2, target_modules=targets), KEY,
                          layouts=lj.kernel_layouts(model, variables, x))
-    np.testing.assert_array_equal(lj.apply(model, injected, x), model.apply(variables, x))
+    out, base = lj.apply(model, injected, x), model.apply(variables, x)
+    if jax.default_backend() == "cpu":  # where the suite runs: bit for bit
+        np.testing.assert_array_equal(out, base)
+    else:
+        # B = 0 adds exact zeros, but on a GPU XLA compiles the program with the adapter into
+        # other GEMM kernels than the base's, so the base product itself may round differently
+        # in the last bits (H200, jax 0.11.2: 9.5e-7 at most, on values of order 1). Float32
+        # sums of <= 16 terms in another order stay within ~16 ulp: 1e-5 relative and absolute.
+        np.testing.assert_allclose(out, base, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("model,shape,targets", [

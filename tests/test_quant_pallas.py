@@ -9,8 +9,10 @@ summation order differs (64-row steps, even and odd rows in two dots). In float3
 the result by a few ulps of its largest terms: 2e-6 relative (in norm) over K <= 256 leaves
 room for the order and still fails on any wrong nibble, row parity or scale (errors >= 1e-2).
 """
+import contextlib
 import functools
 import re
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -142,7 +144,11 @@ def test_no_dequantised_kernel_in_the_compiled_hlo(kernels, fmt):
         return jax.jit(jax.grad(loss)).lower(x, q).compile().as_text()
 
     assert _kernel_shaped_float_buffers(hlo("pallas")) == []
-    assert _kernel_shaped_float_buffers(hlo("xla")) != []
+    # The control holds where the suite runs, on the CPU. On a GPU, XLA's Triton GEMM fusion
+    # may take the dequantisation in as a prologue at these small shapes (seen on the H200 with
+    # jax 0.11.2), so there even "xla" writes no kernel-shaped buffer.
+    if jax.default_backend() == "cpu":
+        assert _kernel_shaped_float_buffers(hlo("xla")) != []
 
 
 def test_shapes_that_do_not_tile_take_the_xla_path():
@@ -182,11 +188,25 @@ def _require_triton() -> None:
         pytest.skip("this jaxlib has no Triton bindings, so Pallas cannot lower to Triton here")
 
 
+def _lowering_for_a_hopper_gpu():
+    """What GPU the Triton lowering targets when none is present. jax <= 0.10 falls back to
+    compute capability 9.0 by itself; jax 0.11 asks the default (here: CPU) device or an
+    abstract GPU device, and an abstract device cannot reach into the tp tests' shard_map over
+    CPU devices, so its GPU lookup is pointed at an H200 (9.0, as on the lent GPU) instead."""
+    try:
+        from jax._src.pallas.triton import gpu_info
+    except ImportError:  # jax <= 0.10
+        return contextlib.nullcontext()
+    h200 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
+    return mock.patch.object(gpu_info, "get_gpu_info", lambda: h200)
+
+
 def _export_for_cuda(fn, *args) -> str:
-    exported = jax.export.export(
-        jax.jit(fn), platforms=("cuda",),
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-        *args)
+    with _lowering_for_a_hopper_gpu():
+        exported = jax.export.export(
+            jax.jit(fn), platforms=("cuda",),
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+            *args)
     return exported.mlir_module()
 
 
