@@ -21,7 +21,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import lora_jax as lj
 import models
@@ -116,27 +115,21 @@ def check_exports(result: train_lib.Trained) -> None:
     ids = jnp.asarray([result.tokenizer.encode(
         "From fairest creatures we desire increase,\nThat thereby beauty's rose might never die")])
     base = lj.split(params)[0]
-    adapted = lj.apply(model, {"params": params}, ids)
-    merged = model.apply({"params": lj.merge(params)}, ids)
-    report("merged (lora_jax.merge) vs unmerged", merged, adapted, MERGE_RTOL)
-    _, from_hf = models.load_hf(out["merged"] / "hf")
-    report("merged HF export (save_hf -> load_hf) vs unmerged",
-           model.apply({"params": from_hf}, ids), adapted, MERGE_RTOL)
-    from_orbax = lj.apply(model, {"params": lj.load_adapter(out["adapter"], base)}, ids)
-    report("orbax adapter (save_adapter -> load_adapter) vs trained", from_orbax, adapted, 0.0)
-    from_peft = lj.apply(model, {"params": lj.import_peft(out["peft"], base)}, ids)
-    report("PEFT adapter (export_peft -> import_peft) vs trained", from_peft, adapted, 0.0)
+    check = demo_task.check_close
+    with demo_task.full_float32_matmuls():
+        adapted = lj.apply(model, {"params": params}, ids)
+        merged = model.apply({"params": lj.merge(params)}, ids)
+        check("merged (lora_jax.merge) vs unmerged", merged, adapted, MERGE_RTOL)
+        _, from_hf = models.load_hf(out["merged"] / "hf")
+        check("merged HF export (save_hf -> load_hf) vs unmerged",
+              model.apply({"params": from_hf}, ids), adapted, MERGE_RTOL)
+        from_orbax = lj.apply(model, {"params": lj.load_adapter(out["adapter"], base)}, ids)
+        check("orbax adapter (save_adapter -> load_adapter) vs trained", from_orbax, adapted, 0.0)
+        from_peft = lj.apply(model, {"params": lj.import_peft(out["peft"], base)}, ids)
+        check("PEFT adapter (export_peft -> import_peft) vs trained", from_peft, adapted, 0.0)
     peft = lj.peft_lora_config(out["peft"])
     print(f"  PEFT adapter_config.json: r={peft.r}, lora_alpha={peft.lora_alpha}, "
           f"target_modules={list(peft.target_modules)}")
-
-
-def report(what: str, got: jax.Array, want: jax.Array, rtol: float) -> None:
-    """Max |got - want| against `rtol` times the largest |want| (0: bit-exact)."""
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    diff, limit = float(np.max(np.abs(got - want))), rtol * float(np.max(np.abs(want)))
-    print(f"  {what}: max |diff| = {diff:.2e} (limit {limit:.1e})")
-    assert diff <= limit, what
 
 
 def show_samples(result: train_lib.Trained) -> None:

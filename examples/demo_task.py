@@ -118,3 +118,22 @@ def greedy(logits_fn: Callable[[jax.Array], jax.Array], prompts: list[list[int]]
         ids = ids.at[rows, lengths + t].set(nxt)
     out = np.asarray(ids)
     return [out[i, n:n + new_tokens].tolist() for i, n in enumerate(lengths)]
+
+
+def full_float32_matmuls():
+    """The demos' export checks compare logits to ~1e-5 of their size, so they run at full
+    float32 precision. On a GPU, JAX's default float32 matmul precision may round the operands
+    to TF32 (10 mantissa bits): merged against unmerged logits then differ by ~1e-2 (the demo on
+    an H200, jax 0.11.2, 2026-12-03, against a limit of 1.4e-4), which would also hide a real
+    error of that size. The CPU multiplies in float32 either way."""
+    return jax.default_matmul_precision("highest")
+
+
+def check_close(what: str, got, want, rtol: float) -> None:
+    """Print max |got - want| against `rtol` times the largest |want| (0: bit-exact) and stop
+    the demo with that line if it is over."""
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    diff, limit = float(np.max(np.abs(got - want))), rtol * float(np.max(np.abs(want)))
+    print(f"  {what}: max |diff| = {diff:.2e} (limit {limit:.1e})")
+    if diff > limit:
+        raise SystemExit(f"error: {what}: max |diff| {diff:.2e} exceeds {limit:.1e}")

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from tqdm import tqdm
@@ -111,21 +110,15 @@ def check_against_linen(model, linen_model, base_params, lora, tok, out: Path) -
     ids = jnp.asarray([tok.encode("From fairest creatures we desire increase,")])
     peft_dir = lj.export_peft(out / "peft", lj.nnx.params(model), lora, overwrite=True,
                               **models.peft_naming(linen_model))
-    linen = lj.apply(linen_model, {"params": lj.import_peft(peft_dir, base_params)}, ids)
-    report("Linen Llama + the NNX model's PEFT export vs NNX", linen, model(ids), MATCH_RTOL)
-    if linen_model.config.quantize == "fp8":  # unmerged, the activations are e4m3-quantised
-        print("  merged NNX model: not compared (FP8 quantises activations only unmerged)")
-        return
-    report("merged NNX model (lj.nnx.merge) vs unmerged", lj.nnx.merge(model)(ids), model(ids),
-           MERGE_RTOL)
-
-
-def report(what: str, got, want, rtol: float) -> None:
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    diff, limit = float(np.max(np.abs(got - want))), rtol * float(np.max(np.abs(want)))
-    print(f"  {what}: max |diff| = {diff:.2e} (limit {limit:.1e})")
-    if diff > limit:
-        raise SystemExit(f"error: {what}: max |diff| {diff:.2e} exceeds {limit:.1e}")
+    with demo_task.full_float32_matmuls():
+        linen = lj.apply(linen_model, {"params": lj.import_peft(peft_dir, base_params)}, ids)
+        demo_task.check_close("Linen Llama + the NNX model's PEFT export vs NNX", linen,
+                              model(ids), MATCH_RTOL)
+        if linen_model.config.quantize == "fp8":  # unmerged, the activations are e4m3-quantised
+            print("  merged NNX model: not compared (FP8 quantises activations only unmerged)")
+            return
+        demo_task.check_close("merged NNX model (lj.nnx.merge) vs unmerged",
+                              lj.nnx.merge(model)(ids), model(ids), MERGE_RTOL)
 
 
 def parse_args(argv=None):
