@@ -14,7 +14,9 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 # These programs are tiny: compiling them dominates the test time, and LLVM's optimisation passes
 # dominate compiling. Level 0 compiles ~2.5x faster. XLA CPU uses no fast-math at any level; only
-# fused multiply-adds may differ, in the last bit, far below the tolerances.
+# fused multiply-adds may differ, in the last bit, far below the tolerances. tests/conftest.py now
+# sets the same level for the whole suite (JAX_DISABLE_MOST_OPTIMIZATIONS=1), so under its default
+# these helpers equal plain `jax.jit`; they keep the sharded tests fast with that variable at 0.
 FAST = {"xla_backend_optimization_level": 0}
 
 
