@@ -57,8 +57,10 @@ def main(steps: int = 300) -> None:
         if i % 50 == 0 or i == steps - 1:
             print(f"step {i:4d}  loss {float(loss):.6f}")
     params = lj.combine(frozen, adapters)
-    unmerged = lj.apply(model, {"params": params}, x)
-    merged = model.apply({"params": lj.merge(params)}, x)
+    # Compared in full float32: a GPU's default float32 matmuls round to TF32, ~1e-3 apart.
+    with jax.default_matmul_precision("highest"):
+        unmerged = lj.apply(model, {"params": params}, x)
+        merged = model.apply({"params": lj.merge(params)}, x)
     err = float(np.max(np.abs(merged - unmerged)))
     print(f"merged vs unmerged max |diff| = {err:.2e}")
     assert err < 1e-4, "merge must reproduce the adapted model"

@@ -28,3 +28,14 @@ def test_shortened_demo_beats_the_base_and_checks_itself(tmp_path, capsys):
                  "import_peft)", "prompt: 'Swap:", "demo done"):
         assert line in text, line
     assert (out / "metrics.png").is_file() and (out / "peft" / "adapter_config.json").is_file()
+
+
+def test_toy_demo_fits_its_teacher_and_merges(capsys):
+    """`python -m examples.toy_demo` (the core API alone): the loss falls by 10x or more (300
+    steps measured 0.194 -> 0.0021 on the CPU) and its own merged == unmerged check passes."""
+    from examples import toy_demo
+    toy_demo.main()
+    text = capsys.readouterr().out
+    losses = [float(line.split("loss")[1]) for line in text.splitlines() if line.startswith("step")]
+    assert losses[-1] < losses[0] / 10, losses
+    assert "merged vs unmerged max |diff|" in text
