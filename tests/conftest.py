@@ -42,7 +42,10 @@ def pytest_report_header(config):
     """Say which backend runs the suite. It is written for 8 devices (the simulated CPUs above);
     run with JAX_PLATFORMS=cuda on fewer GPUs, the sharded tests fail with the mesh's own error
     ("mesh dp=2 x fsdp=2 x tp=2 has 8 devices but there are 1")."""
-    devices = jax.devices()
+    try:
+        devices = jax.devices()
+    except RuntimeError as e:  # e.g. JAX_PLATFORMS=cuda on a machine without a GPU
+        return f"lora-jax tests: jax {jax.__version__}, no devices: {e}"
     line = f"lora-jax tests: jax {jax.__version__}, {len(devices)} {devices[0].platform} devices"
     if len(devices) < 8:
         line += (" (the sharded tests need 8: leave XLA_FLAGS and JAX_PLATFORMS unset for 8"
