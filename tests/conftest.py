@@ -37,7 +37,6 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-
 def pytest_report_header(config):
     """Say which backend runs the suite. It is written for 8 devices (the simulated CPUs above);
     run with JAX_PLATFORMS=cuda on fewer GPUs, the sharded tests fail with the mesh's own error

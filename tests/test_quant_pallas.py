@@ -190,9 +190,9 @@ def _require_triton() -> None:
 
 def _lowering_for_a_hopper_gpu():
     """What GPU the Triton lowering targets when none is present. jax <= 0.10 falls back to
-    compute capability 9.0 by itself; jax 0.11 asks the default (here: CPU) device or an
-    abstract GPU device, and an abstract device cannot reach into the tp tests' shard_map over
-    CPU devices, so its GPU lookup is pointed at an H200 (9.0, as on the lent GPU) instead."""
+    compute capability 9.0 by itself; jax 0.11 reads it from the current abstract mesh's device
+    or the default device, a CPU here either way (inside the tp tests' shard_map too, whose mesh
+    is of CPU devices), and refuses. So its GPU lookup is pointed at an H200 (9.0, the lent GPU)."""
     try:
         from jax._src.pallas.triton import gpu_info
     except ImportError:  # jax <= 0.10
